@@ -13,8 +13,10 @@ before building such a YAML with ``ultralytics.YOLO``.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
+import yaml
 
 from .registry import HParam, ModuleSpec, check_hparams
 
@@ -57,8 +59,33 @@ def register() -> None:
 
     for spec in specs().values():
         setattr(tasks, spec.layer.__name__, spec.layer)
+    if not getattr(tasks.guess_model_scale, "_attnas", False):
+        tasks.guess_model_scale = _declared_scale_first(tasks.guess_model_scale)
     # A checkpoint pickles every submodule, so the core ops and helpers of each family are allow-listed too.
     torch.serialization.add_safe_globals(_module_classes())
+
+
+def _declared_scale_first(guess):
+    """Wrap Ultralytics' scale guess so a YAML's own ``scale:`` key wins over its file name.
+
+    Ultralytics overwrites ``scale:`` with a letter guessed from the file name (``yolov8s...`` -> s) and builds
+    the first listed scale when the name has none, so a ``scale: s`` YAML saved as ``trial-12.yaml`` would
+    silently build another model. Bundled names (no file on disk) keep the original guess.
+    """
+
+    def guess_model_scale(model_path):
+        path = Path(model_path)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                data = None
+            if isinstance(data, dict) and data.get("scale") in (data.get("scales") or {}):
+                return data["scale"]
+        return guess(model_path)
+
+    guess_model_scale._attnas = True
+    return guess_model_scale
 
 
 def _module_classes() -> list[type]:
