@@ -20,7 +20,7 @@ YOLO_SIZES = (
 
 
 @torch.no_grad()
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+def randomize_(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
     """Give every parameter and BatchNorm running statistic random O(1) values.
 
     Several layers start as an identity or output exact zeros (zero-init BN, layer scales of 1e-6), which
@@ -29,7 +29,7 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     """
     gen = torch.Generator().manual_seed(seed)
     for p in module.parameters():
-        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)

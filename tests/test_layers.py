@@ -127,8 +127,9 @@ def test_batch_of_one_trains(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_eval_then_to_dtype(name):
-    """Ultralytics calls .eval() before .to()/.half(); no cached tensor may stay behind in the old dtype."""
-    layer = randomize_(make(name, 64))
+    """Ultralytics calls .eval() before .to()/.half(); no cached tensor may stay behind in the old dtype.
+    (Small random weights: multiplicative attention outputs grow past float16's range with O(1) weights.)"""
+    layer = randomize_(make(name, 64), scale=0.15)
     assert layer.eval() is layer
     x = torch.randn(1, 64, 9, 11)
     with torch.no_grad():
