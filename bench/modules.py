@@ -15,10 +15,13 @@ import argparse
 import gc
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,8 +36,38 @@ def baseline(c: int) -> torch.nn.Module:
     return PSABlock(c, attn_ratio=0.5, num_heads=max(1, c // 64))
 
 
+class _PeakTensorMemory(TorchDispatchMode):
+    """Tracks the bytes of tensor storages created inside the mode and still alive, and their peak.
+
+    The CPU allocator has no peak statistic (and RSS hides reuse), so every op's outputs are counted until
+    their storage is freed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
 def peak_memory_mb(fn, device: str) -> float:
-    """Peak memory above the starting level during ``fn()``: CUDA allocator peak, or the process's peak RSS."""
+    """Peak memory of the tensors ``fn()`` creates: the CUDA allocator's peak, or storages tracked on CPU."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -43,19 +76,10 @@ def peak_memory_mb(fn, device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
-        f.write("5")
-    start = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - start) / 1024
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
+    tracker = _PeakTensorMemory()
+    with tracker:
+        fn()
+    return tracker.peak / 2**20
 
 
 def measure(layer: torch.nn.Module, c: int, side: int, device: str, runs: int) -> dict:
