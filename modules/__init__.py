@@ -90,7 +90,7 @@ def _declared_scale_first(guess):
 
 def _module_classes() -> list[type]:
     classes = []
-    for family in _FAMILIES:
+    for family in ("common", *_FAMILIES):
         mod = importlib.import_module(f"{__name__}.{family}")
         classes += [
             obj

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .common import DropPath
 from .registry import HParam, ModuleSpec, check_hparams, divisors_message
 
 __all__ = ["DualAttention", "DualBlock", "DualViT", "PVT2FFN", "SPEC", "SemanticInit", "grid_pool"]
@@ -59,19 +60,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     return (attn @ v).transpose(1, 2).flatten(2)
 
 
-class DropPath(nn.Module):
-    """Per-sample stochastic depth (zeroes whole residual branches, rescales the kept ones by 1/keep)."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 class DualAttention(nn.Module):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import DropPath
 from .registry import HParam, ModuleSpec, check_hparams
 
 __all__ = ["GMA", "EfficientAtt", "Aggregator", "Agg_0", "SeparableConv2d", "ConvRelPosEnc", "SPEC"]
@@ -258,19 +259,6 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-class DropPath(nn.Module):
-    """Per-sample stochastic depth in training (identity when ``drop_prob`` is 0 or in eval)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 def inner_width(c1: int) -> int:

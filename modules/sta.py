@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import DropPath
 from .registry import HParam, ModuleSpec, check_hparams, divisors_message
 
 __all__ = ["SPEC", "STA", "Attention", "Fold", "StokenAttention", "Unfold"]
@@ -33,19 +34,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval mode or when ``drop_prob`` is 0)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 class LayerNorm2d(nn.Module):

@@ -18,3 +18,14 @@ def coco128() -> Path:
     if not (COCO128 / "coco128.yaml").is_file():
         pytest.fail(f"real test data missing: expected {COCO128}/coco128.yaml beside the repository")
     return COCO128
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Layer tests run single-threaded: stable timings on a shared 2-core machine, no oversubscription."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,6 @@ from layer_utils import randomize_
 from modules.dualvit import SPEC, DualAttention, DualBlock, DualViT, SemanticInit, grid_pool
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def float64():
     dtype = torch.get_default_dtype()

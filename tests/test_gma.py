@@ -11,14 +11,6 @@ from layer_utils import YOLO_CHANNELS, randomize_
 from modules.gma import GMA, SPEC, Aggregator, EfficientAtt, inner_width
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- independent formulas -------------------------------------------------------------------------------
 
 

@@ -30,14 +30,6 @@ def make(name: str, c1: int = 64, **kwargs) -> torch.nn.Module:
     return spec_of(name).layer(c1, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_spec_matches_constructor(name):
     spec = spec_of(name)
