@@ -32,6 +32,7 @@ class Candidate:
     yaml: dict = field(repr=False)
     placements: tuple[Placement, ...]
     hash: str
+    base_layers: tuple[tuple[int, int], ...] = ()  # (base index, candidate index) of every kept base layer
 
     def describe(self) -> str:
         return " ".join(p.describe() for p in self.placements) or "base"
@@ -54,9 +55,9 @@ def make_candidate(base: Base, placements: Mapping[str, Placement] | None = None
         if p.slot != name:
             raise SpaceError(f"placement for slot {name!r} names slot {p.slot!r}")
         modules.get_spec(p.module).check(_slot_channels(base, name), **dict(p.hparams))
-    data = mutate(base, placements)
+    data, kept = mutate(base, placements)
     ordered = tuple(sorted(placements.values(), key=lambda p: _slot_order(base, p.slot)))
-    return Candidate(base.name, base.scale, data, ordered, canonical_hash(data))
+    return Candidate(base.name, base.scale, data, ordered, canonical_hash(data), tuple(sorted(kept.items())))
 
 
 def canonical_hash(data: dict) -> str:

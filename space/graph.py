@@ -102,8 +102,10 @@ def attention_row_args(module: str, channels: int, hparams: Mapping[str, Any]) -
     return [channels] + [_plain(hparams.get(p.name, p.default)) for p in params[: last + 1]]
 
 
-def mutate(base: Base, placements: Mapping[str, Placement], slots: tuple[Slot, ...] | None = None) -> dict:
-    """The base YAML dict with attention layers inserted after / swapped in at their slots.
+def mutate(base: Base, placements: Mapping[str, Placement],
+           slots: tuple[Slot, ...] | None = None) -> tuple[dict, dict[int, int]]:
+    """The base YAML dict with attention layers inserted after / swapped in at their slots, and where each kept
+    base layer went (old index -> new index; replaced layers are absent). Weight inheritance uses that map.
 
     Every reference is renumbered: consumers of a slot's layer (relative ``-1``, absolute indices, Concat lists,
     the Detect list) now read the attention layer, so the network equals the base plus the new layers.
@@ -120,6 +122,7 @@ def mutate(base: Base, placements: Mapping[str, Placement], slots: tuple[Slot, .
     rows = base.rows()
     new_rows: list[list] = []
     new_index: dict[int, int] = {}  # old layer -> the new layer whose output its consumers read
+    kept: dict[int, int] = {}  # old layer -> its own new position
     n_backbone = 0
     for i, (f, n, m, args) in enumerate(rows):
         targets = [_remap(new_index, _absolute(i, x)) for x in _as_list(f)]
@@ -129,6 +132,7 @@ def mutate(base: Base, placements: Mapping[str, Placement], slots: tuple[Slot, .
             slot, p = hit
             new_rows.append([_reference(f, targets, here), 1, p.module, attention_row_args(p.module, slot.channels, dict(p.hparams))])
         else:
+            kept[i] = here
             new_rows.append([_reference(f, targets, here), n, m, args])
             if hit:
                 slot, p = hit
@@ -139,7 +143,7 @@ def mutate(base: Base, placements: Mapping[str, Placement], slots: tuple[Slot, .
 
     out = {k: v for k, v in base.yaml.items() if k not in ("backbone", "head")}
     out["backbone"], out["head"] = new_rows[:n_backbone], new_rows[n_backbone:]
-    return out
+    return out, kept
 
 
 def absolute_rows(data: dict) -> list[list]:
