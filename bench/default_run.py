@@ -1,0 +1,72 @@
+"""Benchmark the default search: wall time, trial compute and engine overhead of ``python -m search.run``.
+
+    python bench/default_run.py                      # the default run: --budget 50 on the built-in data
+    python bench/default_run.py --budget 4 -- --epochs 5   # anything after -- goes to search.run
+
+Runs the search in a fresh output directory, then reads the study back and prints a table:
+wall time, Σ trial compute (latency measurement + training of the trials this run trained), the engine overhead
+``1 − Σ trial compute / (wall × workers)``, per-trial times and the front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", help="output directory (default: a fresh temporary one)")
+    parser.add_argument("extra", nargs="*", help="further search.run arguments (after --)")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="attnas-bench-"))
+    cmd = [sys.executable, "-m", "search.run", "--budget", str(args.budget), "--workers", str(args.workers),
+           "--out", str(out), "--study-name", "bench", *args.extra]
+    print("running:", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        print(f"search.run exited with {rc}")
+        return rc
+    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{out / 'bench' / 'study.db'}")
+    trained = [t for t in study.trials if "train_s" in t.user_attrs and "reused_from" not in t.user_attrs]
+    compute = [t.user_attrs.get("latency_s", 0.0) + t.user_attrs["train_s"] for t in trained]
+    span = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trained if t.datetime_complete]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    front = sorted((t for t in study.best_trials if "reused_from" not in t.user_attrs), key=lambda t: t.values[1])
+    rows = [
+        ("wall time (whole command)", f"{wall:.0f} s"),
+        ("completed trials / trained / reused / failed",
+         f"{len(complete)} / {len(trained)} / {sum('reused_from' in t.user_attrs for t in complete)} / "
+         f"{sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)}"),
+        ("Σ trial compute (latency + training)", f"{sum(compute):.0f} s"),
+        ("per trained trial: median compute / median ask-to-tell",
+         f"{statistics.median(compute):.1f} s / {statistics.median(span):.1f} s" if compute else "-"),
+        ("engine overhead 1 − Σ compute / (wall × workers)", f"{1 - sum(compute) / (wall * args.workers):.1%}"),
+        ("Pareto points", f"{len(front)}"),
+        ("base mAP50-95 / spread of mAP50-95 (min..max)",
+         f"{next((t.values[0] for t in complete if t.params.get('placement') == 'none'), float('nan')):.4f} / "
+         f"{min(t.values[0] for t in complete):.4f}..{max(t.values[0] for t in complete):.4f}" if complete else "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+    print(f"\nstudy: {out / 'bench'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The search engine: ``python -m search.run`` (study driver + Ray pool) and ``python -m search.export``.
+
+Library use, for pieces that need no Ray::
+
+    from search import check_data, ProxySchedule, TrainJob, run_training, LatencySettings, measure_latency
+    info = check_data(None, "runs/.data")            # the built-in shapes-v1 set, generated on first use
+"""
+
+from .data import DataInfo, check_data, default_dataset
+from .errors import SearchError
+from .latency import LatencyResult, LatencySettings, measure_latency
+from .proxy import ProxySchedule, TrainJob, TrainResult, run_training
+
+__all__ = ["DataInfo", "LatencyResult", "LatencySettings", "ProxySchedule", "SearchError", "TrainJob", "TrainResult",
+           "check_data", "default_dataset", "measure_latency", "run_training"]

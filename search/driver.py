@@ -1,0 +1,271 @@
+"""The driver: owns the Optuna study (ask/tell), submits work to the Ray executor, records every outcome.
+
+Budget semantics: ``budget`` counts COMPLETE trials over the whole study (earlier runs included); trials whose
+candidate already has a result at this fidelity complete at once with that result (``reused_from``) and count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from space import Candidate, SearchSpace, to_yaml
+
+from . import study as st
+from .executor import Event, Executor
+from .latency import LatencyResult
+from .proxy import ProxySchedule, TrainJob, TrainResult
+
+
+@dataclass
+class SearchConfig:
+    """Everything the driver loop needs besides the study, the space and the executor."""
+
+    budget: int
+    schedule: ProxySchedule
+    data_yaml: str
+    study_dir: Path
+    latency_imgsz: int
+    train_device: str = "cpu"
+    threads_per_trial: int = 1
+    save_weights: bool = False
+    faults: dict[int, str] = field(default_factory=dict)  # test hook: trial number -> fault kind
+    max_failures_in_a_row: int = 5
+    max_pruned_in_a_row: int = 200
+
+
+@dataclass
+class _Running:
+    trial: optuna.Trial
+    candidate: Candidate
+    started: float
+    latency: LatencyResult | None = None
+    attempts: int = 1
+    followers: list[optuna.Trial] = field(default_factory=list)
+
+
+class SearchAborted(RuntimeError):
+    """Too many trials in a row failed (or were invalid): the search stops instead of burning the budget."""
+
+
+class Driver:
+    """Ask → latency → train → tell, with up to ``executor.pool.workers`` trials in flight."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, executor: Executor, config: SearchConfig,
+                 artifact_store, progress) -> None:
+        self.study = study
+        self.space = space
+        self.executor = executor
+        self.config = config
+        self.store = artifact_store
+        self.progress = progress
+        self.fidelity = config.schedule.key()
+        self.running: dict[int, _Running] = {}
+        self.done_by_hash: dict[str, optuna.trial.FrozenTrial] = {
+            t.user_attrs["candidate_hash"]: t for t in st.completed_trials(study)
+            if t.user_attrs.get("fidelity") == self.fidelity and "candidate_hash" in t.user_attrs}
+        self.failures_in_a_row = 0
+        self.pruned_in_a_row = 0
+        self.started = time.time()
+        self._last_beat = 0.0
+
+    # -- main loop -------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run until the study holds ``budget`` completed trials."""
+        try:
+            while True:
+                self._beat()
+                if self._completed() >= self.config.budget and not self.running:
+                    return
+                # Ask only what the budget still needs: completed + in flight never exceeds it.
+                while (len(self.running) < self.executor.pool.workers
+                       and self._completed() + self._in_flight() < self.config.budget):
+                    self._start_one()
+                for event in self.executor.wait(timeout_s=1.0):
+                    self._handle(event)
+        except BaseException:
+            self._abandon_running()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                st.release_driver_lock(self.study)
+
+    def _in_flight(self) -> int:
+        return sum(1 + len(r.followers) for r in self.running.values())
+
+    def _completed(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def _beat(self) -> None:
+        if time.time() - self._last_beat > st.HEARTBEAT_S:
+            st.heartbeat(self.study, self.started)
+            self._last_beat = time.time()
+
+    # -- asking ----------------------------------------------------------------------------------------------
+    def _start_one(self) -> None:
+        """Ask one trial and start it: pruned if invalid, completed at once if its result exists, else submitted."""
+        trial = self.study.ask()
+        try:
+            candidate = self.space.suggest(trial)
+        except optuna.TrialPruned:
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.pruned_in_a_row += 1
+            if self.pruned_in_a_row >= self.config.max_pruned_in_a_row:
+                raise SearchAborted(f"{self.pruned_in_a_row} invalid candidates in a row; is the space too narrow?")
+            return
+        self.pruned_in_a_row = 0
+        trial.set_user_attr("candidate_hash", candidate.hash)
+        trial.set_user_attr("placements", candidate.describe())
+        trial.set_user_attr("fidelity", self.fidelity)
+        trial.set_user_attr("proxy", self.config.schedule.as_dict())
+        done = self.done_by_hash.get(candidate.hash)
+        if done is not None:
+            self._reuse(trial, done)
+            return
+        leader = next((r for r in self.running.values() if r.candidate.hash == candidate.hash), None)
+        if leader is not None:  # the same network is being evaluated right now: share its result
+            leader.followers.append(trial)
+            self.progress.note(f"trial {trial.number}: same candidate as running trial {leader.trial.number}, "
+                               "will reuse its result")
+            return
+        run_dir = self.config.study_dir / "trials" / str(trial.number)
+        yaml_path = run_dir / f"candidate-{candidate.hash}.yaml"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        yaml_path.write_text(to_yaml(candidate, {"study": self.study.study_name, "trial": trial.number}))
+        trial.set_user_attr("run_dir", str(run_dir))
+        if self.store is not None:
+            optuna.artifacts.upload_artifact(artifact_store=self.store, file_path=str(yaml_path), study_or_trial=trial,
+                                             mimetype="application/x-yaml", encoding="utf-8")
+        self.running[trial.number] = _Running(trial, candidate, time.time())
+        self.executor.submit_latency(trial.number, candidate, self.config.schedule.imgsz)
+
+    def _reuse(self, trial: optuna.Trial, done: optuna.trial.FrozenTrial) -> None:
+        have = trial.user_attrs
+        for key, value in done.user_attrs.items():
+            if key not in have and key not in ("run_dir", "requeued_from", "role"):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("reused_from", done.number)
+        self.study.tell(trial, list(done.values))
+        self.progress.completed(trial.number, f"reused trial {done.number} (same candidate, same fidelity)")
+
+    # -- results ---------------------------------------------------------------------------------------------
+    def _handle(self, event: Event) -> None:
+        run = self.running.get(event.key)
+        if run is None:
+            return
+        if event.kind == "retry":
+            run.attempts += 1
+            run.trial.set_user_attr("retried_after", event.info.get("reason", "worker died"))
+            self.progress.note(f"trial {run.trial.number}: worker died ({event.info.get('reason')}); retrying once")
+        elif event.kind == "latency":
+            self._on_latency(run, event.result)
+        elif event.kind == "train":
+            self._on_train(run, event.result)
+
+    def _on_latency(self, run: _Running, lat: LatencyResult) -> None:
+        if lat.error:
+            self._fail(run, "latency", lat.error)
+            return
+        run.latency = lat
+        attrs = {"n_params": lat.params, "gflops": round(lat.gflops, 4), "gflops_imgsz": self.config.latency_imgsz,
+                 "latency_ms": lat.median_ms, "latency_p90_ms": round(lat.p90_ms, 4),
+                 "latency_iqr_ms": round(lat.iqr_ms, 4), "latency_min_ms": round(lat.min_ms, 4), "latency_n": lat.n,
+                 "latency_threads": lat.threads, "latency_s": round(lat.measure_s, 2)}
+        if lat.contended:
+            attrs["latency_contended_by"] = lat.contended
+        for key, value in attrs.items():
+            run.trial.set_user_attr(key, value)
+        c = self.config
+        job = TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash,
+                       yaml_text=to_yaml(run.candidate, {"study": self.study.study_name, "trial": run.trial.number}),
+                       data=c.data_yaml, schedule=c.schedule, run_dir=run.trial.user_attrs["run_dir"],
+                       device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
+                       fault=c.faults.get(run.trial.number))
+        self.executor.submit_train(run.trial.number, job)
+
+    def _on_train(self, run: _Running, res: TrainResult) -> None:
+        run.trial.set_user_attr("train_s", round(res.train_s, 2))
+        run.trial.set_user_attr("attempts", run.attempts)
+        if res.error:
+            if res.traceback:
+                run.trial.set_user_attr("traceback", res.traceback[-2000:])
+            self._fail(run, res.error_kind or "exception", res.error)
+            return
+        run.trial.set_user_attr("map50_95", res.map50_95)
+        run.trial.set_user_attr("map50", res.map50)
+        values = [res.map50_95, run.latency.median_ms]
+        self.study.tell(run.trial, values)
+        del self.running[run.trial.number]
+        self.failures_in_a_row = 0
+        self.done_by_hash[run.candidate.hash] = self.study.get_trials(deepcopy=False)[run.trial.number]
+        self.progress.completed(run.trial.number, f"{run.candidate.describe()}  ({time.time() - run.started:.0f} s)")
+        for follower in run.followers:
+            self._reuse(follower, self.done_by_hash[run.candidate.hash])
+
+    def _fail(self, run: _Running, kind: str, reason: str) -> None:
+        for trial in [run.trial, *run.followers]:
+            trial.set_user_attr("fail_kind", kind)
+            trial.set_user_attr("fail_reason", reason if trial is run.trial
+                                else f"same candidate as trial {run.trial.number}, which failed: {reason}")
+            self.study.tell(trial, state=TrialState.FAIL)
+        del self.running[run.trial.number]
+        self.progress.failed(run.trial.number, f"{kind}: {reason}")
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.config.max_failures_in_a_row:
+            raise SearchAborted(f"{self.failures_in_a_row} trials in a row failed; last: {kind}: {reason}")
+
+    def _abandon_running(self) -> None:
+        """On interrupt or abort: stop the work, fail the in-flight trials and queue their parameters again."""
+        with contextlib.suppress(Exception):
+            self.executor.cancel_all()
+        for run in list(self.running.values()):
+            for trial in [run.trial, *run.followers]:
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("fail_kind", "driver-stopped")
+                    trial.set_user_attr("fail_reason", "the driver stopped while this trial ran; "
+                                                       "parameters queued again")
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+        self.running.clear()
+
+
+def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampler:
+    """The multi-objective sampler for ``--sampler`` (see the README for why TPE is the default)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            # multivariate+group models the conditional parameters (P4.module exists only if P4 is placed) jointly;
+            # constant_liar keeps parallel asks from proposing the candidate that is already training.
+            return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                              n_startup_trials=min(10, max(2, budget // 5)))
+        if name == "nsga2":
+            # The default population of 50 would give a single generation at budget 50.
+            return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, budget // 4)), seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials as table rows, fastest first."""
+    rows = []
+    for t in st.pareto_trials(study):
+        a = t.user_attrs
+        rows.append({"trial": t.number, "mAP50-95": f"{t.values[0]:.4f}",
+                     "mAP50": f"{a.get('map50', float('nan')):.4f}",
+                     "latency ms": f"{t.values[1]:.2f}", "p90 ms": f"{a.get('latency_p90_ms', float('nan')):.2f}",
+                     "params": f"{a.get('n_params', 0) / 1e6:.3f}M", "GFLOPs": f"{a.get('gflops', 0):.2f}",
+                     "candidate": a.get("placements", "?")})
+    return rows

@@ -1,0 +1,293 @@
+"""Ray side of the search: a pool of proxy trainings, one latency meter per device, and the gate between them.
+
+Workers return plain data and never touch the study. Latency isolation is cooperative: every training calls the
+``DeviceGate`` before each batch; the ``LatencyMeter`` closes the gate for its node, waits until every training
+there is parked, times the model, and reopens it. So a latency is never measured while a training loads the
+device, and no training slot sits idle waiting for others to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import ray
+import ray.exceptions as rex
+
+from .errors import SearchError
+from .latency import LatencyResult, LatencySettings, measure_latency
+from .proxy import TrainJob, TrainResult, run_training
+
+GATE_MAX_WAIT_S = 60.0  # longest wait for trainings to park before measuring anyway (recorded as contended)
+GATE_MAX_CLOSED_S = 600.0  # the gate reopens by itself after this, so a dead meter cannot park trainings forever
+START_GRACE_S = 10.0  # a submitted training not started after this is queued by Ray (no load), not waited for
+_WORKER_DEATHS = (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError,
+                  rex.OwnerDiedError)
+
+
+@ray.remote(num_cpus=0)
+class DeviceGate:
+    """Parks trainings at batch boundaries while a latency measurement on their node needs the device."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._node: str | None = None
+        self._active: dict[str, str] = {}  # training tag -> node id
+        self._expected: dict[str, float] = {}  # submitted, not started yet: tag -> submit time
+        self._parked: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def expect(self, tag: str) -> None:
+        """The driver submitted this training: its worker may be starting (importing torch: load) right now."""
+        if tag not in self._active:
+            self._expected[tag] = time.monotonic()
+
+    async def enter(self, tag: str, node: str) -> None:
+        self._expected.pop(tag, None)
+        self._active[tag] = node
+        await self.checkpoint(tag)
+
+    def leave(self, tag: str) -> None:
+        self._active.pop(tag, None)
+        self._expected.pop(tag, None)
+        self._parked.discard(tag)
+
+    async def checkpoint(self, tag: str) -> None:
+        if self._open.is_set() or self._active.get(tag) != self._node:
+            return
+        self._parked.add(tag)
+        try:
+            await self._open.wait()
+        finally:
+            self._parked.discard(tag)
+
+    async def close(self, node: str, max_wait_s: float) -> list[str]:
+        """Stop trainings on ``node``; returns once all are parked, or after ``max_wait_s`` with those that are not."""
+        self._node = node
+        self._open.clear()
+        self._timer = asyncio.get_running_loop().call_later(GATE_MAX_CLOSED_S, self._open.set)
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            now = time.monotonic()
+            running = sorted(t for t, n in self._active.items() if n == node and t not in self._parked)
+            starting = sorted(t for t, since in self._expected.items() if now - since < START_GRACE_S)
+            if not (running or starting) or now > deadline:
+                return running + starting
+            await asyncio.sleep(0.02)
+
+    def open(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._open.set()
+
+
+@ray.remote(num_cpus=0)
+class LatencyMeter:
+    """The one process per latency device that times candidates, one at a time (Ray runs its calls serially)."""
+
+    def __init__(self, settings: LatencySettings, gate) -> None:
+        import modules
+
+        modules.register()
+        self._settings = settings
+        self._gate = gate
+        self._node = ray.get_runtime_context().get_node_id()
+
+    def measure(self, candidate, proxy_imgsz: int) -> LatencyResult:
+        try:
+            return measure_latency(candidate, self._settings, proxy_imgsz, exclusive=self._exclusive)
+        except Exception as err:  # recorded as the trial's failure reason
+            return LatencyResult(error=f"latency measurement failed: {type(err).__name__}: {err}")
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[list[str]]:
+        try:
+            yield ray.get(self._gate.close.remote(self._node, GATE_MAX_WAIT_S))
+        finally:
+            ray.get(self._gate.open.remote())
+
+
+@ray.remote(max_retries=0)  # worker deaths are retried by the Executor, which records the attempt in the study
+def _train_task(job: TrainJob, gate) -> TrainResult:
+    tag = f"{job.trial}.{job.attempt}"
+    ray.get(gate.enter.remote(tag, ray.get_runtime_context().get_node_id()))
+    try:
+        return run_training(job, checkpoint=lambda: ray.get(gate.checkpoint.remote(tag)))
+    finally:
+        gate.leave.remote(tag)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Where and how trials run."""
+
+    workers: int = 2
+    cpus_per_trial: float | None = None  # None: the cluster's CPUs shared evenly by the workers
+    gpus_per_trial: float = 0.0
+    trial_timeout_s: float | None = None
+    ray_address: str | None = None  # None: a local Ray with this machine's CPUs/GPUs
+
+
+@dataclass
+class _Pending:
+    key: Any
+    kind: str  # "latency" or "train"
+    submitted: float
+    job: TrainJob | None = None
+    tag: str = ""
+
+
+@dataclass
+class Event:
+    """A finished piece of work: ``kind`` is "latency" (``result`` a LatencyResult) or "train" (a TrainResult)."""
+
+    key: Any
+    kind: str
+    result: Any
+    info: dict = field(default_factory=dict)
+
+
+class Executor:
+    """Runs latency measurements and proxy trainings on Ray; the driver polls ``wait`` for finished work."""
+
+    def __init__(self, pool: PoolSettings, latency: LatencySettings, env: dict[str, str] | None = None) -> None:
+        self.pool = pool
+        env_vars = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", **(env or {})}
+        runtime_env: dict[str, Any] = {"env_vars": env_vars}
+        if pool.ray_address:
+            import modules
+            import search
+            import space
+
+            # A remote cluster may not have this code: ship the three packages with every task.
+            runtime_env["py_modules"] = [os.path.dirname(m.__file__) for m in (modules, space, search)]
+        try:
+            ray.init(address=pool.ray_address, runtime_env=runtime_env, include_dashboard=False,
+                     log_to_driver=False, configure_logging=True, logging_level="warning",
+                     **({} if pool.ray_address else {"num_cpus": os.cpu_count(), "num_gpus": _local_gpus()}))
+        except Exception as err:
+            raise SearchError(f"cannot start or join Ray at {pool.ray_address or 'local'}: {err}") from None
+        resources = ray.cluster_resources()
+        self.cpus = float(resources.get("CPU", 0))
+        self.gpus = float(resources.get("GPU", 0))
+        if pool.gpus_per_trial > 0 and self.gpus == 0:
+            self.shutdown()
+            raise SearchError(f"--gpus-per-trial {pool.gpus_per_trial} but Ray found no GPU "
+                              f"({int(self.cpus)} CPUs only); leave it at 0 for CPU trials")
+        if latency.device == "cuda" and self.gpus == 0:
+            self.shutdown()
+            raise SearchError("--latency-device cuda but Ray found no GPU; use --latency-device cpu")
+        self.cpus_per_trial = pool.cpus_per_trial or max(1.0, float(int(self.cpus // max(1, pool.workers))))
+        self.gate = DeviceGate.remote()
+        meter_options: dict[str, Any] = {}
+        if latency.device == "cuda":
+            # The meter reserves no GPU (it would starve trainings that ask for a whole one) yet must see it.
+            meter_options["runtime_env"] = {
+                "env_vars": {**env_vars, "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+        self._meter_options = meter_options
+        self._latency = latency
+        self.meter = LatencyMeter.options(**meter_options).remote(latency, self.gate)
+        self._pending: dict[ray.ObjectRef, _Pending] = {}
+
+    def describe(self) -> str:
+        where = self.pool.ray_address or "local Ray"
+        gpus = self.pool.gpus_per_trial
+        per = f"{self.cpus_per_trial:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+        fits = int(min(self.cpus // self.cpus_per_trial,
+                       self.gpus // self.pool.gpus_per_trial if self.pool.gpus_per_trial else 1e9))
+        note = f" (only {fits} fit at once)" if fits < self.pool.workers else ""
+        return (f"{where}: {self.cpus:g} CPUs, {self.gpus:g} GPUs; up to {self.pool.workers} trials in flight, "
+                f"{per} each{note}")
+
+    def submit_latency(self, key: Any, candidate, proxy_imgsz: int) -> None:
+        ref = self.meter.measure.remote(candidate, proxy_imgsz)
+        self._pending[ref] = _Pending(key, "latency", time.monotonic())
+
+    def submit_train(self, key: Any, job: TrainJob) -> None:
+        self.gate.expect.remote(f"{job.trial}.{job.attempt}")
+        options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
+        ref = _train_task.options(**options).remote(job, self.gate)
+        self._pending[ref] = _Pending(key, "train", time.monotonic(), job, f"{job.trial}.{job.attempt}")
+
+    def wait(self, timeout_s: float) -> list[Event]:
+        """Finished work within ``timeout_s`` (maybe none); also times out trainings over ``trial_timeout_s``."""
+        events: list[Event] = []
+        if self._pending:
+            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout_s)
+            if ready:
+                ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+            for ref in ready:
+                events += self._collect(ref, self._pending.pop(ref))
+        else:
+            time.sleep(min(timeout_s, 0.1))
+        events += self._expire()
+        return events
+
+    def _collect(self, ref: ray.ObjectRef, p: _Pending) -> list[Event]:
+        try:
+            return [Event(p.key, p.kind, ray.get(ref))]
+        except _WORKER_DEATHS as err:
+            if p.kind == "train" and p.job.attempt == 0:
+                self.gate.leave.remote(p.tag)
+                retry = TrainJob(**{**p.job.__dict__, "attempt": 1})
+                self.submit_train(p.key, retry)
+                return [Event(p.key, "retry", None, {"reason": _short(err)})]
+            return [self._failed(p, "worker-died", f"worker died twice: {_short(err)}")]
+        except rex.OutOfMemoryError as err:
+            return [self._failed(p, "oom", f"out of memory (killed by Ray's memory monitor): {_short(err)}")]
+        except rex.RayActorError as err:
+            # The meter died (maybe with the gate closed): reopen the gate and start a new meter for later trials.
+            self.gate.open.remote()
+            self.meter = LatencyMeter.options(**self._meter_options).remote(self._latency, self.gate)
+            return [self._failed(p, "worker-died", f"latency meter died: {_short(err)}")]
+        except rex.RayError as err:
+            return [self._failed(p, "exception", _short(err))]
+
+    def _failed(self, p: _Pending, kind: str, message: str) -> Event:
+        if p.kind == "train":
+            self.gate.leave.remote(p.tag)
+            spent = time.monotonic() - p.submitted
+            return Event(p.key, "train", TrainResult(error=message, error_kind=kind, train_s=spent))
+        return Event(p.key, "latency", LatencyResult(error=message))
+
+    def _expire(self) -> list[Event]:
+        limit = self.pool.trial_timeout_s
+        if not limit:
+            return []
+        now = time.monotonic()
+        events = []
+        for ref, p in list(self._pending.items()):
+            if p.kind == "train" and now - p.submitted > limit:
+                ray.cancel(ref, force=True)
+                del self._pending[ref]
+                events.append(self._failed(p, "timeout", f"exceeded --trial-timeout {limit:g} s"))
+        return events
+
+    def cancel_all(self) -> list[Any]:
+        """Stop everything in flight; returns the keys that were running."""
+        keys = []
+        for ref, p in list(self._pending.items()):
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=p.kind == "train")
+            keys.append(p.key)
+        self._pending.clear()
+        return keys
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _short(err: BaseException) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)[:300]

@@ -1,0 +1,220 @@
+"""Proxy training of one candidate with Ultralytics' own trainer, inside a worker; returns plain data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+# Arguments the engine sets itself; --train-arg may not override them.
+RESERVED_ARGS = frozenset({"model", "data", "epochs", "imgsz", "batch", "fraction", "seed", "device", "project",
+                           "name", "exist_ok", "plots", "save", "val", "workers", "verbose", "resume", "mode", "task",
+                           "deterministic", "pretrained", "cfg"})
+FAULTS = ("raise", "die", "nan", "hang", "oom")
+
+
+@dataclass(frozen=True)
+class ProxySchedule:
+    """The short training every candidate gets; equal schedules make results comparable (the fidelity)."""
+
+    epochs: int
+    imgsz: int
+    batch: int
+    fraction: float | int | tuple = 1.0
+    seed: int = 0
+    train_args: tuple[tuple[str, Any], ...] = ()  # further Ultralytics train arguments, sorted by name
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fraction"] = list(self.fraction) if isinstance(self.fraction, tuple) else self.fraction
+        d["train_args"] = dict(self.train_args)
+        return d
+
+    def key(self) -> str:
+        """Short stable id of this fidelity: trials with equal keys (and equal candidates) are interchangeable."""
+        blob = json.dumps(self.as_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def ultralytics_args(self) -> dict[str, Any]:
+        fraction = list(self.fraction) if isinstance(self.fraction, tuple) else self.fraction
+        return {"epochs": self.epochs, "imgsz": self.imgsz, "batch": self.batch, "fraction": fraction,
+                "seed": self.seed, "deterministic": True, **dict(self.train_args)}
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs for one proxy training (plain, picklable data)."""
+
+    trial: int
+    candidate_hash: str
+    yaml_text: str
+    data: str
+    schedule: ProxySchedule
+    run_dir: str
+    device: str = "cpu"  # Ultralytics device string: "cpu" or "0" (the first GPU Ray made visible)
+    threads: int = 1
+    save_weights: bool = False
+    fault: str | None = None  # test hook: one of FAULTS, injected into this trial
+    attempt: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a proxy training produced; ``error`` set means the trial failed (``error_kind`` says how)."""
+
+    map50_95: float | None = None
+    map50: float | None = None
+    train_s: float = 0.0
+    error: str | None = None
+    error_kind: str | None = None  # "exception", "diverged", "oom", "timeout", "worker-died"
+    traceback: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) -> TrainResult:
+    """Train ``job``'s candidate and validate it once at the end; never raises (errors come back as data).
+
+    ``checkpoint`` is called before every training and validation batch; the latency gate uses it to park this
+    training while a latency measurement needs the device to itself.
+    """
+    import torch
+
+    import modules
+
+    modules.register()  # registration is per process: every worker must do it before building a candidate
+    torch.set_num_threads(max(1, job.threads))
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _trial_log(run_dir / "train.log")
+    start = time.perf_counter()
+    try:
+        _inject(job)
+        metrics = _train(job, run_dir, checkpoint)
+        return TrainResult(map50_95=float(metrics["metrics/mAP50-95(B)"]), map50=float(metrics["metrics/mAP50(B)"]),
+                           train_s=time.perf_counter() - start)
+    except Diverged as err:
+        return _failure("diverged", str(err), start)
+    except Exception as err:  # a failing trial is recorded, never fatal to the study
+        kind = "oom" if _is_oom(err) else "exception"
+        return _failure(kind, f"{type(err).__name__}: {_first_line(err)}", start, traceback.format_exc())
+    finally:
+        logging.getLogger("ultralytics").removeHandler(log)
+        log.close()
+
+
+def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) -> dict:
+    yaml_path = run_dir / f"candidate-{job.candidate_hash}.yaml"
+    yaml_path.write_text(job.yaml_text)
+    # The trainer is used directly (Ultralytics' documented DetectionTrainer(overrides=...).train()): YOLO.train()
+    # insists on reloading a saved checkpoint afterwards, and weights are off by default.
+    trainer_cls = _proxy_trainer(checkpoint, job.save_weights, job.fault)
+    args = {"model": str(yaml_path), "data": job.data, "device": job.device, "project": str(run_dir.parent),
+            "name": run_dir.name, "exist_ok": True, "plots": False, "val": False, "save": job.save_weights,
+            "workers": 0, "verbose": False, "pretrained": False, **job.schedule.ultralytics_args()}
+    trainer = trainer_cls(overrides=args)
+    trainer.train()
+    metrics = dict(trainer.metrics or {})
+    if not all(map(_finite, (metrics.get("metrics/mAP50-95(B)"), metrics.get("metrics/mAP50(B)")))):
+        raise Diverged(f"validation metrics are not finite: {metrics}")
+    return metrics
+
+
+def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fault: str | None) -> type:
+    """Ultralytics' DetectionTrainer with the proxy's differences, as a subclass (the API Ultralytics offers)."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import callbacks as ucallbacks
+
+    class ProxyTrainer(DetectionTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Only Ultralytics' default callbacks: no analytics, hub, platform or Ray Tune reporting from workers.
+            self.callbacks = ucallbacks.get_default_callbacks()
+            self.add_callback("on_train_batch_end", _stop_on_nan)
+            if checkpoint is not None:
+                self.add_callback("on_train_batch_start", lambda trainer: checkpoint())
+                self.add_callback("on_val_batch_start", lambda validator: checkpoint())
+            if fault == "nan":
+                self.add_callback("on_train_batch_start", _poison_weights)
+
+        def save_model(self):
+            # Weights are optional (--save-weights); skipping the write saves ~13 MB and some time per trial.
+            return super().save_model() if save_weights else False
+
+        def final_eval(self):
+            # The proxy score is the final epoch's validation; re-validating best.pt would double validation time.
+            return None
+
+    return ProxyTrainer
+
+
+def _stop_on_nan(trainer) -> None:
+    loss = getattr(trainer, "loss", None)
+    if loss is not None and not bool(loss.isfinite().all()):
+        raise Diverged(f"training loss became {float(loss.detach().sum())} at epoch {trainer.epoch + 1}")
+
+
+def _poison_weights(trainer) -> None:
+    import torch
+
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+
+
+def _inject(job: TrainJob) -> None:
+    """Test hook: make this trial fail the way ``job.fault`` says (never set outside tests)."""
+    if job.fault == "raise":
+        raise RuntimeError(f"injected fault in trial {job.trial}")
+    if job.fault == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"injected out of memory in trial {job.trial}")
+    if job.fault == "die" and job.attempt == 0:
+        os._exit(3)  # the worker process dies as if killed; the engine retries once
+    if job.fault == "hang":
+        time.sleep(10**6)
+
+
+def _failure(kind: str, message: str, start: float, tb: str | None = None) -> TrainResult:
+    return TrainResult(error=message, error_kind=kind, train_s=time.perf_counter() - start,
+                       traceback=tb[-4000:] if tb else None)
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _first_line(err: BaseException) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:500]
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and float(value) == float(value) and abs(float(value)) != float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
+def _trial_log(path: Path) -> logging.Handler:
+    """Send Ultralytics' log of this trial to its run directory instead of the driver's console."""
+    logger = logging.getLogger("ultralytics")
+    handler = logging.FileHandler(path, mode="a")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    for other in logger.handlers:
+        if other is not handler and not isinstance(other, logging.FileHandler):
+            other.setLevel(logging.WARNING)
+    return handler

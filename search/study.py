@@ -1,0 +1,171 @@
+"""The Optuna side: storage URLs, the study's recorded settings, resume checks, stale trials and the driver lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .errors import SearchError
+
+SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
+VERSIONS_ATTR = "attnas_versions"
+PATHS_ATTR = "attnas_paths"  # where its files are: out dir, artifact dir, storage URL as given
+DRIVER_ATTR = "attnas_driver"  # the driver running it now: host, pid, heartbeat
+OBJECTIVES = ("mAP50-95", "latency_ms")
+DIRECTIONS = ("maximize", "minimize")
+HEARTBEAT_S = 20.0
+STALE_S = 90.0  # a driver not heard of for this long is gone, wherever it ran
+
+
+def default_storage(out: Path, study_name: str) -> str:
+    return f"sqlite:///{(out / study_name / 'study.db').resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from an RDB URL (sqlite:///, postgresql://, mysql://) or a journal file path."""
+    try:
+        if "://" in url:
+            if url.startswith("sqlite:///"):
+                Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.RDBStorage(url)
+        path = Path(url).expanduser()
+        if not path.parent.is_dir():
+            raise SearchError(f"journal storage {url}: directory {path.parent} does not exist")
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except SearchError:
+        raise
+    except Exception as err:  # SQLAlchemy/driver errors: unknown dialect, missing driver, unreachable server
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise SearchError(f"bad storage {url!r}: {type(err).__name__}: {first}") from None
+
+
+def may_hold_studies(url: str) -> bool:
+    """False when ``url`` names a SQLite or journal file that does not exist (opening it would create it)."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):]).expanduser().is_file()
+    return "://" in url or Path(url).expanduser().is_file()
+
+
+def check_new_storage(url: str) -> None:
+    """A storage file that does not exist yet must be creatable (journal files need their directory)."""
+    if "://" not in url and not Path(url).expanduser().parent.is_dir():
+        raise SearchError(f"journal storage {url}: directory {Path(url).expanduser().parent} does not exist")
+
+
+def dashboard_command(url: str, artifact_dir: Path | None) -> str:
+    """The exact optuna-dashboard command line for this storage (journal files are passed as plain paths)."""
+    target = url if "://" in url else str(Path(url).expanduser().resolve())
+    cmd = f"optuna-dashboard {target}"
+    return cmd + (f" --artifact-dir {artifact_dir}" if artifact_dir else "")
+
+
+def study_names(url: str) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)]
+
+
+def find_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def settings_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two settings trees, e.g. ``proxy.epochs: study has 10, this run 3``."""
+    diffs = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += settings_differences(a, b, f"{prefix}{key}.")
+        elif _canon(a) != _canon(b):
+            diffs.append(f"{prefix}{key}: study has {_show(a)}, this run {_show(b)}")
+    return diffs
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _show(value: Any) -> str:
+    text = _canon(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_driver_lock(study: optuna.Study) -> None:
+    """Refuse to run a study another live driver is running (two drivers would fail each other's trials)."""
+    info = study.user_attrs.get(DRIVER_ATTR)
+    if not info:
+        return
+    age = time.time() - float(info.get("heartbeat", 0))
+    same_host = info.get("host") == socket.gethostname()
+    alive = _pid_alive(int(info.get("pid", -1))) if same_host else age < STALE_S
+    if alive and age < STALE_S and not (same_host and info.get("pid") == os.getpid()):
+        raise SearchError(f"study {study.study_name!r} is being run by another driver (pid {info.get('pid')} on "
+                          f"{info.get('host')}, seen {age:.0f} s ago); stop it first or wait {STALE_S:.0f} s")
+
+
+def heartbeat(study: optuna.Study, started: float) -> None:
+    study.set_user_attr(DRIVER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "started": started,
+                                      "heartbeat": time.time()})
+
+
+def release_driver_lock(study: optuna.Study) -> None:
+    study.set_user_attr(DRIVER_ATTR, {})
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale_trials(study: optuna.Study) -> list[tuple[int, dict]]:
+    """Trials a stopped driver left RUNNING: mark them FAIL (saying why) and queue their parameters again.
+
+    Optuna's own route (heartbeats + ``fail_stale_trials`` + ``RetryFailedTrialCallback``) needs heartbeats that
+    only ``study.optimize`` records; an ask/tell driver holding the study lock can do the same directly.
+    """
+    requeued = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while this trial ran; "
+                                           "its parameters were queued again on resume")
+        study._storage.set_trial_user_attr(t._trial_id, "fail_kind", "driver-stopped")
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+        requeued.append((t.number, t.params))
+    return requeued
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """``study.best_trials`` without the copies dedup made (they share their source's values), fastest first."""
+    return sorted((t for t in study.best_trials if "reused_from" not in t.user_attrs), key=lambda t: t.values[1])
+
+
+def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("attnas", "torch", "ultralytics", "optuna", "ray", "optuna-dashboard"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            found[pkg] = "not installed" if pkg != "attnas" else "source checkout"
+    return found

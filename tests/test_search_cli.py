@@ -1,0 +1,77 @@
+"""Bad input to ``python -m search.run``: one line on stderr, exit status 2, nothing written to any study."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from search import run as search_run
+
+
+def _cases(tmp, coco):
+    data = ["--data", str(coco / "coco128.yaml")]
+    broken = tmp / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    empty = tmp / "empty"
+    for split in ("train", "val"):
+        (empty / "images" / split).mkdir(parents=True)
+    (empty / "data.yaml").write_text("train: images/train\nval: images/val\nnames: {0: thing}\n")
+    cases = {
+        "budget 0": (["--budget", "0", *data], "--budget must be at least 1"),
+        "missing data": (["--data", str(tmp / "nope.yaml")], "does not exist"),
+        "malformed data": (["--data", str(broken)], "not valid YAML"),
+        "empty dataset": (["--data", str(empty / "data.yaml")], "(empty dataset)"),
+        "unknown base": (["--base", "yolov99z.yaml", *data], "unknown base"),
+        "bad storage URL": (["--storage", "foo://nowhere/db", *data], "bad storage"),
+        "journal in a missing dir": (["--storage", str(tmp / "no" / "dir" / "j.log"), *data], "does not exist"),
+        "imgsz not /32": (["--imgsz", "100", *data], "multiple of 32"),
+        "latency imgsz not /32": (["--latency-imgsz", "650", *data], "multiple of 32"),
+        "unknown train arg": (["--train-arg", "nonsense=1", *data], "not an Ultralytics train argument"),
+        "reserved train arg": (["--train-arg", "epochs=3", *data], "set by the search itself"),
+        "batch 1": (["--batch", "1", *data], "at least 2"),
+        "bad fraction": (["--fraction", "1.5", *data], "ratios must be in (0, 1]"),
+        "resume of nothing": (["--resume", "--study-name", "ghost", *data], "no study 'ghost'"),
+        "bad space file": (["--space", str(broken), *data], "not valid YAML"),
+    }
+    if importlib.util.find_spec("scipy") is None:
+        cases["gp without scipy"] = (["--sampler", "gp", *data], "needs scipy")
+    if not torch.cuda.is_available():
+        cases["gpus without a GPU"] = (["--gpus-per-trial", "0.5", *data], "has no GPU")
+    return cases
+
+
+CASES = ["budget 0", "missing data", "malformed data", "empty dataset", "unknown base", "bad storage URL",
+         "journal in a missing dir", "imgsz not /32", "latency imgsz not /32", "unknown train arg",
+         "reserved train arg", "batch 1", "bad fraction", "resume of nothing", "bad space file", "gpus without a GPU",
+         "gp without scipy"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, coco128, capsys):
+    cases = _cases(tmp_path, coco128)
+    if case not in cases:
+        pytest.skip("not bad input on this machine (it has a GPU / scipy)")
+    argv, message = cases[case]
+    out = tmp_path / "out"
+    assert search_run.main(["--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not list(out.rglob("*.db")) and not list(out.rglob("trials")), "nothing may be written"
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        search_run.main(["--workers", "many"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value: 'many'" in err
+
+
+def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
+    prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
+    assert prep.study_name == "yolov8n-shapes-v1"
+    assert prep.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v1' / 'study.db'}"
+    assert prep.data.identity == "builtin:shapes-v1" and prep.data.yaml.is_file()
+    assert prep.settings["proxy"]["imgsz"] == 128 and prep.settings["latency"]["imgsz"] == 640
+    assert prep.settings["proxy"]["train_args"] == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 1}
+    assert not (tmp_path / "yolov8n-shapes-v1").exists(), "checking writes no study"

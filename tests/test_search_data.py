@@ -1,0 +1,93 @@
+"""The built-in dataset and the data checks: real files, real Ultralytics parsing, no Ray."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
+
+from search.data import SHAPES_CLASSES, SHAPES_SPLITS, check_data, default_dataset, parse_fraction, safe_batch
+from search.errors import SearchError
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return default_dataset(tmp_path_factory.mktemp("cache"))
+
+
+def test_default_dataset_is_complete_and_deterministic(shapes, tmp_path):
+    root = shapes.parent
+    for split, count in SHAPES_SPLITS.items():
+        assert len(list((root / "images" / split).glob("*.png"))) == count
+        labels = sorted((root / "labels" / split).glob("*.txt"))
+        assert len(labels) == count
+    files = sorted((root / "labels" / "train").glob("*.txt"))
+    rows = [line.split() for f in files for line in f.read_text().splitlines()]
+    classes = {int(r[0]) for r in rows}
+    assert classes == set(range(len(SHAPES_CLASSES)))
+    sizes = [float(r[3]) * 128 for r in rows]
+    assert min(sizes) < 16 and max(sizes) > 32, "objects must span several detection scales"
+    assert all(0 < float(v) <= 1 for r in rows for v in r[1:])
+    # A second generation elsewhere gives byte-identical content (the manifest hashes every image and label).
+    again = default_dataset(tmp_path).parent
+    assert json.loads((again / "MANIFEST.json").read_text()) == json.loads((root / "MANIFEST.json").read_text())
+    assert default_dataset(root.parent) == shapes  # cached: not regenerated
+
+
+def test_builtin_data_checks_as_ultralytics_reads_it(shapes):
+    info = check_data(None, shapes.parent.parent, 1.0)
+    assert info.identity == "builtin:shapes-v1" and info.nc == 3
+    assert (info.n_train, info.n_val, info.train_used) == (256, 64, 256)
+
+
+def test_coco128_with_counts_per_split(coco128):
+    info = check_data(coco128 / "coco128.yaml", "unused", parse_fraction("8,16"))
+    assert (info.nc, info.train_used, info.val_used) == (80, 8, 16)
+
+
+@pytest.mark.parametrize("write, message", [
+    (None, "does not exist"),
+    ("train: [unclosed\n", "not valid YAML"),
+    ("- a list\n", "expected a mapping"),
+    ("train: images/train\nval: images/val\nnames: {0: a}\n", "images not found"),
+    ("val: images/val\nnames: {0: a}\n", "'train:' key missing"),
+])
+def test_bad_data_yaml_is_one_clear_line(tmp_path, write, message):
+    path = tmp_path / "data.yaml"
+    if write is not None:
+        path.write_text(write)
+    with pytest.raises(SearchError, match=message) as err:
+        check_data(path, tmp_path, 1.0)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_dataset_and_missing_labels_are_refused(tmp_path, shapes):
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+    path = tmp_path / "data.yaml"
+    path.write_text("train: images/train\nval: images/val\nnames: {0: a}\n")
+    with pytest.raises(SearchError, match=r"no train images found .* \(empty dataset\)"):
+        check_data(path, tmp_path, 1.0)
+    for split in ("train", "val"):  # images but no labels at all
+        for src in sorted((shapes.parent / "images" / split).glob("*.png"))[:3]:
+            (tmp_path / "images" / split / src.name).write_bytes(src.read_bytes())
+    with pytest.raises(SearchError, match="has a label file"):
+        check_data(path, tmp_path, 1.0)
+    with pytest.raises(SearchError, match="need at least 2"):
+        check_data(shapes, tmp_path, parse_fraction("0.001"))  # one image of 256
+
+
+def test_fraction_parsing():
+    assert parse_fraction("0.25") == 0.25 and parse_fraction("8") == 8 and parse_fraction("8,16") == [8, 16]
+    for bad in ("0", "1.5", "x", "-2", "1,2,3,4"):
+        with pytest.raises(SearchError):
+            parse_fraction(bad)
+
+
+@given(n=hs.integers(2, 5000), batch=hs.integers(2, 512))
+def test_safe_batch_never_leaves_a_last_batch_of_one(n, batch):
+    b = safe_batch(n, batch)
+    assert 2 <= b <= n and n % b != 1
+    below = [x for x in range(2, min(batch, n) + 1) if n % x != 1]
+    assert b == (max(below) if below else min(x for x in range(batch + 1, n + 1) if n % x != 1))

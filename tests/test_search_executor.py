@@ -1,0 +1,69 @@
+"""Latency measurement and its isolation from training: the real DeviceGate actor on a real local Ray."""
+
+import time
+
+import pytest
+import ray
+
+import space
+from search.executor import DeviceGate
+from search.latency import LatencySettings, measure_latency
+
+
+def test_latency_of_the_base_is_a_sane_distribution():
+    base = space.make_candidate(space.load_base("yolov8n.yaml"))
+    res = measure_latency(base, LatencySettings(imgsz=64, warmup=1, runs=5, threads=1), proxy_imgsz=64)
+    assert res.error is None and res.n == 5 and res.threads == 1
+    assert 0 < res.min_ms <= res.median_ms <= res.p90_ms and res.iqr_ms >= 0
+    assert res.params == 3_157_200 and res.gflops == pytest.approx(8.7 * (64 / 640) ** 2, rel=0.05)
+
+
+def test_an_invalid_candidate_is_an_error_not_an_exception():
+    base = space.load_base("yolov8n.yaml")
+    broken = space.make_candidate(base)
+    broken = type(broken)(broken.base, broken.scale, {**broken.yaml, "head": broken.yaml["head"][:-1] + [
+        [[15, 18, 21], 1, "Detect", ["nc", "oops"]]]}, broken.placements, "deadbeef")
+    res = measure_latency(broken, LatencySettings(imgsz=64, runs=2), proxy_imgsz=64)
+    assert res.error and res.error.startswith("invalid candidate") and res.median_ms is None
+
+
+@pytest.mark.slow
+def test_trainings_are_parked_while_the_gate_is_closed():
+    """Busy 'trainings' pass the gate at every step; while a measurement holds it, none takes a step."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    try:
+        gate = DeviceGate.remote()
+        node = ray.get_runtime_context().get_node_id()
+
+        @ray.remote(num_cpus=0.5)
+        def training(gate, tag: str, seconds: float, start_after: float = 0.0) -> list[float]:
+            time.sleep(start_after)  # a worker still starting up (importing torch) when the gate closes
+            ray.get(gate.enter.remote(tag, ray.get_runtime_context().get_node_id()))
+            steps, end = [], time.time() + seconds
+            while time.time() < end:
+                ray.get(gate.checkpoint.remote(tag))
+                steps.append(time.time())
+                time.sleep(0.01)  # one "batch"
+            gate.leave.remote(tag)
+            return steps
+
+        runs = [training.remote(gate, f"t{i}", 6.0) for i in range(2)]
+        time.sleep(2.0)
+        gate.expect.remote("late")  # submitted by the driver, not started yet
+        runs.append(training.remote(gate, "late", 3.0, start_after=1.5))
+        asked = time.time()
+        not_parked = ray.get(gate.close.remote(node, 10.0))
+        closed_at = time.time()
+        assert closed_at - asked >= 1.4, "the gate waits for a submitted training to start and park"
+        time.sleep(1.0)  # the measurement
+        opened_at = time.time()
+        ray.get(gate.open.remote())
+        steps = ray.get(runs)
+        assert not_parked == []
+        for s in steps:
+            assert not [t for t in s if closed_at < t < opened_at], "a training stepped during the measurement"
+            assert any(t > opened_at for t in s), "trainings resume when the gate opens"
+        assert ray.get(gate.close.remote(node, 1.0)) == [], "finished trainings are not waited for"
+        ray.get(gate.open.remote())
+    finally:
+        ray.shutdown()
