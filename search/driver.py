@@ -22,6 +22,7 @@ from . import study as st
 from .executor import Event, Executor
 from .latency import LatencyResult
 from .proxy import ProxySchedule, TrainJob, TrainResult
+from .weights import BaseWeights
 
 
 @dataclass
@@ -39,6 +40,9 @@ class SearchConfig:
     faults: dict[int, str] = field(default_factory=dict)  # test hook: trial number -> fault kind
     max_failures_in_a_row: int = 5
     max_pruned_in_a_row: int = 200
+    weights: BaseWeights | None = None  # what candidates inherit; None trains from scratch
+    max_latency_ms: float | None = None  # constraints known before training: breaking one skips the training
+    max_params: int | None = None
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Driver:
             if t.user_attrs.get("fidelity") == self.fidelity and "candidate_hash" in t.user_attrs}
         self.failures_in_a_row = 0
         self.pruned_in_a_row = 0
+        self.infeasible_in_a_row = 0
         self.started = time.time()
         self._last_beat = 0.0
 
@@ -101,7 +106,7 @@ class Driver:
         return sum(1 + len(r.followers) for r in self.running.values())
 
     def _completed(self) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return len(st.counted_trials(self.study))
 
     def _beat(self) -> None:
         if time.time() - self._last_beat > st.HEARTBEAT_S:
@@ -152,7 +157,12 @@ class Driver:
             if key not in have and key not in ("run_dir", "requeued_from", "role"):
                 trial.set_user_attr(key, value)
         trial.set_user_attr("reused_from", done.number)
+        for name, value in done.system_attrs.items():  # the constraints of the same network are the same
+            if name.startswith("constraints:"):
+                trial.set_constraint(name.split(":", 1)[1], value)
         self.study.tell(trial, list(done.values))
+        if "infeasible" in done.user_attrs:
+            self._count_infeasible()
         self.progress.completed(trial.number, f"reused trial {done.number} (same candidate, same fidelity)")
 
     # -- results ---------------------------------------------------------------------------------------------
@@ -182,13 +192,50 @@ class Driver:
             attrs["latency_contended_by"] = lat.contended
         for key, value in attrs.items():
             run.trial.set_user_attr(key, value)
+        if self._infeasible(run, lat):
+            return
         c = self.config
         job = TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash,
                        yaml_text=to_yaml(run.candidate, {"study": self.study.study_name, "trial": run.trial.number}),
                        data=c.data_yaml, schedule=c.schedule, run_dir=run.trial.user_attrs["run_dir"],
                        device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
-                       fault=c.faults.get(run.trial.number))
+                       fault=c.faults.get(run.trial.number),
+                       weights=c.weights.state_path if c.weights else None, base_layers=run.candidate.base_layers,
+                       skip_keys=c.weights.skip_keys if c.weights else ())
         self.executor.submit_train(run.trial.number, job)
+
+    def _infeasible(self, run: _Running, lat: LatencyResult) -> bool:
+        """Apply --max-latency-ms / --max-params through Optuna's constraints (value <= 0 is feasible).
+
+        A candidate that breaks one is never trained: it is told COMPLETE with mAP 0 and its measured latency,
+        so samplers learn where the infeasible region is while ``study.best_trials`` ignores it."""
+        c = self.config
+        limits = {"latency_ms": (lat.median_ms, c.max_latency_ms), "params": (lat.params, c.max_params)}
+        broken = []
+        for trial in [run.trial, *run.followers]:
+            for name, (value, limit) in limits.items():
+                if limit is not None:
+                    trial.set_constraint(name, float(value - limit))
+        for name, (value, limit) in limits.items():
+            if limit is not None and value > limit:
+                broken.append(f"{name} {value:g} > {limit:g}")
+        if not broken:
+            return False
+        reason = "; ".join(broken)
+        for trial in [run.trial, *run.followers]:
+            trial.set_user_attr("infeasible", reason)
+            self.study.tell(trial, [0.0, lat.median_ms])
+        del self.running[run.trial.number]
+        self.done_by_hash[run.candidate.hash] = self.study.get_trials(deepcopy=False)[run.trial.number]
+        self.progress.note(f"trial {run.trial.number}: infeasible ({reason}), not trained")
+        self._count_infeasible()
+        return True
+
+    def _count_infeasible(self) -> None:
+        self.infeasible_in_a_row += 1
+        if self.infeasible_in_a_row >= self.config.max_pruned_in_a_row:
+            raise SearchAborted(f"{self.infeasible_in_a_row} infeasible candidates in a row; are the limits "
+                                "(--max-latency-ms / --max-params) reachable?")
 
     def _on_train(self, run: _Running, res: TrainResult) -> None:
         run.trial.set_user_attr("train_s", round(res.train_s, 2))
@@ -200,6 +247,9 @@ class Driver:
             return
         run.trial.set_user_attr("map50_95", res.map50_95)
         run.trial.set_user_attr("map50", res.map50)
+        for key, value in res.extra.items():  # e.g. what was inherited from the base weights
+            run.trial.set_user_attr(key, value)
+        self.infeasible_in_a_row = 0
         values = [res.map50_95, run.latency.median_ms]
         self.study.tell(run.trial, values)
         del self.running[run.trial.number]

@@ -62,6 +62,9 @@ class TrainJob:
     save_weights: bool = False
     fault: str | None = None  # test hook: one of FAULTS, injected into this trial
     attempt: int = 0
+    weights: str | None = None  # base state dict to inherit (search/weights.py), None = from scratch
+    base_layers: tuple[tuple[int, int], ...] = ()  # Candidate.base_layers: base index -> candidate index
+    skip_keys: tuple[str, ...] = ()  # base tensors not to inherit (class branch of another class count)
 
 
 @dataclass
@@ -99,9 +102,9 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
     start = time.perf_counter()
     try:
         _inject(job)
-        metrics = _train(job, run_dir, checkpoint)
+        metrics, extra = _train(job, run_dir, checkpoint)
         return TrainResult(map50_95=float(metrics["metrics/mAP50-95(B)"]), map50=float(metrics["metrics/mAP50(B)"]),
-                           train_s=time.perf_counter() - start)
+                           train_s=time.perf_counter() - start, extra=extra)
     except Diverged as err:
         return _failure("diverged", str(err), start)
     except Exception as err:  # a failing trial is recorded, never fatal to the study
@@ -112,12 +115,12 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
         log.close()
 
 
-def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) -> dict:
+def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) -> tuple[dict, dict]:
     yaml_path = run_dir / f"candidate-{job.candidate_hash}.yaml"
     yaml_path.write_text(job.yaml_text)
     # The trainer is used directly (Ultralytics' documented DetectionTrainer(overrides=...).train()): YOLO.train()
     # insists on reloading a saved checkpoint afterwards, and weights are off by default.
-    trainer_cls = _proxy_trainer(checkpoint, job.save_weights, job.fault)
+    trainer_cls = _proxy_trainer(checkpoint, job.save_weights, job.fault, _inheritor(job))
     args = {"model": str(yaml_path), "data": job.data, "device": job.device, "project": str(run_dir.parent),
             "name": run_dir.name, "exist_ok": True, "plots": False, "val": False, "save": job.save_weights,
             "workers": 0, "verbose": False, "pretrained": False, **job.schedule.ultralytics_args()}
@@ -126,10 +129,28 @@ def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) 
     metrics = dict(trainer.metrics or {})
     if not all(map(_finite, (metrics.get("metrics/mAP50-95(B)"), metrics.get("metrics/mAP50(B)")))):
         raise Diverged(f"validation metrics are not finite: {metrics}")
-    return metrics
+    inherited = getattr(trainer, "inheritance", None)
+    return metrics, (inherited.as_dict() if inherited is not None else {})
 
 
-def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fault: str | None) -> type:
+def _inheritor(job: TrainJob) -> Callable | None:
+    """A function giving a freshly built candidate model the base weights, or None (train from scratch)."""
+    if job.weights is None:
+        return None
+
+    def give(model):
+        import torch
+
+        from space import inherit
+
+        state = torch.load(job.weights, map_location="cpu", weights_only=True)
+        return inherit(model, job.base_layers, state, job.skip_keys)
+
+    return give
+
+
+def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fault: str | None,
+                   inheritor: Callable | None = None) -> type:
     """Ultralytics' DetectionTrainer with the proxy's differences, as a subclass (the API Ultralytics offers)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import callbacks as ucallbacks
@@ -145,6 +166,12 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
                 self.add_callback("on_val_batch_start", lambda validator: checkpoint())
             if fault == "nan":
                 self.add_callback("on_train_batch_start", _poison_weights)
+
+        def get_model(self, cfg=None, weights=None, verbose=True):
+            model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+            if inheritor is not None:  # before the optimizer and EMA are made from the model
+                self.inheritance = inheritor(model)
+            return model
 
         def save_model(self):
             # Weights are optional (--save-weights); skipping the write saves ~13 MB and some time per trial.

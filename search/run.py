@@ -26,12 +26,17 @@ from .driver import SAMPLERS  # noqa: E402
 from .errors import SearchError  # noqa: E402
 from .latency import LatencySettings  # noqa: E402
 from .proxy import FAULTS, RESERVED_ARGS, ProxySchedule  # noqa: E402
+from .weights import WeightsPlan, check_user_checkpoint  # noqa: E402
 
 # Settings that define a study: on resume they come from the study unless given, and must not differ.
 IDENTITY_DEFAULTS: dict[str, Any] = {
-    "base": "yolov8n.yaml", "data": None, "space": None, "epochs": 10, "imgsz": 128, "batch": 16, "fraction": "1.0",
-    "seed": 0, "train_arg": ["optimizer=AdamW", "lr0=0.003", "warmup_epochs=1"],
+    # Candidates fine-tune the inherited base for a few epochs (3 epochs carry signal once the base is trained;
+    # from scratch they rank noise: see the README). AdamW at 0.003: Ultralytics' optimizer=auto picks a rate too
+    # small for 20 epochs of base training.
+    "base": "yolov8n.yaml", "data": None, "space": None, "epochs": 3, "imgsz": 128, "batch": 16, "fraction": "1.0",
+    "seed": 0, "train_arg": ["optimizer=AdamW", "lr0=0.003", "warmup_epochs=3"],
     "latency_device": "cpu", "latency_imgsz": 640, "latency_warmup": 5, "latency_runs": 20, "latency_threads": 0,
+    "weights": "auto", "base_epochs": 20, "max_latency_ms": None, "max_params": None,
 }
 
 
@@ -61,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fraction", help="train images used: ratio (0.5), count (8) or train,val (8,16) [1.0]")
     g.add_argument("--seed", type=int, help="training and sampler seed [0]")
     g.add_argument("--train-arg", action="append", metavar="KEY=VALUE",
-                   help="further Ultralytics train argument, repeatable [optimizer=AdamW lr0=0.003 warmup_epochs=1]")
+                   help="further Ultralytics train argument, repeatable [optimizer=AdamW lr0=0.003 warmup_epochs=3]")
+    g.add_argument("--weights", help="what every candidate starts from: 'auto' (the base trained once by the driver "
+                   "for --base-epochs, stored with the study), a checkpoint .pt of the base, or 'none' (from "
+                   f"scratch; then give more --epochs) [{IDENTITY_DEFAULTS['weights']}]")
+    g.add_argument("--base-epochs", type=int, help=f"epochs of the base training for --weights auto "
+                   f"[{IDENTITY_DEFAULTS['base_epochs']}]")
+    g = p.add_argument_group("constraints, checked before training (fixed for a study)")
+    g.add_argument("--max-latency-ms", type=float, help="candidates slower than this are recorded infeasible, untrained")
+    g.add_argument("--max-params", type=int, help="candidates with more parameters are recorded infeasible, untrained")
     g = p.add_argument_group("latency (fixed for a study)")
     g.add_argument("--latency-device", choices=("cpu", "cuda"), help="[cpu]")
     g.add_argument("--latency-imgsz", type=int, help="[640]")
@@ -96,6 +109,7 @@ class Prepared:
     space: Any
     data: Any
     faults: dict[int, str]
+    weights: WeightsPlan
 
 
 def resolve(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
@@ -196,8 +210,16 @@ def prepare(args: argparse.Namespace) -> Prepared:
     latency = LatencySettings(device=values["latency_device"], imgsz=values["latency_imgsz"],
                               warmup=values["latency_warmup"], runs=values["latency_runs"],
                               threads=values["latency_threads"])
+    weights = WeightsPlan.parse(str(values["weights"]), values["base_epochs"])
+    for name in ("max_latency_ms", "max_params"):
+        if values[name] is not None and values[name] <= 0:
+            raise SearchError(f"--{name.replace('_', '-')} must be positive, got {values[name]}")
+    if weights.mode == "path":
+        check_user_checkpoint(weights, base, data.nc)  # refuse a mismatched checkpoint before anything is written
     settings = {
         "base": {"name": base.name, "scale": base.scale, "hash": canonical_hash(base.yaml)},
+        "weights": weights.identity(),
+        "constraints": {"max_latency_ms": values["max_latency_ms"], "max_params": values["max_params"]},
         "space": _space_identity(space_config),
         "data": {"identity": data.identity, "fingerprint": data.fingerprint, "nc": data.nc,
                  "train_images": data.n_train, "val_images": data.n_val},
@@ -214,7 +236,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
             raise SearchError(f"study {study_name!r} was run with other settings: " + "; ".join(diffs) + hint)
     settings["args"] = values
     return Prepared(args, study_name, storage_url, out, settings, schedule, latency, space, data,
-                    parse_faults(args.inject_fault))
+                    parse_faults(args.inject_fault), weights)
 
 
 def _study_to_resume(args: argparse.Namespace, out: Path, default: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from . import study as st
 from .driver import Driver, SearchAborted, SearchConfig, front_rows, make_sampler
 from .errors import SearchError
 from .executor import Executor, PoolSettings
+from .weights import prepare_base_weights
 
 if TYPE_CHECKING:
     from .run import Prepared
@@ -29,7 +31,7 @@ class Progress:
     def __init__(self, study: optuna.Study, budget: int) -> None:
         self.study = study
         self.budget = budget
-        done = len(st.completed_trials(study))
+        done = len(st.counted_trials(study))
         # disable=None: a bar on a terminal; in logs (no TTY) only the one-line-per-trial records below.
         self.bar = tqdm(total=budget, initial=min(done, budget), desc="trials", unit="trial", file=sys.stderr,
                         dynamic_ncols=True, disable=None,
@@ -37,7 +39,7 @@ class Progress:
         self._refresh()
 
     def _refresh(self) -> None:
-        done = st.completed_trials(self.study)
+        done = st.counted_trials(self.study)
         if done:
             self.bar.set_postfix_str(f"best mAP50-95 {max(t.values[0] for t in done):.4f}, "
                                      f"Pareto {len(st.pareto_trials(self.study))}")
@@ -58,7 +60,7 @@ class Progress:
         self._refresh()
 
     def _count(self) -> str:
-        return f"[{len(st.completed_trials(self.study))}/{self.budget}]"
+        return f"[{len(st.counted_trials(self.study))}/{self.budget}]"
 
     def close(self) -> None:
         self.bar.close()
@@ -78,7 +80,7 @@ def run_session(prep: "Prepared") -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         unfinished = existing.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-        if len(st.completed_trials(existing)) >= args.budget and not unfinished:  # nothing to run: no Ray needed
+        if len(st.counted_trials(existing)) >= args.budget and not unfinished:  # nothing to run: no Ray needed
             print(f"study {prep.study_name!r} already holds {args.budget} completed trial(s); raise --budget to "
                   "continue it", file=sys.stderr)
             _finish(existing, prep, 0.0)
@@ -127,11 +129,21 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
           f"fraction {prep.settings['proxy']['fraction']}, {dict(prep.schedule.train_args)}; latency on "
           f"{prep.latency.device} at {prep.latency.imgsz} px (median of {prep.latency.runs})", file=sys.stderr)
     print(f"resources: {executor.describe()}; sampler {args.sampler}", file=sys.stderr)
+    try:
+        weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml), prep.schedule,
+                                       study_dir, threads=os.cpu_count() or 1)
+    except SearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if weights is not None:
+        study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
+    constraints = prep.settings["constraints"]
     config = SearchConfig(budget=args.budget, schedule=prep.schedule, data_yaml=str(prep.data.yaml),
                           study_dir=study_dir,
                           latency_imgsz=prep.latency.imgsz, train_device="0" if args.gpus_per_trial > 0 else "cpu",
                           threads_per_trial=max(1, int(executor.cpus_per_trial)), save_weights=args.save_weights,
-                          faults=prep.faults, max_failures_in_a_row=args.max_failures_in_a_row)
+                          faults=prep.faults, max_failures_in_a_row=args.max_failures_in_a_row, weights=weights,
+                          max_latency_ms=constraints["max_latency_ms"], max_params=constraints["max_params"])
     progress = Progress(study, args.budget)
     store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
     driver = Driver(study, prep.space, executor, config, store, progress)

@@ -161,6 +161,11 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials that count toward ``--budget``: infeasible candidates (never trained) do not."""
+    return [t for t in completed_trials(study) if "infeasible" not in t.user_attrs]
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("attnas", "torch", "ultralytics", "optuna", "ray", "optuna-dashboard"):

@@ -73,5 +73,5 @@ def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     assert prep.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v1' / 'study.db'}"
     assert prep.data.identity == "builtin:shapes-v1" and prep.data.yaml.is_file()
     assert prep.settings["proxy"]["imgsz"] == 128 and prep.settings["latency"]["imgsz"] == 640
-    assert prep.settings["proxy"]["train_args"] == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 1}
+    assert prep.settings["proxy"]["train_args"] == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}
     assert not (tmp_path / "yolov8n-shapes-v1").exists(), "checking writes no study"

@@ -1,0 +1,144 @@
+"""Weights every candidate inherits: a user's checkpoint of the base (``--weights PATH``), the base trained once
+by the driver (``--weights auto``), or none (``--weights none``, training from scratch).
+
+Short proxies only carry signal from trained weights (see the README): a few epochs from scratch rank noise.
+The checked base state dict is stored with the study (``<study>/base-weights.pt``) and read by every worker;
+``auto`` reuses it on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from space import Base, SpaceError, build_model, check_checkpoint, make_candidate
+
+from .errors import SearchError
+from .proxy import ProxySchedule, TrainJob, run_training
+
+STATE_FILE = "base-weights.pt"
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    """What ``--weights`` asked for: ``mode`` is "none", "auto" or "path"."""
+
+    mode: str
+    path: str | None = None
+    base_epochs: int = 20
+
+    @classmethod
+    def parse(cls, value: str, base_epochs: int) -> "WeightsPlan":
+        if value in ("none", "auto"):
+            if base_epochs < 1:
+                raise SearchError(f"--base-epochs must be at least 1, got {base_epochs}")
+            return cls(value, None, base_epochs)
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise SearchError(f"--weights {value}: no such checkpoint (give a .pt file, 'auto' or 'none')")
+        return cls("path", str(path.resolve()), base_epochs)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two studies' inherited starts equal (part of the study's settings and of the fidelity)."""
+        if self.mode == "path":
+            return {"mode": "path", "sha256": _sha256(Path(self.path))[:16]}
+        if self.mode == "auto":
+            return {"mode": "auto", "base_epochs": self.base_epochs}
+        return {"mode": "none"}
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """The stored state dict workers load, and what the driver learnt making it (for the study's attributes)."""
+
+    state_path: str
+    skip_keys: tuple[str, ...]
+    info: dict[str, Any]
+
+
+def check_user_checkpoint(plan: WeightsPlan, base: Base, nc: int) -> tuple[dict, tuple[str, ...]]:
+    """Load ``--weights PATH`` and compare it with the base built for ``nc`` classes; SearchError if it is of
+    another base or scale. Returns its float state dict and the head keys a class-count mismatch leaves out."""
+    import torch
+
+    import modules
+
+    modules.register()
+    try:
+        ckpt = torch.load(plan.path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise SearchError(f"--weights {plan.path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    model = _model_of(ckpt)
+    if not isinstance(model, torch.nn.Module):
+        raise SearchError(f"--weights {plan.path}: no model in it (expected an Ultralytics checkpoint with 'model')")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    reference = build_model(make_candidate(_with_nc(base, nc))).model.state_dict()
+    try:
+        skip = check_checkpoint(state, reference, f"--weights {plan.path}")
+    except SpaceError as err:
+        raise SearchError(str(err)) from None
+    return state, skip
+
+
+def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str, schedule: ProxySchedule,
+                         study_dir: Path, threads: int) -> BaseWeights | None:
+    """Make (or reuse) the state dict the candidates inherit; None for ``--weights none``."""
+    import torch
+
+    if plan.mode == "none":
+        return None
+    target = study_dir / STATE_FILE
+    if plan.mode == "path":
+        state, skip = check_user_checkpoint(plan, base, nc)
+        if skip:
+            print(f"--weights: the checkpoint has another class count than the data ({nc}); its class branch "
+                  f"({len(skip)} tensors) is not inherited", file=sys.stderr)
+        torch.save(state, target)
+        return BaseWeights(str(target), skip, {"source": plan.path, "skipped_head_keys": len(skip)})
+    info_path = study_dir / "base-training"
+    if target.is_file():  # --weights auto on resume: the base was trained by an earlier run of this study
+        return BaseWeights(str(target), (), {"source": "auto", "reused": str(target)})
+    print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it",
+          file=sys.stderr)
+    job = TrainJob(trial=-1, candidate_hash=make_candidate(base).hash, yaml_text=_base_yaml(base), data=data_yaml,
+                   schedule=replace(schedule, epochs=plan.base_epochs), run_dir=str(info_path), threads=threads,
+                   save_weights=True)
+    result = run_training(job)
+    if result.error:
+        raise SearchError(f"--weights auto: training the base failed: {result.error}")
+    ckpt = torch.load(info_path / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    model = _model_of(ckpt)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, target)
+    print(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {plan.base_epochs} epochs "
+          f"({result.train_s:.0f} s); stored {target}", file=sys.stderr)
+    return BaseWeights(str(target), (), {"source": "auto", "base_map50_95": result.map50_95,
+                                         "base_map50": result.map50, "train_s": round(result.train_s, 1)})
+
+
+def _model_of(ckpt: Any) -> Any:
+    """The network of an Ultralytics checkpoint: its EMA when saved (what Ultralytics itself evaluates)."""
+    if not isinstance(ckpt, dict):
+        return ckpt
+    return ckpt["ema"] if ckpt.get("ema") is not None else ckpt.get("model")
+
+
+def _with_nc(base: Base, nc: int) -> Base:
+    return replace(base, yaml={**base.yaml, "nc": nc})
+
+
+def _base_yaml(base: Base) -> str:
+    from space import to_yaml
+
+    return to_yaml(make_candidate(base))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
