@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-from .candidate import Candidate
 from .errors import SpaceError
 
 _KEY = re.compile(r"^model\.(\d+)\.(.+)$")
@@ -58,10 +58,12 @@ def check_checkpoint(base_state: dict[str, torch.Tensor], reference: dict[str, t
     return tuple(class_keys)
 
 
-def inherit(model: torch.nn.Module, candidate: Candidate, base_state: dict[str, torch.Tensor],
-            skip: tuple[str, ...] = ()) -> Inheritance:
-    """Copy ``base_state`` (a base model's state dict) into ``model`` (built from ``candidate``) in place."""
-    to_new = dict(candidate.base_layers)
+def inherit(model: torch.nn.Module, base_layers: Iterable[tuple[int, int]], base_state: dict[str, torch.Tensor],
+            skip: Iterable[str] = ()) -> Inheritance:
+    """Copy ``base_state`` (a base model's state dict) into ``model`` in place, base layer ``i`` into candidate
+    layer ``j`` for each ``(i, j)`` of ``base_layers`` (``Candidate.base_layers``)."""
+    to_new = dict(base_layers)
+    skip = tuple(skip)
     target = model.state_dict()
     copied: dict[str, torch.Tensor] = {}
     for key, value in base_state.items():
@@ -73,7 +75,7 @@ def inherit(model: torch.nn.Module, candidate: Candidate, base_state: dict[str, 
             copied[new_key] = value
     model.load_state_dict(copied, strict=False)
     params = {n for n, _ in model.named_parameters()}
-    n_layers = len(candidate.yaml["backbone"]) + len(candidate.yaml["head"])
+    n_layers = len(model.model)
     fresh = tuple(sorted(set(range(n_layers)) - set(to_new.values())))
     return Inheritance(
         tensors=len(copied),

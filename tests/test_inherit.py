@@ -36,7 +36,7 @@ def test_keys_follow_the_renumbering(tiny):
     assert dict(cand.base_layers) == {0: 0, 1: 1, 2: 2, 3: 3, 4: 5, 6: 7, 7: 8, 8: 9, 9: 11}
     model = build_model(cand).model
     fresh_before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = inherit(model, cand, base_state)
+    report = inherit(model, cand.base_layers, base_state)
     state = model.state_dict()
     for old, new in cand.base_layers:
         for key, value in base_state.items():
@@ -59,7 +59,7 @@ def test_identity_start_keeps_the_inherited_network(tiny):
     base_model.load_state_dict(trained_state(base_cand))
     cand = make_candidate(tiny, {"P3": Placement("P3", "CGA"), "N3": Placement("N3", "CGA")})
     model = build_model(cand).model
-    inherit(model, cand, base_model.state_dict())
+    inherit(model, cand.base_layers, base_model.state_dict())
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x)[0], base_model.eval()(x)[0])
@@ -88,5 +88,5 @@ def test_other_class_count_skips_only_the_class_branch(tiny):
     assert skipped and all(".cv3." in k for k in skipped)
     cand = make_candidate(tiny, {"N3": Placement("N3", "GMA")})
     model = build_model(cand).model
-    report = inherit(model, cand, ckpt, skip=skipped)
+    report = inherit(model, cand.base_layers, ckpt, skip=skipped)
     assert report.skipped_head_keys == skipped and report.tensors == len(ckpt) - len(skipped)
