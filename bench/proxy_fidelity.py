@@ -25,6 +25,7 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 
 from search.data import check_data, safe_batch  # noqa: E402
 from search.proxy import ProxySchedule, TrainJob, run_training  # noqa: E402
+from search.run import IDENTITY_DEFAULTS, parse_train_args  # noqa: E402
 from search.weights import WeightsPlan, prepare_base_weights  # noqa: E402
 from space import build_space, load_base, make_candidate, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     data = check_data(None if args.data == "builtin" else args.data, REPO / "runs" / ".data", 1.0)
     base = load_base(args.base)
     picked = [c for c, _ in sample_candidates(build_space(base), args.n, args.seed, imgsz=args.imgsz)]
-    train_args = (("lr0", 0.003), ("optimizer", "AdamW"), ("warmup_epochs", 1))
+    train_args = parse_train_args(IDENTITY_DEFAULTS["train_arg"])  # the search's own defaults
     proxy = ProxySchedule(epochs=args.epochs, imgsz=args.imgsz, batch=safe_batch(data.train_used, args.batch), seed=args.seed, train_args=train_args)
     long = replace(proxy, epochs=args.epochs * args.factor)
     t0 = time.time()
