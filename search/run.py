@@ -110,6 +110,7 @@ class Prepared:
     data: Any
     faults: dict[int, str]
     weights: WeightsPlan
+    checkpoint: tuple[dict, tuple[str, ...]] | None = None  # --weights PATH, loaded and checked
 
 
 def resolve(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
@@ -214,8 +215,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     for name in ("max_latency_ms", "max_params"):
         if values[name] is not None and values[name] <= 0:
             raise SearchError(f"--{name.replace('_', '-')} must be positive, got {values[name]}")
-    if weights.mode == "path":
-        check_user_checkpoint(weights, base, data.nc)  # refuse a mismatched checkpoint before anything is written
+    # A mismatched checkpoint is refused before anything is written; the checked state is kept for the run.
+    checkpoint = check_user_checkpoint(weights, base, data.nc) if weights.mode == "path" else None
     settings = {
         "base": {"name": base.name, "scale": base.scale, "hash": canonical_hash(base.yaml)},
         "weights": weights.identity(),
@@ -236,7 +237,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
             raise SearchError(f"study {study_name!r} was run with other settings: " + "; ".join(diffs) + hint)
     settings["args"] = values
     return Prepared(args, study_name, storage_url, out, settings, schedule, latency, space, data,
-                    parse_faults(args.inject_fault), weights)
+                    parse_faults(args.inject_fault), weights, checkpoint)
 
 
 def _study_to_resume(args: argparse.Namespace, out: Path, default: str) -> str:

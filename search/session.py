@@ -131,7 +131,7 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     print(f"resources: {executor.describe()}; sampler {args.sampler}", file=sys.stderr)
     try:
         weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml), prep.schedule,
-                                       study_dir, threads=os.cpu_count() or 1)
+                                       study_dir, threads=os.cpu_count() or 1, checked=prep.checkpoint)
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

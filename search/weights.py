@@ -84,15 +84,17 @@ def check_user_checkpoint(plan: WeightsPlan, base: Base, nc: int) -> tuple[dict,
 
 
 def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str, schedule: ProxySchedule,
-                         study_dir: Path, threads: int) -> BaseWeights | None:
-    """Make (or reuse) the state dict the candidates inherit; None for ``--weights none``."""
+                         study_dir: Path, threads: int,
+                         checked: tuple[dict, tuple[str, ...]] | None = None) -> BaseWeights | None:
+    """Make (or reuse) the state dict the candidates inherit; None for ``--weights none``.
+    ``checked`` is what :func:`check_user_checkpoint` already returned for ``--weights PATH``."""
     import torch
 
     if plan.mode == "none":
         return None
     target = study_dir / STATE_FILE
     if plan.mode == "path":
-        state, skip = check_user_checkpoint(plan, base, nc)
+        state, skip = checked or check_user_checkpoint(plan, base, nc)
         if skip:
             print(f"--weights: the checkpoint has another class count than the data ({nc}); its class branch "
                   f"({len(skip)} tensors) is not inherited", file=sys.stderr)

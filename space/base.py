@@ -46,17 +46,8 @@ class Base:
     def n_backbone(self) -> int:
         return len(self.yaml["backbone"])
 
-    @property
-    def family(self) -> str:
-        return Path(self.name).stem
-
     def rows(self) -> list[list]:
         return copy.deepcopy(self.yaml["backbone"] + self.yaml["head"])
-
-    def scaled_width(self) -> tuple[float, float, float] | None:
-        """(depth, width, max_channels) of the scale, or None for an unscaled YAML."""
-        scales = self.yaml.get("scales")
-        return tuple(scales[self.scale]) if scales and self.scale else None
 
 
 def bundled_yaml_path(name: str) -> Path | None:

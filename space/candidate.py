@@ -18,7 +18,7 @@ import modules
 
 from .base import Base
 from .errors import SpaceError
-from .graph import Placement, absolute_rows, mutate
+from .graph import Placement, absolute_rows, find_slots, mutate, slot_by_name
 
 HASH_CHARS = 16
 
@@ -51,12 +51,13 @@ class Stats:
 def make_candidate(base: Base, placements: Mapping[str, Placement] | None = None) -> Candidate:
     """The candidate that puts ``placements`` (slot name -> Placement) into ``base``; none gives the base."""
     placements = dict(placements or {})
+    slots = find_slots(base)
     for name, p in placements.items():
         if p.slot != name:
             raise SpaceError(f"placement for slot {name!r} names slot {p.slot!r}")
-        modules.get_spec(p.module).check(_slot_channels(base, name), **dict(p.hparams))
-    data, kept = mutate(base, placements)
-    ordered = tuple(sorted(placements.values(), key=lambda p: _slot_order(base, p.slot)))
+        modules.get_spec(p.module).check(slot_by_name(slots, name).channels, **dict(p.hparams))
+    data, kept = mutate(base, placements, slots)
+    ordered = tuple(sorted(placements.values(), key=lambda p: slot_by_name(slots, p.slot).after))
     return Candidate(base.name, base.scale, data, ordered, canonical_hash(data), tuple(sorted(kept.items())))
 
 
@@ -166,14 +167,3 @@ def count_gflops(model: torch.nn.Module, imgsz: int) -> float:
         model(torch.zeros(1, 3, imgsz, imgsz))
     return counter.get_total_flops() / 1e9
 
-
-def _slot_channels(base: Base, slot_name: str) -> int:
-    from .graph import find_slots, slot_by_name
-
-    return slot_by_name(find_slots(base), slot_name).channels
-
-
-def _slot_order(base: Base, slot_name: str) -> int:
-    from .graph import find_slots, slot_by_name
-
-    return slot_by_name(find_slots(base), slot_name).after

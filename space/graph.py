@@ -172,7 +172,7 @@ def _reference(original: int | list[int], targets: list[int], here: int) -> int 
 
 
 def _plain(value: Any) -> Any:
-    """YAML/JSON-friendly value: tuples become lists, integral floats stay floats only if given as floats."""
+    """YAML-friendly value: tuples (e.g. kernel sizes) become lists."""
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
