@@ -2,6 +2,10 @@
 
 Budget semantics: ``budget`` counts COMPLETE trials over the whole study (earlier runs included); trials whose
 candidate already has a result at this fidelity complete at once with that result (``reused_from``) and count.
+
+Pipelining: the driver asks ``lookahead`` trials more than there are workers, so the next candidate is sampled,
+built and timed while the workers train; a worker that finishes starts the next training at once instead of
+waiting for the sampler and the latency meter.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class SearchConfig:
     weights: BaseWeights | None = None  # what candidates inherit; None trains from scratch
     max_latency_ms: float | None = None  # constraints known before training: breaking one skips the training
     max_params: int | None = None
+    lookahead: int = 1  # trials sampled and timed ahead of a free worker (0: strictly ask → time → train)
 
 
 @dataclass
@@ -53,6 +58,8 @@ class _Running:
     latency: LatencyResult | None = None
     attempts: int = 1
     followers: list[optuna.Trial] = field(default_factory=list)
+    job: TrainJob | None = None  # set once timed and feasible: ready to train
+    training: bool = False
 
 
 class SearchAborted(RuntimeError):
@@ -60,7 +67,8 @@ class SearchAborted(RuntimeError):
 
 
 class Driver:
-    """Ask → latency → train → tell, with up to ``executor.pool.workers`` trials in flight."""
+    """Ask → latency → train → tell, with up to ``executor.pool.workers`` trainings at once and ``lookahead``
+    more trials timed ahead of them."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace, executor: Executor, config: SearchConfig,
                  artifact_store, progress) -> None:
@@ -90,17 +98,29 @@ class Driver:
                 if self._completed() >= self.config.budget and not self.running:
                     return
                 # Ask only what the budget still needs: completed + in flight never exceeds it.
-                while (len(self.running) < self.executor.pool.workers
+                while (len(self.running) < self.executor.pool.workers + self.config.lookahead
                        and self._completed() + self._in_flight() < self.config.budget):
                     self._start_one()
                 for event in self.executor.wait(timeout_s=1.0):
                     self._handle(event)
+                self._dispatch()
         except BaseException:
             self._abandon_running()
             raise
         finally:
             with contextlib.suppress(Exception):
                 st.release_driver_lock(self.study)
+
+    def _dispatch(self) -> None:
+        """Start the trainings of timed trials, oldest first, while a worker is free."""
+        training = sum(r.training for r in self.running.values())
+        for run in sorted(self.running.values(), key=lambda r: r.trial.number):
+            if training >= self.executor.pool.workers:
+                return
+            if run.job is not None and not run.training:
+                self.executor.submit_train(run.trial.number, run.job)
+                run.training = True
+                training += 1
 
     def _in_flight(self) -> int:
         return sum(1 + len(r.followers) for r in self.running.values())
@@ -195,14 +215,14 @@ class Driver:
         if self._infeasible(run, lat):
             return
         c = self.config
-        job = TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash,
-                       yaml_text=to_yaml(run.candidate, {"study": self.study.study_name, "trial": run.trial.number}),
-                       data=c.data_yaml, schedule=c.schedule, run_dir=run.trial.user_attrs["run_dir"],
-                       device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
-                       fault=c.faults.get(run.trial.number),
-                       weights=c.weights.state_path if c.weights else None, base_layers=run.candidate.base_layers,
-                       skip_keys=c.weights.skip_keys if c.weights else ())
-        self.executor.submit_train(run.trial.number, job)
+        yaml_text = to_yaml(run.candidate, {"study": self.study.study_name, "trial": run.trial.number})
+        run.job = TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash, yaml_text=yaml_text,
+                           data=c.data_yaml, schedule=c.schedule, run_dir=run.trial.user_attrs["run_dir"],
+                           device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
+                           fault=c.faults.get(run.trial.number),
+                           weights=c.weights.state_path if c.weights else None, base_layers=run.candidate.base_layers,
+                           skip_keys=c.weights.skip_keys if c.weights else ())
+        self._dispatch()
 
     def _infeasible(self, run: _Running, lat: LatencyResult) -> bool:
         """Apply --max-latency-ms / --max-params through Optuna's constraints (value <= 0 is feasible).

@@ -116,8 +116,19 @@ class LatencyMeter:
 def _train_task(job: TrainJob, gate) -> TrainResult:
     tag = f"{job.trial}.{job.attempt}"
     ray.get(gate.enter.remote(tag, ray.get_runtime_context().get_node_id()))
+    parked = 0.0
+
+    def checkpoint() -> None:
+        nonlocal parked
+        t0 = time.perf_counter()
+        ray.get(gate.checkpoint.remote(tag))
+        parked += time.perf_counter() - t0
+
     try:
-        return run_training(job, checkpoint=lambda: ray.get(gate.checkpoint.remote(tag)))
+        result = run_training(job, checkpoint=checkpoint)
+        # Time spent parked while the meter had the device (and the calls to the gate): part of train_s.
+        result.extra["parked_s"] = round(parked, 2)
+        return result
     finally:
         gate.leave.remote(tag)
 
@@ -201,7 +212,7 @@ class Executor:
         fits = int(min(self.cpus // self.cpus_per_trial,
                        self.gpus // self.pool.gpus_per_trial if self.pool.gpus_per_trial else 1e9))
         note = f" (only {fits} fit at once)" if fits < self.pool.workers else ""
-        return (f"{where}: {self.cpus:g} CPUs, {self.gpus:g} GPUs; up to {self.pool.workers} trials in flight, "
+        return (f"{where}: {self.cpus:g} CPUs, {self.gpus:g} GPUs; up to {self.pool.workers} trials training at once, "
                 f"{per} each{note}")
 
     def submit_latency(self, key: Any, candidate, proxy_imgsz: int) -> None:

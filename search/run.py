@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what is searched (fixed for a study)")
     g.add_argument("--base", help=f"base model YAML of the space, bundled name or path [{IDENTITY_DEFAULTS['base']}]")
     g.add_argument("--space", help="space YAML restricting slots/modules/values (see space/)")
-    g.add_argument("--data", help="Ultralytics dataset YAML [built-in shapes-v1 set, generated on first use]")
+    g.add_argument("--data", help="Ultralytics dataset YAML [built-in shapes-v2 set, generated on first use]")
     g = p.add_argument_group("proxy training (fixed for a study)")
     g.add_argument("--epochs", type=int, help=f"[{IDENTITY_DEFAULTS['epochs']}]")
     g.add_argument("--imgsz", type=int, help=f"training image size, a multiple of 32 [{IDENTITY_DEFAULTS['imgsz']}]")
@@ -275,7 +275,7 @@ def _recorded(study, storage_url: str) -> dict[str, Any]:
 
 
 def _default_name(values: dict[str, Any]) -> str:
-    data = "shapes-v1" if values["data"] is None else Path(values["data"]).stem
+    data = "shapes-v2" if values["data"] is None else Path(values["data"]).stem
     return f"{Path(str(values['base'])).stem}-{data}"
 
 

@@ -131,7 +131,8 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     print(f"resources: {executor.describe()}; sampler {args.sampler}", file=sys.stderr)
     try:
         weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml), prep.schedule,
-                                       study_dir, threads=os.cpu_count() or 1, checked=prep.checkpoint)
+                                       study_dir, threads=os.cpu_count() or 1, checked=prep.checkpoint,
+                                       device=_base_device(args.gpus_per_trial))
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -164,6 +165,13 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
         progress.close()
     _finish(study, prep, time.time() - t0)
     return status
+
+
+def _base_device(gpus_per_trial: float) -> str:
+    """Where the driver trains the base for --weights auto: the first GPU when trials use GPUs and it sees one."""
+    import torch
+
+    return "0" if gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
 
 
 def _interrupt(signum, frame) -> None:

@@ -85,9 +85,10 @@ def check_user_checkpoint(plan: WeightsPlan, base: Base, nc: int) -> tuple[dict,
 
 def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str, schedule: ProxySchedule,
                          study_dir: Path, threads: int,
-                         checked: tuple[dict, tuple[str, ...]] | None = None) -> BaseWeights | None:
+                         checked: tuple[dict, tuple[str, ...]] | None = None, device: str = "cpu") -> BaseWeights | None:
     """Make (or reuse) the state dict the candidates inherit; None for ``--weights none``.
-    ``checked`` is what :func:`check_user_checkpoint` already returned for ``--weights PATH``."""
+    ``checked`` is what :func:`check_user_checkpoint` already returned for ``--weights PATH``; ``device`` is where
+    ``--weights auto`` trains the base (an Ultralytics device string, as for the trials)."""
     import torch
 
     if plan.mode == "none":
@@ -107,7 +108,7 @@ def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str,
           file=sys.stderr)
     job = TrainJob(trial=-1, candidate_hash=make_candidate(base).hash, yaml_text=_base_yaml(base), data=data_yaml,
                    schedule=replace(schedule, epochs=plan.base_epochs), run_dir=str(info_path), threads=threads,
-                   save_weights=True)
+                   save_weights=True, device=device)
     result = run_training(job)
     if result.error:
         raise SearchError(f"--weights auto: training the base failed: {result.error}")

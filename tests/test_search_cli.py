@@ -69,9 +69,9 @@ def test_argparse_errors_are_one_line_too(capsys):
 
 def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
-    assert prep.study_name == "yolov8n-shapes-v1"
-    assert prep.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v1' / 'study.db'}"
-    assert prep.data.identity == "builtin:shapes-v1" and prep.data.yaml.is_file()
+    assert prep.study_name == "yolov8n-shapes-v2"
+    assert prep.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v2' / 'study.db'}"
+    assert prep.data.identity == "builtin:shapes-v2" and prep.data.yaml.is_file()
     assert prep.settings["proxy"]["imgsz"] == 128 and prep.settings["latency"]["imgsz"] == 640
     assert prep.settings["proxy"]["train_args"] == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}
-    assert not (tmp_path / "yolov8n-shapes-v1").exists(), "checking writes no study"
+    assert not (tmp_path / "yolov8n-shapes-v2").exists(), "checking writes no study"
