@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +28,7 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 
 from search.data import check_data, safe_batch  # noqa: E402
 from search.proxy import ProxySchedule, TrainJob, run_training  # noqa: E402
-from search.run import IDENTITY_DEFAULTS, parse_train_args  # noqa: E402
+from search.run import FINETUNE_TRAIN_ARGS, IDENTITY_DEFAULTS, SCRATCH_TRAIN_ARGS, parse_train_args  # noqa: E402
 from search.weights import STATE_FILE, WeightsPlan, prepare_base_weights  # noqa: E402
 from space import build_space, load_base, make_candidate, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
@@ -76,6 +77,21 @@ def spearman_rho(x: list[float], y: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
+def tau_on_separated_pairs(x: list[float], y: list[float], min_gap: float) -> tuple[float, int]:
+    """Kendall's tau over the pairs whose ``y`` values differ by more than ``min_gap`` (the pairs the long
+    schedule tells apart beyond seed noise), and how many pairs that is."""
+    concordant = discordant = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            if abs(y[i] - y[j]) > min_gap and x[i] != x[j]:
+                if (x[i] - x[j]) * (y[i] - y[j]) > 0:
+                    concordant += 1
+                else:
+                    discordant += 1
+    pairs = concordant + discordant
+    return ((concordant - discordant) / pairs if pairs else float("nan")), pairs
+
+
 def _train(job: TrainJob) -> tuple[str, float | None, float, str | None]:
     result = run_training(job)
     return job.run_dir, result.map50_95, result.train_s, result.error
@@ -97,6 +113,9 @@ def main() -> None:
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="overrides the search's default train arguments, as search.run's --train-arg does")
     parser.add_argument("--starts", default="inherit,scratch", help="which starts to compare [inherit,scratch]")
+    parser.add_argument("--noise-seeds", type=int, default=2,
+                        help="retrain the first architecture (inherited) with this many other seeds at both schedules "
+                             "to measure seed noise [2]")
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
@@ -108,25 +127,38 @@ def main() -> None:
     data = check_data(None if args.data == "builtin" else args.data, REPO / "runs" / ".data", 1.0)
     base = load_base(args.base)
     picked = [c for c, _ in sample_candidates(build_space(base), args.n, args.seed, imgsz=args.imgsz)]
-    train_args = parse_train_args(IDENTITY_DEFAULTS["train_arg"] + args.train_arg)  # the search's own defaults
-    proxy = ProxySchedule(epochs=args.epochs, imgsz=args.imgsz, batch=safe_batch(data.train_used, args.batch), seed=args.seed, train_args=train_args)
-    long = replace(proxy, epochs=args.epochs * args.factor)
+    batch = safe_batch(data.train_used, args.batch)
+    # The search's own defaults: candidates that inherit fine-tune, candidates from scratch train as the base does.
+    schedules = {}
+    for start, defaults in (("inherit", FINETUNE_TRAIN_ARGS), ("scratch", SCRATCH_TRAIN_ARGS)):
+        proxy = ProxySchedule(epochs=args.epochs, imgsz=args.imgsz, batch=batch, seed=args.seed,
+                              train_args=parse_train_args(defaults + args.train_arg))
+        schedules[start] = {"proxy": proxy, "long": replace(proxy, epochs=args.epochs * args.factor)}
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     if args.base_weights:  # prepare_base_weights reuses a stored state, as --weights auto does on resume
         shutil.copyfile(args.base_weights, out / STATE_FILE)
-    weights = prepare_base_weights(WeightsPlan("auto", None, args.base_epochs), base, data.nc, str(data.yaml), proxy,
-                                   out, threads=os.cpu_count() or 1, device=args.device)
+    plan = WeightsPlan("auto", None, args.base_epochs, parse_train_args(SCRATCH_TRAIN_ARGS))
+    weights = prepare_base_weights(plan, base, data.nc, str(data.yaml), schedules["inherit"]["proxy"], out,
+                                   threads=os.cpu_count() or 1, device=args.device)
     base_s = time.time() - t0
     jobs = []
     starts = [s.strip() for s in args.starts.split(",") if s.strip()]
+
+    def job(i: int, start: str, sched: ProxySchedule, run_dir: Path) -> TrainJob:
+        cand = picked[i]
+        return TrainJob(trial=i, candidate_hash=cand.hash, yaml_text=to_yaml(cand), data=str(data.yaml),
+                        schedule=sched, run_dir=str(run_dir), device=args.device, base_layers=cand.base_layers,
+                        weights=weights.state_path if start == "inherit" else None)
+
     for start in starts:
-        for sched_name, sched in (("proxy", proxy), ("long", long)):
-            for i, cand in enumerate(picked):
-                jobs.append(TrainJob(trial=i, candidate_hash=cand.hash, yaml_text=to_yaml(cand), data=str(data.yaml),
-                                     schedule=sched, run_dir=str(out / f"{start}-{sched_name}" / f"{i:02d}"),
-                                     weights=weights.state_path if start == "inherit" else None, device=args.device,
-                                     base_layers=cand.base_layers))
+        for sched_name, sched in schedules[start].items():
+            jobs += [job(i, start, sched, out / f"{start}-{sched_name}" / f"{i:02d}") for i in range(len(picked))]
+    if "inherit" in starts:  # seed noise: the same network and start, other seeds (data order, augmentation)
+        for k in range(1, args.noise_seeds + 1):
+            for sched_name, sched in schedules["inherit"].items():
+                jobs.append(job(0, "inherit", replace(sched, seed=args.seed + k),
+                                out / f"noise-{sched_name}" / f"seed{args.seed + k}"))
     results: dict[str, tuple[float | None, float, str | None]] = {}
     with ProcessPoolExecutor(args.workers) as pool:
         for run_dir, score, seconds, error in pool.map(_train, jobs):
@@ -137,9 +169,10 @@ def main() -> None:
         return [results[str(out / f"{start}-{sched}" / f"{i:02d}")][0] or 0.0 for i in range(len(picked))]
 
     cols = {f"{s}/{p}": column(s, p) for s in starts for p in ("proxy", "long")}
-    print(f"data {data.describe()}; proxy {args.epochs} epochs vs {args.epochs * args.factor} at {args.imgsz} px, "
-          f"{dict(train_args)}; "
+    print(f"data {data.describe()}; proxy {args.epochs} epochs vs {args.epochs * args.factor} at {args.imgsz} px; "
           f"base trained {args.base_epochs} epochs in {base_s:.0f} s (mAP50-95 {weights.info.get('base_map50_95')})")
+    for start in starts:
+        print(f"  {start}: {dict(schedules[start]['proxy'].train_args)}")
     print(f"{'#':>2}  {'hash':<16}  " + "  ".join(f"{k:>14}" for k in cols) + "  placements")
     for i, cand in enumerate(picked):
         print(f"{i:>2}  {cand.hash:<16}  " + "  ".join(f"{cols[k][i]:>14.4f}" for k in cols) + f"  {cand.describe()}")
@@ -148,6 +181,19 @@ def main() -> None:
         x, y = cols[f"{start}/proxy"], cols[f"{start}/long"]
         print(f"{start:>8}: Kendall tau {kendall_tau_b(x, y):+.3f}   Spearman rho {spearman_rho(x, y):+.3f}   "
               f"(proxy mAP spread {max(x) - min(x):.4f})")
+    if "inherit" in starts and args.noise_seeds:
+        noise = {}
+        for sched in ("proxy", "long"):
+            seeds = [cols[f"inherit/{sched}"][0]] + [
+                results[str(out / f"noise-{sched}" / f"seed{args.seed + k}")][0] or 0.0
+                for k in range(1, args.noise_seeds + 1)]
+            noise[sched] = statistics.stdev(seeds)
+            print(f"seed noise, architecture 0 inherited at the {sched} schedule: "
+                  f"{', '.join(f'{v:.4f}' for v in seeds)} (sd {noise[sched]:.4f})")
+        gap = 2 * 2 ** 0.5 * noise["long"]  # two noisy long scores differ by more than 2 sd of their difference
+        tau, pairs = tau_on_separated_pairs(cols["inherit/proxy"], cols["inherit/long"], gap)
+        print(f" inherit: Kendall tau {tau:+.3f} over the {pairs} of {len(picked) * (len(picked) - 1) // 2} pairs "
+              f"whose long-schedule mAPs differ by more than {gap:.4f} (2 sd of seed noise)")
     compute = sum(v[1] for v in results.values())
     print(f"{len(jobs)} trainings, {len(failed)} failed; wall {wall:.0f} s, training compute {compute:.0f} s")
 

@@ -28,25 +28,26 @@ class WeightsPlan:
 
     mode: str
     path: str | None = None
-    base_epochs: int = 20
+    base_epochs: int = 40
+    train_args: tuple[tuple[str, Any], ...] = ()  # Ultralytics arguments of the base training (auto)
 
     @classmethod
-    def parse(cls, value: str, base_epochs: int) -> "WeightsPlan":
+    def parse(cls, value: str, base_epochs: int, train_args: tuple[tuple[str, Any], ...] = ()) -> "WeightsPlan":
         if value in ("none", "auto"):
             if base_epochs < 1:
                 raise SearchError(f"--base-epochs must be at least 1, got {base_epochs}")
-            return cls(value, None, base_epochs)
+            return cls(value, None, base_epochs, train_args)
         path = Path(value).expanduser()
         if not path.is_file():
             raise SearchError(f"--weights {value}: no such checkpoint (give a .pt file, 'auto' or 'none')")
-        return cls("path", str(path.resolve()), base_epochs)
+        return cls("path", str(path.resolve()), base_epochs, train_args)
 
     def identity(self) -> dict[str, Any]:
         """What makes two studies' inherited starts equal (part of the study's settings and of the fidelity)."""
         if self.mode == "path":
             return {"mode": "path", "sha256": _sha256(Path(self.path))[:16]}
         if self.mode == "auto":
-            return {"mode": "auto", "base_epochs": self.base_epochs}
+            return {"mode": "auto", "base_epochs": self.base_epochs, "train_args": dict(self.train_args)}
         return {"mode": "none"}
 
 
@@ -107,7 +108,8 @@ def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str,
     print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it",
           file=sys.stderr)
     job = TrainJob(trial=-1, candidate_hash=make_candidate(base).hash, yaml_text=_base_yaml(base), data=data_yaml,
-                   schedule=replace(schedule, epochs=plan.base_epochs), run_dir=str(info_path), threads=threads,
+                   schedule=replace(schedule, epochs=plan.base_epochs, train_args=plan.train_args),
+                   run_dir=str(info_path), threads=threads,
                    save_weights=True, device=device)
     result = run_training(job)
     if result.error:

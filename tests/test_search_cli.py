@@ -73,5 +73,21 @@ def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     assert prep.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v2' / 'study.db'}"
     assert prep.data.identity == "builtin:shapes-v2" and prep.data.yaml.is_file()
     assert prep.settings["proxy"]["imgsz"] == 128 and prep.settings["latency"]["imgsz"] == 640
-    assert prep.settings["proxy"]["train_args"] == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}
+    assert prep.settings["proxy"]["train_args"] == {"lr0": 0.001, "optimizer": "AdamW", "warmup_epochs": 3,
+                                                    "warmup_bias_lr": 0.0}
+    assert prep.settings["weights"] == {"mode": "auto", "base_epochs": 40,
+                                        "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
     assert not (tmp_path / "yolov8n-shapes-v2").exists(), "checking writes no study"
+
+
+def test_candidates_fine_tune_when_they_inherit_and_train_like_the_base_from_scratch(tmp_path):
+    def prepared(*argv: str):
+        return search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path), *argv]))
+
+    scratch = prepared("--weights", "none", "--epochs", "10")
+    assert scratch.settings["proxy"]["train_args"] == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}
+    tuned = prepared("--train-arg", "lr0=0.0005", "--base-train-arg", "lr0=0.004", "--base-epochs", "5")
+    assert tuned.settings["proxy"]["train_args"]["lr0"] == 0.0005
+    assert tuned.settings["proxy"]["train_args"]["warmup_bias_lr"] == 0.0, "--train-arg adds to the defaults"
+    assert tuned.weights.train_args == (("lr0", 0.004), ("optimizer", "AdamW"), ("warmup_epochs", 3))
+    assert tuned.settings["weights"]["base_epochs"] == 5
