@@ -3,9 +3,10 @@
 Budget semantics: ``budget`` counts COMPLETE trials over the whole study (earlier runs included); trials whose
 candidate already has a result at this fidelity complete at once with that result (``reused_from``) and count.
 
-Pipelining: the driver asks ``lookahead`` trials more than there are workers, so the next candidate is sampled,
+Pipelining: the driver asks ``lookahead`` trials more than there are workers, so the next candidates are sampled,
 built and timed while the workers train; a worker that finishes starts the next training at once instead of
-waiting for the sampler and the latency meter.
+waiting for the sampler and the latency meter. With ``--weights auto`` the base trains first on one worker slot
+while the meter already times the first candidates; their trainings start when the base is stored.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from . import study as st
 from .executor import Event, Executor
 from .latency import LatencyResult
 from .proxy import ProxySchedule, TrainJob, TrainResult
-from .weights import BaseWeights
+from .errors import SearchError
+from .weights import BaseWeights, store_base_weights
+
+BASE_KEY = "base"  # the executor key of the base training (trial keys are trial numbers)
 
 
 @dataclass
@@ -44,7 +48,8 @@ class SearchConfig:
     faults: dict[int, str] = field(default_factory=dict)  # test hook: trial number -> fault kind
     max_failures_in_a_row: int = 5
     max_pruned_in_a_row: int = 200
-    weights: BaseWeights | None = None  # what candidates inherit; None trains from scratch
+    weights: BaseWeights | None = None  # what candidates inherit; None trains from scratch (or the base is pending)
+    base_job: TrainJob | None = None  # --weights auto, not trained yet: the pool trains it before any candidate
     max_latency_ms: float | None = None  # constraints known before training: breaking one skips the training
     max_params: int | None = None
     lookahead: int = 1  # trials sampled and timed ahead of a free worker (0: strictly ask → time → train)
@@ -58,7 +63,7 @@ class _Running:
     latency: LatencyResult | None = None
     attempts: int = 1
     followers: list[optuna.Trial] = field(default_factory=list)
-    job: TrainJob | None = None  # set once timed and feasible: ready to train
+    ready: bool = False  # timed and feasible: trains as soon as a worker is free (and the base is stored)
     training: bool = False
 
 
@@ -88,11 +93,14 @@ class Driver:
         self.infeasible_in_a_row = 0
         self.started = time.time()
         self._last_beat = 0.0
+        self.base_pending = config.base_job is not None
 
     # -- main loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Run until the study holds ``budget`` completed trials."""
         try:
+            if self.base_pending:
+                self.executor.submit_train(BASE_KEY, self.config.base_job, kind="base")
             while True:
                 self._beat()
                 if self._completed() >= self.config.budget and not self.running:
@@ -113,14 +121,26 @@ class Driver:
 
     def _dispatch(self) -> None:
         """Start the trainings of timed trials, oldest first, while a worker is free."""
+        if self.base_pending:
+            return
         training = sum(r.training for r in self.running.values())
         for run in sorted(self.running.values(), key=lambda r: r.trial.number):
             if training >= self.executor.pool.workers:
                 return
-            if run.job is not None and not run.training:
-                self.executor.submit_train(run.trial.number, run.job)
+            if run.ready and not run.training:
+                self.executor.submit_train(run.trial.number, self._train_job(run))
                 run.training = True
                 training += 1
+
+    def _train_job(self, run: _Running) -> TrainJob:
+        c = self.config
+        yaml_text = to_yaml(run.candidate, {"study": self.study.study_name, "trial": run.trial.number})
+        return TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash, yaml_text=yaml_text,
+                        data=c.data_yaml, schedule=c.schedule, run_dir=run.trial.user_attrs["run_dir"],
+                        device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
+                        fault=c.faults.get(run.trial.number),
+                        weights=c.weights.state_path if c.weights else None, base_layers=run.candidate.base_layers,
+                        skip_keys=c.weights.skip_keys if c.weights else ())
 
     def _in_flight(self) -> int:
         return sum(1 + len(r.followers) for r in self.running.values())
@@ -187,6 +207,9 @@ class Driver:
 
     # -- results ---------------------------------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
+        if event.key == BASE_KEY:
+            self._on_base(event)
+            return
         run = self.running.get(event.key)
         if run is None:
             return
@@ -198,6 +221,19 @@ class Driver:
             self._on_latency(run, event.result)
         elif event.kind == "train":
             self._on_train(run, event.result)
+
+    def _on_base(self, event: Event) -> None:
+        """The base training of --weights auto finished: store its weights, then candidates may train."""
+        if event.kind == "retry":
+            self.progress.note(f"base training: worker died ({event.info.get('reason')}); retrying once")
+            return
+        try:
+            weights = store_base_weights(self.config.base_job, event.result, self.config.study_dir)
+        except SearchError as err:
+            raise SearchAborted(str(err)) from None
+        self.study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
+        self.config.weights = weights
+        self.base_pending = False
 
     def _on_latency(self, run: _Running, lat: LatencyResult) -> None:
         if lat.error:
@@ -214,14 +250,7 @@ class Driver:
             run.trial.set_user_attr(key, value)
         if self._infeasible(run, lat):
             return
-        c = self.config
-        yaml_text = to_yaml(run.candidate, {"study": self.study.study_name, "trial": run.trial.number})
-        run.job = TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash, yaml_text=yaml_text,
-                           data=c.data_yaml, schedule=c.schedule, run_dir=run.trial.user_attrs["run_dir"],
-                           device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
-                           fault=c.faults.get(run.trial.number),
-                           weights=c.weights.state_path if c.weights else None, base_layers=run.candidate.base_layers,
-                           skip_keys=c.weights.skip_keys if c.weights else ())
+        run.ready = True
         self._dispatch()
 
     def _infeasible(self, run: _Running, lat: LatencyResult) -> bool:

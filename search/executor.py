@@ -147,7 +147,7 @@ class PoolSettings:
 @dataclass
 class _Pending:
     key: Any
-    kind: str  # "latency" or "train"
+    kind: str  # "latency", "train" or "base"
     submitted: float
     job: TrainJob | None = None
     tag: str = ""
@@ -155,7 +155,8 @@ class _Pending:
 
 @dataclass
 class Event:
-    """A finished piece of work: ``kind`` is "latency" (``result`` a LatencyResult) or "train" (a TrainResult)."""
+    """A finished piece of work: ``kind`` is "latency" (``result`` a LatencyResult), "train" or "base" (a
+    TrainResult), or "retry" (a worker died and its training was submitted again)."""
 
     key: Any
     kind: str
@@ -219,11 +220,13 @@ class Executor:
         ref = self.meter.measure.remote(candidate, proxy_imgsz)
         self._pending[ref] = _Pending(key, "latency", time.monotonic())
 
-    def submit_train(self, key: Any, job: TrainJob) -> None:
+    def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None:
+        """Train ``job`` on one worker slot; ``kind`` "base" is the base training of --weights auto, which
+        --trial-timeout does not limit."""
         self.gate.expect.remote(f"{job.trial}.{job.attempt}")
         options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
         ref = _train_task.options(**options).remote(job, self.gate)
-        self._pending[ref] = _Pending(key, "train", time.monotonic(), job, f"{job.trial}.{job.attempt}")
+        self._pending[ref] = _Pending(key, kind, time.monotonic(), job, f"{job.trial}.{job.attempt}")
 
     def wait(self, timeout_s: float) -> list[Event]:
         """Finished work within ``timeout_s`` (maybe none); also times out trainings over ``trial_timeout_s``."""
@@ -243,10 +246,10 @@ class Executor:
         try:
             return [Event(p.key, p.kind, ray.get(ref))]
         except _WORKER_DEATHS as err:
-            if p.kind == "train" and p.job.attempt == 0:
+            if p.job is not None and p.job.attempt == 0:
                 self.gate.leave.remote(p.tag)
                 retry = TrainJob(**{**p.job.__dict__, "attempt": 1})
-                self.submit_train(p.key, retry)
+                self.submit_train(p.key, retry, p.kind)
                 return [Event(p.key, "retry", None, {"reason": _short(err)})]
             return [self._failed(p, "worker-died", f"worker died twice: {_short(err)}")]
         except rex.OutOfMemoryError as err:
@@ -260,10 +263,10 @@ class Executor:
             return [self._failed(p, "exception", _short(err))]
 
     def _failed(self, p: _Pending, kind: str, message: str) -> Event:
-        if p.kind == "train":
+        if p.job is not None:
             self.gate.leave.remote(p.tag)
             spent = time.monotonic() - p.submitted
-            return Event(p.key, "train", TrainResult(error=message, error_kind=kind, train_s=spent))
+            return Event(p.key, p.kind, TrainResult(error=message, error_kind=kind, train_s=spent))
         return Event(p.key, "latency", LatencyResult(error=message))
 
     def _expire(self) -> list[Event]:

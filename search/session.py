@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -19,7 +18,7 @@ from . import study as st
 from .driver import Driver, SearchAborted, SearchConfig, front_rows, make_sampler
 from .errors import SearchError
 from .executor import Executor, PoolSettings
-from .weights import prepare_base_weights
+from .weights import base_training_job, prepare_base_weights, stored_base_weights
 
 if TYPE_CHECKING:
     from .run import Prepared
@@ -129,21 +128,28 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
           f"fraction {prep.settings['proxy']['fraction']}, {dict(prep.schedule.train_args)}; latency on "
           f"{prep.latency.device} at {prep.latency.imgsz} px (median of {prep.latency.runs})", file=sys.stderr)
     print(f"resources: {executor.describe()}; sampler {args.sampler}", file=sys.stderr)
+    train_device = "0" if args.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
+    threads = max(1, int(executor.cpus_per_trial))
+    weights, base_job = None, None
     try:
-        weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml), prep.schedule,
-                                       study_dir, threads=os.cpu_count() or 1, checked=prep.checkpoint,
-                                       device=_base_device(args.gpus_per_trial))
+        if prep.weights.mode == "auto" and stored_base_weights(study_dir) is None:
+            # Trained in the pool, on one worker slot, while the meter times the first candidates.
+            base_job = base_training_job(prep.weights, prep.space.base, str(prep.data.yaml), prep.schedule,
+                                         study_dir, threads, train_device)
+        else:
+            weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml),
+                                           prep.schedule, study_dir, threads, checked=prep.checkpoint)
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if weights is not None:
+    if weights is not None and "reused" not in weights.info:
         study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
     constraints = prep.settings["constraints"]
     config = SearchConfig(budget=args.budget, schedule=prep.schedule, data_yaml=str(prep.data.yaml),
-                          study_dir=study_dir,
-                          latency_imgsz=prep.latency.imgsz, train_device="0" if args.gpus_per_trial > 0 else "cpu",
-                          threads_per_trial=max(1, int(executor.cpus_per_trial)), save_weights=args.save_weights,
+                          study_dir=study_dir, latency_imgsz=prep.latency.imgsz, train_device=train_device,
+                          threads_per_trial=threads, save_weights=args.save_weights,
                           faults=prep.faults, max_failures_in_a_row=args.max_failures_in_a_row, weights=weights,
+                          base_job=base_job, lookahead=args.workers,
                           max_latency_ms=constraints["max_latency_ms"], max_params=constraints["max_params"])
     progress = Progress(study, args.budget)
     store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
@@ -165,13 +171,6 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
         progress.close()
     _finish(study, prep, time.time() - t0)
     return status
-
-
-def _base_device(gpus_per_trial: float) -> str:
-    """Where the driver trains the base for --weights auto: the first GPU when trials use GPUs and it sees one."""
-    import torch
-
-    return "0" if gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
 
 
 def _interrupt(signum, frame) -> None:

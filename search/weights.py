@@ -17,7 +17,7 @@ from typing import Any
 from space import Base, SpaceError, build_model, check_checkpoint, make_candidate
 
 from .errors import SearchError
-from .proxy import ProxySchedule, TrainJob, run_training
+from .proxy import ProxySchedule, TrainJob, TrainResult, run_training
 
 STATE_FILE = "base-weights.pt"
 
@@ -87,38 +87,57 @@ def check_user_checkpoint(plan: WeightsPlan, base: Base, nc: int) -> tuple[dict,
 def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str, schedule: ProxySchedule,
                          study_dir: Path, threads: int,
                          checked: tuple[dict, tuple[str, ...]] | None = None, device: str = "cpu") -> BaseWeights | None:
-    """Make (or reuse) the state dict the candidates inherit; None for ``--weights none``.
+    """The state dict the candidates inherit, made now; None for ``--weights none``. ``--weights auto`` trains the
+    base here unless the study already stored it (the search itself runs :func:`base_training_job` in its pool).
     ``checked`` is what :func:`check_user_checkpoint` already returned for ``--weights PATH``; ``device`` is where
     ``--weights auto`` trains the base (an Ultralytics device string, as for the trials)."""
-    import torch
-
     if plan.mode == "none":
         return None
-    target = study_dir / STATE_FILE
     if plan.mode == "path":
+        import torch
+
         state, skip = checked or check_user_checkpoint(plan, base, nc)
         if skip:
             print(f"--weights: the checkpoint has another class count than the data ({nc}); its class branch "
                   f"({len(skip)} tensors) is not inherited", file=sys.stderr)
+        target = study_dir / STATE_FILE
         torch.save(state, target)
         return BaseWeights(str(target), skip, {"source": plan.path, "skipped_head_keys": len(skip)})
-    info_path = study_dir / "base-training"
-    if target.is_file():  # --weights auto on resume: the base was trained by an earlier run of this study
-        return BaseWeights(str(target), (), {"source": "auto", "reused": str(target)})
+    stored = stored_base_weights(study_dir)
+    if stored is not None:
+        return stored
+    job = base_training_job(plan, base, data_yaml, schedule, study_dir, threads, device)
+    return store_base_weights(job, run_training(job), study_dir)
+
+
+def stored_base_weights(study_dir: Path) -> BaseWeights | None:
+    """``--weights auto`` on resume: the base an earlier run of this study trained, if it got that far."""
+    target = study_dir / STATE_FILE
+    return BaseWeights(str(target), (), {"source": "auto", "reused": str(target)}) if target.is_file() else None
+
+
+def base_training_job(plan: WeightsPlan, base: Base, data_yaml: str, schedule: ProxySchedule, study_dir: Path,
+                      threads: int, device: str = "cpu") -> TrainJob:
+    """The one training of the base for ``--weights auto``: ``--base-epochs`` with the base's train arguments."""
     print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it",
           file=sys.stderr)
-    job = TrainJob(trial=-1, candidate_hash=make_candidate(base).hash, yaml_text=_base_yaml(base), data=data_yaml,
-                   schedule=replace(schedule, epochs=plan.base_epochs, train_args=plan.train_args),
-                   run_dir=str(info_path), threads=threads,
-                   save_weights=True, device=device)
-    result = run_training(job)
+    return TrainJob(trial=-1, candidate_hash=make_candidate(base).hash, yaml_text=_base_yaml(base), data=data_yaml,
+                    schedule=replace(schedule, epochs=plan.base_epochs, train_args=plan.train_args),
+                    run_dir=str(study_dir / "base-training"), threads=threads, save_weights=True, device=device)
+
+
+def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path) -> BaseWeights:
+    """Keep the trained base's float state dict with the study; SearchError if its training failed."""
+    import torch
+
     if result.error:
         raise SearchError(f"--weights auto: training the base failed: {result.error}")
-    ckpt = torch.load(info_path / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(Path(job.run_dir) / "weights" / "last.pt", map_location="cpu", weights_only=False)
     model = _model_of(ckpt)
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    target = study_dir / STATE_FILE
     torch.save(state, target)
-    print(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {plan.base_epochs} epochs "
+    print(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {job.schedule.epochs} epochs "
           f"({result.train_s:.0f} s); stored {target}", file=sys.stderr)
     return BaseWeights(str(target), (), {"source": "auto", "base_map50_95": result.map50_95,
                                          "base_map50": result.map50, "train_s": round(result.train_s, 1)})
