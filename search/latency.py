@@ -42,27 +42,27 @@ class LatencyResult:
 
 def measure_latency(candidate, settings: LatencySettings, proxy_imgsz: int,
                     exclusive: Callable[[], ContextManager[list[str]]] | None = None) -> LatencyResult:
-    """Validate ``candidate`` (space.validate: builds, finite forward, params, GFLOPs at the latency size), then
+    """Validate ``candidate`` (space.validated_model: builds, finite forward, params, GFLOPs at the latency size), then
     time it. ``exclusive`` is entered only around the timed loop; it yields the trainings that failed to pause."""
     import numpy as np
     import torch
 
     import modules
-    from space import SpaceError, build_model, validate
+    from space import SpaceError, validated_model
 
     modules.register()
     start = time.perf_counter()
     threads = settings.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     try:
-        stats = validate(candidate, imgsz=proxy_imgsz, flops_imgsz=settings.imgsz)
+        model, stats = validated_model(candidate, imgsz=proxy_imgsz, flops_imgsz=settings.imgsz)
     except SpaceError as err:
         return LatencyResult(error=f"invalid candidate: {err}", measure_s=time.perf_counter() - start)
     except Exception as err:  # space.validate wraps only ValueError; Ultralytics' parser also raises TypeError etc.
         return LatencyResult(error=f"invalid candidate: does not build: {type(err).__name__}: {err}",
                              measure_s=time.perf_counter() - start)
     device = torch.device("cuda:0" if settings.device == "cuda" else "cpu")
-    model = build_model(candidate).model.fuse(verbose=False).eval().to(device)
+    model = model.fuse(verbose=False).eval().to(device)
     x = torch.zeros(1, 3, settings.imgsz, settings.imgsz, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[float] = []

@@ -142,6 +142,11 @@ def build_model(candidate: Candidate):
 def validate(candidate: Candidate, imgsz: int = 160, flops_imgsz: int = 640) -> Stats:
     """Check the candidate before it costs anything: it builds, a forward at ``imgsz`` is finite, and it has a
     non-zero FLOP count (counted with torch's FlopCounterMode, which also sees attention matmuls)."""
+    return validated_model(candidate, imgsz, flops_imgsz)[1]
+
+
+def validated_model(candidate: Candidate, imgsz: int = 160, flops_imgsz: int = 640) -> tuple[torch.nn.Module, Stats]:
+    """:func:`validate`, also returning the built (eval-mode) network, e.g. to time it without building it again."""
     try:
         model = build_model(candidate).model
     except ValueError as err:
@@ -155,7 +160,9 @@ def validate(candidate: Candidate, imgsz: int = 160, flops_imgsz: int = 640) -> 
         gflops = count_gflops(model, flops_imgsz)
     if not gflops > 0:
         raise SpaceError(f"candidate {candidate.hash}: FLOP count is 0, the model did not run at {flops_imgsz} px")
-    return Stats(params=sum(p.numel() for p in model.parameters()), gflops=gflops, flops_imgsz=flops_imgsz, imgsz=imgsz)
+    stats = Stats(params=sum(p.numel() for p in model.parameters()), gflops=gflops, flops_imgsz=flops_imgsz,
+                  imgsz=imgsz)
+    return model, stats
 
 
 def count_gflops(model: torch.nn.Module, imgsz: int) -> float:
