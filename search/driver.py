@@ -228,7 +228,8 @@ class Driver:
             self.progress.note(f"base training: worker died ({event.info.get('reason')}); retrying once")
             return
         try:
-            weights = store_base_weights(self.config.base_job, event.result, self.config.study_dir)
+            weights = store_base_weights(self.config.base_job, event.result, self.config.study_dir,
+                                         say=self.progress.note)
         except SearchError as err:
             raise SearchAborted(str(err)) from None
         self.study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})

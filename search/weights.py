@@ -12,7 +12,7 @@ import hashlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from space import Base, SpaceError, build_model, check_checkpoint, make_candidate
 
@@ -126,8 +126,10 @@ def base_training_job(plan: WeightsPlan, base: Base, data_yaml: str, schedule: P
                     run_dir=str(study_dir / "base-training"), threads=threads, save_weights=True, device=device)
 
 
-def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path) -> BaseWeights:
-    """Keep the trained base's float state dict with the study; SearchError if its training failed."""
+def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path,
+                       say: Callable[[str], None] | None = None) -> BaseWeights:
+    """Keep the trained base's float state dict with the study; SearchError if its training failed. ``say``
+    reports it (default: a line on stderr)."""
     import torch
 
     if result.error:
@@ -137,10 +139,14 @@ def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path) -> B
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     target = study_dir / STATE_FILE
     torch.save(state, target)
-    print(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {job.schedule.epochs} epochs "
-          f"({result.train_s:.0f} s); stored {target}", file=sys.stderr)
+    (say or _stderr)(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {job.schedule.epochs} epochs "
+                     f"({result.train_s:.0f} s); stored {target}")
     return BaseWeights(str(target), (), {"source": "auto", "base_map50_95": result.map50_95,
                                          "base_map50": result.map50, "train_s": round(result.train_s, 1)})
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def _model_of(ckpt: Any) -> Any:
