@@ -15,8 +15,8 @@ class LatencySettings:
 
     device: str = "cpu"  # "cpu" or "cuda"
     imgsz: int = 640
-    warmup: int = 5
-    runs: int = 20
+    warmup: int = 3
+    runs: int = 15
     threads: int = 0  # CPU threads for the measurement; 0 = every core of the node
 
     def as_dict(self) -> dict:

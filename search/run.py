@@ -44,7 +44,7 @@ IDENTITY_DEFAULTS: dict[str, Any] = {
     # with --weights none.
     "base": "yolov8n.yaml", "data": None, "space": None, "epochs": 3, "imgsz": 128, "batch": 16, "fraction": "1.0",
     "seed": 0, "train_arg": None, "base_train_arg": SCRATCH_TRAIN_ARGS,
-    "latency_device": "cpu", "latency_imgsz": 640, "latency_warmup": 5, "latency_runs": 20, "latency_threads": 0,
+    "latency_device": "cpu", "latency_imgsz": 640, "latency_warmup": 3, "latency_runs": 15, "latency_threads": 0,
     "weights": "auto", "base_epochs": 40, "max_latency_ms": None, "max_params": None,
 }
 
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("latency (fixed for a study)")
     g.add_argument("--latency-device", choices=("cpu", "cuda"), help="[cpu]")
     g.add_argument("--latency-imgsz", type=int, help="[640]")
-    g.add_argument("--latency-warmup", type=int, help="[5]")
-    g.add_argument("--latency-runs", type=int, help="timed runs; the median is the objective [20]")
+    g.add_argument("--latency-warmup", type=int, help="[3]")
+    g.add_argument("--latency-runs", type=int, help="timed runs; the median is the objective [15]")
     g.add_argument("--latency-threads", type=int, help="CPU threads for timing, 0 = all cores [0]")
     g = p.add_argument_group("execution (may change between runs)")
     g.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="[tpe]; see the README for the choice")
@@ -227,7 +227,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     latency = LatencySettings(device=values["latency_device"], imgsz=values["latency_imgsz"],
                               warmup=values["latency_warmup"], runs=values["latency_runs"],
                               threads=values["latency_threads"])
-    weights = WeightsPlan.parse(str(values["weights"]), values["base_epochs"], parse_train_args(values["base_train_arg"]))
+    weights = WeightsPlan.parse(str(values["weights"]), values["base_epochs"],
+                                parse_train_args(values["base_train_arg"]))
     for name in ("max_latency_ms", "max_params"):
         if values[name] is not None and values[name] <= 0:
             raise SearchError(f"--{name.replace('_', '-')} must be positive, got {values[name]}")

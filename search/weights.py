@@ -86,7 +86,8 @@ def check_user_checkpoint(plan: WeightsPlan, base: Base, nc: int) -> tuple[dict,
 
 def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str, schedule: ProxySchedule,
                          study_dir: Path, threads: int,
-                         checked: tuple[dict, tuple[str, ...]] | None = None, device: str = "cpu") -> BaseWeights | None:
+                         checked: tuple[dict, tuple[str, ...]] | None = None,
+                         device: str = "cpu") -> BaseWeights | None:
     """The state dict the candidates inherit, made now; None for ``--weights none``. ``--weights auto`` trains the
     base here unless the study already stored it (the search itself runs :func:`base_training_job` in its pool).
     ``checked`` is what :func:`check_user_checkpoint` already returned for ``--weights PATH``; ``device`` is where
