@@ -75,7 +75,8 @@ def main() -> int:
         ("idle share of the whole command 1 − (Σ compute + base) / (wall × workers)",
          f"{1 - (sum(compute) + base_s) / (wall * workers):.1%}"),
         ("latency spread within a measurement: median of IQR / median",
-         f"{statistics.median(t.user_attrs['latency_iqr_ms'] / t.values[1] for t in trained):.1%}" if trained else "-"),
+         f"{statistics.median(t.user_attrs['latency_iqr_ms'] / t.user_attrs['latency_ms'] for t in trained):.1%}"
+         if trained else "-"),
         ("Pareto points", f"{len(front)}"),
         ("base mAP50-95 / spread of mAP50-95 (min..max)",
          f"{base_trial.values[0] if base_trial else float('nan'):.4f} / "

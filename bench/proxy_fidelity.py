@@ -30,7 +30,7 @@ from search.data import check_data, safe_batch  # noqa: E402
 from search.proxy import ProxySchedule, TrainJob, run_training  # noqa: E402
 from search.run import FINETUNE_TRAIN_ARGS, IDENTITY_DEFAULTS, SCRATCH_TRAIN_ARGS, parse_train_args  # noqa: E402
 from search.weights import STATE_FILE, WeightsPlan, prepare_base_weights  # noqa: E402
-from space import build_space, load_base, make_candidate, to_yaml  # noqa: E402
+from space import build_space, load_base, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def _train(job: TrainJob) -> tuple[str, float | None, float, str | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/coco128/coco128.yaml"),
-                        help="Ultralytics dataset YAML, or 'builtin' for the shapes-v1 set")
+                        help="Ultralytics dataset YAML, or 'builtin' for the shapes-v2 set")
     parser.add_argument("--base", default="yolov8n.yaml")
     parser.add_argument("--n", type=int, default=12, help="architectures sampled")
     parser.add_argument("--seed", type=int, default=0)
@@ -170,7 +170,8 @@ def main() -> None:
 
     cols = {f"{s}/{p}": column(s, p) for s in starts for p in ("proxy", "long")}
     print(f"data {data.describe()}; proxy {args.epochs} epochs vs {args.epochs * args.factor} at {args.imgsz} px; "
-          f"base trained {args.base_epochs} epochs in {base_s:.0f} s (mAP50-95 {weights.info.get('base_map50_95')})")
+          + (f"base reused from {args.base_weights}" if args.base_weights else
+             f"base trained {args.base_epochs} epochs in {base_s:.0f} s (mAP50-95 {weights.info['base_map50_95']})"))
     for start in starts:
         print(f"  {start}: {dict(schedules[start]['proxy'].train_args)}")
     print(f"{'#':>2}  {'hash':<16}  " + "  ".join(f"{k:>14}" for k in cols) + "  placements")

@@ -26,8 +26,8 @@ from space import Candidate, SearchSpace, to_yaml
 from . import study as st
 from .executor import Event, Executor
 from .latency import LatencyResult
-from .proxy import ProxySchedule, TrainJob, TrainResult
 from .errors import SearchError
+from .proxy import ProxySchedule, TrainJob, TrainResult
 from .weights import BaseWeights, store_base_weights
 
 BASE_KEY = "base"  # the executor key of the base training (trial keys are trial numbers)
@@ -59,6 +59,7 @@ class SearchConfig:
 class _Running:
     trial: optuna.Trial
     candidate: Candidate
+    yaml_text: str  # the candidate's YAML with its provenance header, as written to the run directory
     started: float
     latency: LatencyResult | None = None
     attempts: int = 1
@@ -134,8 +135,7 @@ class Driver:
 
     def _train_job(self, run: _Running) -> TrainJob:
         c = self.config
-        yaml_text = to_yaml(run.candidate, {"study": self.study.study_name, "trial": run.trial.number})
-        return TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash, yaml_text=yaml_text,
+        return TrainJob(trial=run.trial.number, candidate_hash=run.candidate.hash, yaml_text=run.yaml_text,
                         data=c.data_yaml, schedule=c.schedule, run_dir=run.trial.user_attrs["run_dir"],
                         device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
                         fault=c.faults.get(run.trial.number),
@@ -183,12 +183,13 @@ class Driver:
         run_dir = self.config.study_dir / "trials" / str(trial.number)
         yaml_path = run_dir / f"candidate-{candidate.hash}.yaml"
         run_dir.mkdir(parents=True, exist_ok=True)
-        yaml_path.write_text(to_yaml(candidate, {"study": self.study.study_name, "trial": trial.number}))
+        yaml_text = to_yaml(candidate, {"study": self.study.study_name, "trial": trial.number})
+        yaml_path.write_text(yaml_text)
         trial.set_user_attr("run_dir", str(run_dir))
         if self.store is not None:
             optuna.artifacts.upload_artifact(artifact_store=self.store, file_path=str(yaml_path), study_or_trial=trial,
                                              mimetype="application/x-yaml", encoding="utf-8")
-        self.running[trial.number] = _Running(trial, candidate, time.time())
+        self.running[trial.number] = _Running(trial, candidate, yaml_text, time.time())
         self.executor.submit_latency(trial.number, candidate, self.config.schedule.imgsz)
 
     def _reuse(self, trial: optuna.Trial, done: optuna.trial.FrozenTrial) -> None:

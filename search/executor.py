@@ -114,7 +114,7 @@ class LatencyMeter:
 
 @ray.remote(max_retries=0)  # worker deaths are retried by the Executor, which records the attempt in the study
 def _train_task(job: TrainJob, gate) -> TrainResult:
-    tag = f"{job.trial}.{job.attempt}"
+    tag = job.tag
     ray.get(gate.enter.remote(tag, ray.get_runtime_context().get_node_id()))
     parked = 0.0
 
@@ -223,10 +223,10 @@ class Executor:
     def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None:
         """Train ``job`` on one worker slot; ``kind`` "base" is the base training of --weights auto, which
         --trial-timeout does not limit."""
-        self.gate.expect.remote(f"{job.trial}.{job.attempt}")
+        self.gate.expect.remote(job.tag)
         options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
         ref = _train_task.options(**options).remote(job, self.gate)
-        self._pending[ref] = _Pending(key, kind, time.monotonic(), job, f"{job.trial}.{job.attempt}")
+        self._pending[ref] = _Pending(key, kind, time.monotonic(), job, job.tag)
 
     def wait(self, timeout_s: float) -> list[Event]:
         """Finished work within ``timeout_s`` (maybe none); also times out trainings over ``trial_timeout_s``."""
@@ -287,7 +287,7 @@ class Executor:
         keys = []
         for ref, p in list(self._pending.items()):
             with contextlib.suppress(Exception):
-                ray.cancel(ref, force=p.kind == "train")
+                ray.cancel(ref, force=p.job is not None)  # trainings, the base's included
             keys.append(p.key)
         self._pending.clear()
         return keys

@@ -58,7 +58,7 @@ def measure_latency(candidate, settings: LatencySettings, proxy_imgsz: int,
         model, stats = validated_model(candidate, imgsz=proxy_imgsz, flops_imgsz=settings.imgsz)
     except SpaceError as err:
         return LatencyResult(error=f"invalid candidate: {err}", measure_s=time.perf_counter() - start)
-    except Exception as err:  # space.validate wraps only ValueError; Ultralytics' parser also raises TypeError etc.
+    except Exception as err:  # space.validated_model wraps only ValueError; Ultralytics' parser also raises TypeError etc.
         return LatencyResult(error=f"invalid candidate: does not build: {type(err).__name__}: {err}",
                              measure_s=time.perf_counter() - start)
     device = torch.device("cuda:0" if settings.device == "cuda" else "cpu")

@@ -66,6 +66,11 @@ class TrainJob:
     base_layers: tuple[tuple[int, int], ...] = ()  # Candidate.base_layers: base index -> candidate index
     skip_keys: tuple[str, ...] = ()  # base tensors not to inherit (class branch of another class count)
 
+    @property
+    def tag(self) -> str:
+        """This attempt's name at the latency gate."""
+        return f"{self.trial}.{self.attempt}"
+
 
 @dataclass
 class TrainResult:

@@ -130,20 +130,21 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     print(f"resources: {executor.describe()}; sampler {args.sampler}", file=sys.stderr)
     train_device = "0" if args.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
     threads = max(1, int(executor.cpus_per_trial))
-    weights, base_job = None, None
+    base_job = None
     try:
-        if prep.weights.mode == "auto" and stored_base_weights(study_dir) is None:
-            # Trained in the pool, on one worker slot, while the meter times the first candidates.
-            base_job = base_training_job(prep.weights, prep.space.base, str(prep.data.yaml), prep.schedule,
-                                         study_dir, threads, train_device)
+        if prep.weights.mode == "auto":
+            weights = stored_base_weights(study_dir)  # resume: an earlier run trained it
+            if weights is None:  # trained in the pool, on one worker slot, while the meter times candidates
+                base_job = base_training_job(prep.weights, prep.space.base, str(prep.data.yaml), prep.schedule,
+                                             study_dir, threads, train_device)
         else:
             weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml),
                                            prep.schedule, study_dir, threads, checked=prep.checkpoint)
+            if weights is not None:
+                study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if weights is not None and "reused" not in weights.info:
-        study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
     constraints = prep.settings["constraints"]
     config = SearchConfig(budget=args.budget, schedule=prep.schedule, data_yaml=str(prep.data.yaml),
                           study_dir=study_dir, latency_imgsz=prep.latency.imgsz, train_device=train_device,

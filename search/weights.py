@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from space import Base, SpaceError, build_model, check_checkpoint, make_candidate
+from space import Base, SpaceError, build_model, check_checkpoint, make_candidate, to_yaml
 
 from .errors import SearchError
 from .proxy import ProxySchedule, TrainJob, TrainResult, run_training
@@ -75,7 +75,7 @@ def check_user_checkpoint(plan: WeightsPlan, base: Base, nc: int) -> tuple[dict,
     model = _model_of(ckpt)
     if not isinstance(model, torch.nn.Module):
         raise SearchError(f"--weights {plan.path}: no model in it (expected an Ultralytics checkpoint with 'model')")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = _float_state(model)
     reference = build_model(make_candidate(_with_nc(base, nc))).model.state_dict()
     try:
         skip = check_checkpoint(state, reference, f"--weights {plan.path}")
@@ -122,7 +122,8 @@ def base_training_job(plan: WeightsPlan, base: Base, data_yaml: str, schedule: P
     """The one training of the base for ``--weights auto``: ``--base-epochs`` with the base's train arguments."""
     print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it",
           file=sys.stderr)
-    return TrainJob(trial=-1, candidate_hash=make_candidate(base).hash, yaml_text=_base_yaml(base), data=data_yaml,
+    candidate = make_candidate(base)
+    return TrainJob(trial=-1, candidate_hash=candidate.hash, yaml_text=to_yaml(candidate), data=data_yaml,
                     schedule=replace(schedule, epochs=plan.base_epochs, train_args=plan.train_args),
                     run_dir=str(study_dir / "base-training"), threads=threads, save_weights=True, device=device)
 
@@ -136,8 +137,7 @@ def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path,
     if result.error:
         raise SearchError(f"--weights auto: training the base failed: {result.error}")
     ckpt = torch.load(Path(job.run_dir) / "weights" / "last.pt", map_location="cpu", weights_only=False)
-    model = _model_of(ckpt)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = _float_state(_model_of(ckpt))
     target = study_dir / STATE_FILE
     torch.save(state, target)
     (say or _stderr)(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {job.schedule.epochs} epochs "
@@ -157,14 +157,13 @@ def _model_of(ckpt: Any) -> Any:
     return ckpt["ema"] if ckpt.get("ema") is not None else ckpt.get("model")
 
 
+def _float_state(model) -> dict:
+    """The state dict with floating tensors in fp32 (checkpoints store fp16), as every candidate loads it."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
 def _with_nc(base: Base, nc: int) -> Base:
     return replace(base, yaml={**base.yaml, "nc": nc})
-
-
-def _base_yaml(base: Base) -> str:
-    from space import to_yaml
-
-    return to_yaml(make_candidate(base))
 
 
 def _sha256(path: Path) -> str:
