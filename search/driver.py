@@ -23,12 +23,14 @@ from optuna.trial import TrialState
 
 from space import Candidate, SearchSpace, to_yaml
 
+from . import objectives as obj
 from . import study as st
-from .executor import Event, Executor
-from .latency import LatencyResult
 from .errors import SearchError
+from .latency import LatencyResult
 from .proxy import ProxySchedule, TrainJob, TrainResult
+from .settings import Constraints
 from .weights import BaseWeights, store_base_weights
+from .work import Event, WorkPool
 
 BASE_KEY = "base"  # the executor key of the base training (trial keys are trial numbers)
 
@@ -39,6 +41,7 @@ class SearchConfig:
 
     budget: int
     schedule: ProxySchedule
+    objectives: tuple[obj.Objective, ...]
     data_yaml: str
     study_dir: Path
     latency_imgsz: int
@@ -50,8 +53,7 @@ class SearchConfig:
     max_pruned_in_a_row: int = 200
     weights: BaseWeights | None = None  # what candidates inherit; None trains from scratch (or the base is pending)
     base_job: TrainJob | None = None  # --weights auto, not trained yet: the pool trains it before any candidate
-    max_latency_ms: float | None = None  # constraints known before training: breaking one skips the training
-    max_params: int | None = None
+    constraints: Constraints = Constraints()  # known before training: breaking one skips the training
     lookahead: int = 1  # trials sampled and timed ahead of a free worker (0: strictly ask → time → train)
 
 
@@ -76,7 +78,7 @@ class Driver:
     """Ask → latency → train → tell, with up to ``executor.pool.workers`` trainings at once and ``lookahead``
     more trials timed ahead of them."""
 
-    def __init__(self, study: optuna.Study, space: SearchSpace, executor: Executor, config: SearchConfig,
+    def __init__(self, study: optuna.Study, space: SearchSpace, executor: WorkPool, config: SearchConfig,
                  artifact_store, progress) -> None:
         self.study = study
         self.space = space
@@ -107,7 +109,7 @@ class Driver:
                 if self._completed() >= self.config.budget and not self.running:
                     return
                 # Ask only what the budget still needs: completed + in flight never exceeds it.
-                while (len(self.running) < self.executor.pool.workers + self.config.lookahead
+                while (len(self.running) < self.executor.workers + self.config.lookahead
                        and self._completed() + self._in_flight() < self.config.budget):
                     self._start_one()
                 for event in self.executor.wait(timeout_s=1.0):
@@ -126,7 +128,7 @@ class Driver:
             return
         training = sum(r.training for r in self.running.values())
         for run in sorted(self.running.values(), key=lambda r: r.trial.number):
-            if training >= self.executor.pool.workers:
+            if training >= self.executor.workers:
                 return
             if run.ready and not run.training:
                 self.executor.submit_train(run.trial.number, self._train_job(run))
@@ -260,7 +262,7 @@ class Driver:
 
         A candidate that breaks one is never trained: it is told COMPLETE with mAP 0 and its measured latency,
         so samplers learn where the infeasible region is while ``study.best_trials`` ignores it."""
-        c = self.config
+        c = self.config.constraints
         limits = {"latency_ms": (lat.median_ms, c.max_latency_ms), "params": (lat.params, c.max_params)}
         broken = []
         for trial in [run.trial, *run.followers]:
@@ -273,9 +275,10 @@ class Driver:
         if not broken:
             return False
         reason = "; ".join(broken)
+        values = obj.values(self.config.objectives, lat, None)
         for trial in [run.trial, *run.followers]:
             trial.set_user_attr("infeasible", reason)
-            self.study.tell(trial, [0.0, lat.median_ms])
+            self.study.tell(trial, values)
         del self.running[run.trial.number]
         self.done_by_hash[run.candidate.hash] = self.study.get_trials(deepcopy=False)[run.trial.number]
         self.progress.note(f"trial {run.trial.number}: infeasible ({reason}), not trained")
@@ -301,8 +304,7 @@ class Driver:
         for key, value in res.extra.items():  # e.g. what was inherited from the base weights
             run.trial.set_user_attr(key, value)
         self.infeasible_in_a_row = 0
-        values = [res.map50_95, run.latency.median_ms]
-        self.study.tell(run.trial, values)
+        self.study.tell(run.trial, obj.values(self.config.objectives, run.latency, res))
         del self.running[run.trial.number]
         self.failures_in_a_row = 0
         self.done_by_hash[run.candidate.hash] = self.study.get_trials(deepcopy=False)[run.trial.number]
@@ -359,14 +361,15 @@ def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampl
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 
-def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """The Pareto-optimal trials as table rows, fastest first."""
+def front_rows(study: optuna.Study, objectives: tuple[obj.Objective, ...]) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials as table rows: each objective, then size and candidate."""
     rows = []
-    for t in st.pareto_trials(study):
+    for t in st.pareto_trials(study, objectives):
         a = t.user_attrs
-        rows.append({"trial": t.number, "mAP50-95": f"{t.values[0]:.4f}",
-                     "mAP50": f"{a.get('map50', float('nan')):.4f}",
-                     "latency ms": f"{t.values[1]:.2f}", "p90 ms": f"{a.get('latency_p90_ms', float('nan')):.2f}",
-                     "params": f"{a.get('n_params', 0) / 1e6:.3f}M", "GFLOPs": f"{a.get('gflops', 0):.2f}",
-                     "candidate": a.get("placements", "?")})
+        row: dict[str, Any] = {"trial": t.number}
+        row.update({o.name: o.show(v) for o, v in zip(objectives, t.values)})
+        row.update({"mAP50": f"{a.get('map50', float('nan')):.4f}", "p90 ms": f"{a.get('latency_p90_ms', float('nan')):.2f}",
+                    "params": f"{a.get('n_params', 0) / 1e6:.3f}M", "GFLOPs": f"{a.get('gflops', 0):.2f}",
+                    "candidate": a.get("placements", "?")})
+        rows.append(row)
     return rows

@@ -36,6 +36,13 @@ class ProxySchedule:
         d["train_args"] = dict(self.train_args)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProxySchedule":
+        """The inverse of :meth:`as_dict` (as a study stores it)."""
+        fraction = tuple(d["fraction"]) if isinstance(d["fraction"], list) else d["fraction"]
+        return cls(epochs=d["epochs"], imgsz=d["imgsz"], batch=d["batch"], fraction=fraction, seed=d["seed"],
+                   train_args=tuple(sorted(d["train_args"].items())))
+
     def key(self) -> str:
         """Short stable id of this fidelity: trials with equal keys (and equal candidates) are interchangeable."""
         blob = json.dumps(self.as_dict(), sort_keys=True, default=str)

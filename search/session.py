@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import optuna
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from space.cli import table
 
+from . import objectives as obj
 from . import study as st
 from .driver import Driver, SearchAborted, SearchConfig, front_rows, make_sampler
 from .errors import SearchError
@@ -25,10 +27,12 @@ if TYPE_CHECKING:
 
 
 class Progress:
-    """tqdm bar of completed trials / budget with best mAP and Pareto size; one line per finished trial."""
+    """tqdm bar of completed trials / budget with the best value of each objective and the Pareto size; one line
+    per finished trial."""
 
-    def __init__(self, study: optuna.Study, budget: int) -> None:
+    def __init__(self, study: optuna.Study, objectives: tuple[obj.Objective, ...], budget: int) -> None:
         self.study = study
+        self.objectives = objectives
         self.budget = budget
         done = len(st.counted_trials(study))
         # disable=None: a bar on a terminal; in logs (no TTY) only the one-line-per-trial records below.
@@ -40,8 +44,11 @@ class Progress:
     def _refresh(self) -> None:
         done = st.counted_trials(self.study)
         if done:
-            self.bar.set_postfix_str(f"best mAP50-95 {max(t.values[0] for t in done):.4f}, "
-                                     f"Pareto {len(st.pareto_trials(self.study))}")
+            best = []
+            for i, o in enumerate(self.objectives):
+                pick = max if o.maximize else min
+                best.append(f"{o.name} {o.show(pick(t.values[i] for t in done))}")
+            self.bar.set_postfix_str(f"best {', '.join(best)}; Pareto {len(st.pareto_trials(self.study, self.objectives))}")
         self.bar.n = min(len(done), self.budget)
         self.bar.refresh()
 
@@ -50,8 +57,8 @@ class Progress:
 
     def completed(self, number: int, text: str) -> None:
         t = self.study.get_trials(deepcopy=False)[number]
-        self.note(f"{self._count()} trial {number:>3}  ok    mAP50-95 {t.values[0]:.4f}  "
-                  f"latency {t.values[1]:8.2f} ms  {text}")
+        values = "  ".join(f"{o.name} {o.show(v)}" for o, v in zip(self.objectives, t.values))
+        self.note(f"{self._count()} trial {number:>3}  ok    {values}  {text}")
         self._refresh()
 
     def failed(self, number: int, text: str) -> None:
@@ -67,11 +74,11 @@ class Progress:
 
 def run_session(prep: "Prepared") -> int:
     """Start Ray, open or create the study, run the driver to the budget, print the front and export."""
-    args = prep.args
+    s, run = prep.settings, prep.settings.run
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = st.open_storage(prep.storage_url)
-    existing = st.find_study(storage, prep.study_name)
+    storage = st.open_storage(s.storage_url)
+    existing = st.find_study(storage, s.study_name)
     if existing is not None:
         try:
             st.check_driver_lock(existing)
@@ -79,15 +86,15 @@ def run_session(prep: "Prepared") -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         unfinished = existing.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-        if len(st.counted_trials(existing)) >= args.budget and not unfinished:  # nothing to run: no Ray needed
-            print(f"study {prep.study_name!r} already holds {args.budget} completed trial(s); raise --budget to "
+        if len(st.counted_trials(existing)) >= run.budget and not unfinished:  # nothing to run: no Ray needed
+            print(f"study {s.study_name!r} already holds {run.budget} completed trial(s); raise --budget to "
                   "continue it", file=sys.stderr)
-            _finish(existing, prep, 0.0)
+            _finish(existing, storage, prep, 0.0)
             return 0
-    pool = PoolSettings(workers=args.workers, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                        trial_timeout_s=args.trial_timeout, ray_address=args.ray_address)
+    pool = PoolSettings(workers=run.workers, cpus_per_trial=run.cpus_per_trial, gpus_per_trial=run.gpus_per_trial,
+                        trial_timeout_s=run.trial_timeout, ray_address=run.ray_address)
     try:
-        executor = Executor(pool, prep.latency)
+        executor = Executor(pool, s.study.latency)
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -98,61 +105,62 @@ def run_session(prep: "Prepared") -> int:
 
 
 def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
-    args = prep.args
-    study_dir = prep.out / prep.study_name
+    s, run, study_settings = prep.settings, prep.settings.run, prep.settings.study
+    study_dir = s.study_dir
     artifact_dir = study_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
+    schedule = study_settings.proxy
     # Offset by the trials already there: a resumed run must not replay the first run's random draws.
-    sampler = make_sampler(args.sampler, prep.schedule.seed + (len(existing.trials) if existing else 0), args.budget)
-    study = optuna.create_study(study_name=prep.study_name, storage=storage, sampler=sampler,
-                                directions=list(st.DIRECTIONS), load_if_exists=True)
+    sampler = make_sampler(run.sampler, schedule.seed + (len(existing.trials) if existing else 0), run.budget)
+    study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=sampler,
+                                directions=obj.directions(prep.objectives), load_if_exists=True)
     started = time.time()
     st.heartbeat(study, started)
     if existing is None:
-        study.set_metric_names(list(st.OBJECTIVES))
-        study.set_user_attr(st.SETTINGS_ATTR, prep.settings)
-        study.set_user_attr(st.PATHS_ATTR, {"out": str(prep.out), "study_dir": str(study_dir),
-                                            "artifact_dir": str(artifact_dir), "storage": prep.storage_url})
+        study.set_metric_names(obj.names(prep.objectives))
+        study.set_user_attr(st.SETTINGS_ATTR, study_settings.as_dict())
+        study.set_user_attr(st.PATHS_ATTR, {"out": str(s.out), "study_dir": str(study_dir),
+                                            "artifact_dir": str(artifact_dir), "storage": s.storage_url})
         if "none" in prep.space.placements:  # the base itself first: the reference point of every front
             study.enqueue_trial({"placement": "none"}, user_attrs={"role": "base"})
     study.set_user_attr(st.VERSIONS_ATTR, st.versions())
-    study.set_user_attr("attnas_last_run", {"sampler": args.sampler, "workers": args.workers, "budget": args.budget,
-                                            "resources": executor.describe(), "started": started})
-    requeued = st.recover_stale_trials(study)
+    study.set_user_attr("attnas_last_run", {**asdict(run), "resources": executor.describe(), "started": started})
+    requeued = st.recover_stale_trials(study, storage)
     stale = (f"; re-queued {len(requeued)} trial(s) a stopped driver left running "
              f"({', '.join(str(n) for n, _ in requeued)})" if requeued else "")
-    print(f"study {prep.study_name!r} in {prep.storage_url}: {len(st.completed_trials(study))} completed trial(s), "
-          f"budget {args.budget}{stale}", file=sys.stderr)
+    print(f"study {s.study_name!r} in {s.storage_url}: {len(st.completed_trials(study))} completed trial(s), "
+          f"budget {run.budget}{stale}", file=sys.stderr)
+    print(f"objectives: {', '.join(f'{o.name} ({o.direction})' for o in prep.objectives)}", file=sys.stderr)
     print(f"data: {prep.data.describe()}", file=sys.stderr)
-    print(f"proxy: {prep.schedule.epochs} epochs at {prep.schedule.imgsz} px, batch {prep.schedule.batch}, "
-          f"fraction {prep.settings['proxy']['fraction']}, {dict(prep.schedule.train_args)}; latency on "
-          f"{prep.latency.device} at {prep.latency.imgsz} px (median of {prep.latency.runs})", file=sys.stderr)
-    print(f"resources: {executor.describe()}; sampler {args.sampler}", file=sys.stderr)
-    train_device = "0" if args.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
+    lat = study_settings.latency
+    print(f"proxy: {schedule.epochs} epochs at {schedule.imgsz} px, batch {schedule.batch}, "
+          f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; latency on "
+          f"{lat.device} at {lat.imgsz} px (median of {lat.runs})", file=sys.stderr)
+    print(f"resources: {executor.describe()}; sampler {run.sampler}", file=sys.stderr)
+    train_device = "0" if run.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
     threads = max(1, int(executor.cpus_per_trial))
+    plan = study_settings.weights
     base_job = None
     try:
-        if prep.weights.mode == "auto":
+        if plan.mode == "auto":
             weights = stored_base_weights(study_dir)  # resume: an earlier run trained it
             if weights is None:  # trained in the pool, on one worker slot, while the meter times candidates
-                base_job = base_training_job(prep.weights, prep.space.base, str(prep.data.yaml), prep.schedule,
+                base_job = base_training_job(plan, prep.space.base, str(prep.data.yaml), schedule,
                                              study_dir, threads, train_device)
         else:
-            weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml),
-                                           prep.schedule, study_dir, threads, checked=prep.checkpoint)
+            weights = prepare_base_weights(plan, prep.space.base, prep.data.nc, str(prep.data.yaml),
+                                           schedule, study_dir, threads, checked=prep.checkpoint)
             if weights is not None:
                 study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    constraints = prep.settings["constraints"]
-    config = SearchConfig(budget=args.budget, schedule=prep.schedule, data_yaml=str(prep.data.yaml),
-                          study_dir=study_dir, latency_imgsz=prep.latency.imgsz, train_device=train_device,
-                          threads_per_trial=threads, save_weights=args.save_weights,
-                          faults=prep.faults, max_failures_in_a_row=args.max_failures_in_a_row, weights=weights,
-                          base_job=base_job, lookahead=args.workers,
-                          max_latency_ms=constraints["max_latency_ms"], max_params=constraints["max_params"])
-    progress = Progress(study, args.budget)
+    config = SearchConfig(budget=run.budget, schedule=schedule, objectives=prep.objectives,
+                          data_yaml=str(prep.data.yaml), study_dir=study_dir, latency_imgsz=lat.imgsz,
+                          train_device=train_device, threads_per_trial=threads, save_weights=run.save_weights,
+                          faults=dict(run.faults), max_failures_in_a_row=run.max_failures_in_a_row, weights=weights,
+                          base_job=base_job, lookahead=run.workers, constraints=study_settings.constraints)
+    progress = Progress(study, prep.objectives, run.budget)
     store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
     driver = Driver(study, prep.space, executor, config, store, progress)
     t0 = time.time()
@@ -170,7 +178,7 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
-    _finish(study, prep, time.time() - t0)
+    _finish(study, storage, prep, time.time() - t0)
     return status
 
 
@@ -178,13 +186,13 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _finish(study: optuna.Study, prep: "Prepared", wall: float) -> None:
-    study_dir = prep.out / prep.study_name
+def _finish(study: optuna.Study, storage, prep: "Prepared", wall: float) -> None:
+    study_dir = prep.settings.study_dir
     report(study, prep, study_dir / "artifacts", wall)
-    if not prep.args.no_export and st.completed_trials(study):
+    if prep.settings.run.export and st.completed_trials(study):
         from .export import export_study
 
-        written = export_study(study, study_dir)
+        written = export_study(study, study_dir, storage)
         print(f"exported the front to {written}", file=sys.stderr)
 
 
@@ -194,8 +202,9 @@ def report(study: optuna.Study, prep: "Prepared", artifact_dir, wall: float) -> 
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
     took = f"; this run took {wall:.0f} s" if wall else ""
     print(f"\n{len(done)} completed, {len(failed)} failed trial(s) in the study{took}")
-    rows = front_rows(study) if done else []
+    rows = front_rows(study, prep.objectives) if done else []
     if rows:
-        print(f"Pareto front ({len(rows)} trial(s); mAP50-95 up, latency down):")
+        directions = ", ".join(f"{o.name} {'up' if o.maximize else 'down'}" for o in prep.objectives)
+        print(f"Pareto front ({len(rows)} trial(s); {directions}):")
         print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
-    print(f"\nDashboard: {st.dashboard_command(prep.storage_url, artifact_dir)}")
+    print(f"\nDashboard: {st.dashboard_command(prep.settings.storage_url, artifact_dir)}")

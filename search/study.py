@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from . import objectives as obj
 from .errors import SearchError
 
 SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
 VERSIONS_ATTR = "attnas_versions"
 PATHS_ATTR = "attnas_paths"  # where its files are: out dir, artifact dir, storage URL as given
 DRIVER_ATTR = "attnas_driver"  # the driver running it now: host, pid, heartbeat
-OBJECTIVES = ("mAP50-95", "latency_ms")
-DIRECTIONS = ("maximize", "minimize")
 HEARTBEAT_S = 20.0
 STALE_S = 90.0  # a driver not heard of for this long is gone, wherever it ran
 
@@ -80,27 +79,6 @@ def find_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study 
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def settings_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two settings trees, e.g. ``proxy.epochs: study has 10, this run 3``."""
-    diffs = []
-    for key in sorted(set(stored) | set(current)):
-        a, b = stored.get(key, "<unset>"), current.get(key, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += settings_differences(a, b, f"{prefix}{key}.")
-        elif _canon(a) != _canon(b):
-            diffs.append(f"{prefix}{key}: study has {_show(a)}, this run {_show(b)}")
-    return diffs
-
-
-def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _show(value: Any) -> str:
-    text = _canon(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def check_driver_lock(study: optuna.Study) -> None:
     """Refuse to run a study another live driver is running (two drivers would fail each other's trials)."""
     info = study.user_attrs.get(DRIVER_ATTR)
@@ -135,7 +113,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_stale_trials(study: optuna.Study) -> list[tuple[int, dict]]:
+def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[tuple[int, dict]]:
     """Trials a stopped driver left RUNNING: mark them FAIL (saying why) and queue their parameters again.
 
     Optuna's own route (heartbeats + ``fail_stale_trials`` + ``RetryFailedTrialCallback``) needs heartbeats that
@@ -143,18 +121,42 @@ def recover_stale_trials(study: optuna.Study) -> list[tuple[int, dict]]:
     """
     requeued = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while this trial ran; "
-                                           "its parameters were queued again on resume")
-        study._storage.set_trial_user_attr(t._trial_id, "fail_kind", "driver-stopped")
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while this trial ran; "
+                                    "its parameters were queued again on resume")
+        storage.set_trial_user_attr(t._trial_id, "fail_kind", "driver-stopped")
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
         requeued.append((t.number, t.params))
     return requeued
 
 
-def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """``study.best_trials`` without the copies dedup made (they share their source's values), fastest first."""
-    return sorted((t for t in study.best_trials if "reused_from" not in t.user_attrs), key=lambda t: t.values[1])
+def objectives_of(study: optuna.Study) -> tuple[obj.Objective, ...]:
+    """The study's objective table, from its metric names (set when the study was created)."""
+    return obj.parse(study.metric_names)
+
+
+def pareto_trials(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[FrozenTrial]:
+    """``study.best_trials`` without the copies dedup made (they share their source's values), listed by
+    :func:`search.objectives.sort_key` (fastest first by default)."""
+    return sorted((t for t in study.best_trials if "reused_from" not in t.user_attrs), key=obj.sort_key(objectives))
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float],
+                objectives: Sequence[obj.Objective]) -> float:
+    """Hypervolume that ``points`` (objective values in the objectives' own directions) dominate up to
+    ``reference``; points not better than the reference in every objective add nothing.
+
+    Optuna's samplers and hypervolume plot compute it with ``optuna._hypervolume.compute_hypervolume`` (exact, any
+    number of objectives), which Optuna does not export publicly; this is the project's one use of it, and
+    tests/test_objectives.py checks it against an independent formula so an Optuna change fails loudly there.
+    """
+    from optuna._hypervolume import compute_hypervolume
+
+    sign = np.array([-1.0 if o.maximize else 1.0 for o in objectives])
+    ref = np.asarray(reference, dtype=float) * sign
+    pts = np.asarray(points, dtype=float).reshape(-1, len(objectives)) * sign
+    pts = pts[np.all(pts < ref, axis=1)]
+    return float(compute_hypervolume(pts, ref)) if len(pts) else 0.0
 
 
 def completed_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -30,6 +30,7 @@ class WeightsPlan:
     path: str | None = None
     base_epochs: int = 40
     train_args: tuple[tuple[str, Any], ...] = ()  # Ultralytics arguments of the base training (auto)
+    sha256: str | None = None  # content of the checkpoint (path)
 
     @classmethod
     def parse(cls, value: str, base_epochs: int, train_args: tuple[tuple[str, Any], ...] = ()) -> "WeightsPlan":
@@ -40,15 +41,16 @@ class WeightsPlan:
         path = Path(value).expanduser()
         if not path.is_file():
             raise SearchError(f"--weights {value}: no such checkpoint (give a .pt file, 'auto' or 'none')")
-        return cls("path", str(path.resolve()), base_epochs, train_args)
+        return cls("path", str(path.resolve()), base_epochs, train_args, _sha256(path)[:16])
 
-    def identity(self) -> dict[str, Any]:
-        """What makes two studies' inherited starts equal (part of the study's settings and of the fidelity)."""
-        if self.mode == "path":
-            return {"mode": "path", "sha256": _sha256(Path(self.path))[:16]}
-        if self.mode == "auto":
-            return {"mode": "auto", "base_epochs": self.base_epochs, "train_args": dict(self.train_args)}
-        return {"mode": "none"}
+    def as_dict(self) -> dict[str, Any]:
+        """As recorded in the study's settings (what makes two studies' inherited starts equal)."""
+        return {"mode": self.mode, "path": self.path, "sha256": self.sha256, "base_epochs": self.base_epochs,
+                "train_args": dict(self.train_args)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WeightsPlan":
+        return cls(d["mode"], d["path"], d["base_epochs"], tuple(sorted(d["train_args"].items())), d["sha256"])
 
 
 @dataclass(frozen=True)
