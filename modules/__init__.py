@@ -49,7 +49,8 @@ def register() -> None:
 
     for spec in specs().values():
         bound = getattr(tasks, spec.name, None)
-        if bound is not None and spec.name not in _bound:
+        ours = spec.name in _bound or getattr(bound, "__module__", None) == spec.layer.__module__  # e.g. a reload
+        if bound is not None and not ours:
             # Binding would silently change what every YAML row of that Ultralytics module builds.
             raise ValueError(f"attention module {spec.name!r} would shadow Ultralytics' own {spec.name}; rename it")
         setattr(tasks, spec.name, spec.layer)
