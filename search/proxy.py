@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from space import first_line
+
 # Arguments the engine sets itself; --train-arg may not override them.
 RESERVED_ARGS = frozenset({"model", "data", "epochs", "imgsz", "batch", "fraction", "seed", "device", "project",
                            "name", "exist_ok", "plots", "save", "val", "workers", "verbose", "resume", "mode", "task",
@@ -126,7 +128,7 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
         return _failure("diverged", str(err), start)
     except Exception as err:  # a failing trial is recorded, never fatal to the study
         kind = "oom" if _is_oom(err) else "exception"
-        return _failure(kind, f"{type(err).__name__}: {_first_line(err)}", start, traceback.format_exc())
+        return _failure(kind, f"{type(err).__name__}: {first_line(err)[:500]}", start, traceback.format_exc())
     finally:
         logging.getLogger("ultralytics").removeHandler(log)
         log.close()
@@ -285,10 +287,6 @@ def _is_oom(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _first_line(err: BaseException) -> str:
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:500]
 
 
 def _finite(value: Any) -> bool:
