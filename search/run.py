@@ -136,6 +136,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         check_ray_address(run.ray_address)
     base = load_base(s.base)
     space = build_space(base, s.space)
+    _check_space_at_proxy_size(base, s)
     data = check_data(s.data, out / ".data", list(s.proxy.fraction) if isinstance(s.proxy.fraction, tuple)
                       else s.proxy.fraction)
     s = replace(s, proxy=replace(s.proxy, batch=safe_batch(data.train_used, s.proxy.batch)),
@@ -199,6 +200,18 @@ def recorded_study_dir(study) -> Path | None:
     """The directory a study's files were written to when it was created (kept when the study is renamed)."""
     where = (study.user_attrs.get(st.PATHS_ATTR) or {}).get("study_dir")
     return Path(where) if where else None
+
+
+def _check_space_at_proxy_size(base, s: StudySettings) -> None:
+    """Values that fit the deployment size (the space's ``imgsz``) may fit no feature map at the proxy's --imgsz,
+    where every candidate is built and trained: such a space has no candidate to train."""
+    if s.proxy.imgsz >= s.space.imgsz:
+        return
+    try:
+        build_space(base, replace(s.space, imgsz=s.proxy.imgsz))
+    except SpaceError as err:
+        raise SearchError(f"the space is empty at --imgsz {s.proxy.imgsz} (candidates train at that size): "
+                          f"{str(err).removeprefix('space: ')}") from None
 
 
 def _check_latency_device(s: StudySettings, run: RunSettings) -> None:

@@ -204,6 +204,8 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
           f"budget {run.budget}{stale}", file=sys.stderr)
     print(f"objectives: {', '.join(f'{o.name} ({o.direction})' for o in prep.objectives)}", file=sys.stderr)
     print(f"data: {prep.data.describe()}", file=sys.stderr)
+    for note in prep.data.notes:  # images the label check found unusable: trials skip them too
+        print(f"data: {note}", file=sys.stderr)
     lat = study_settings.latency
     print(f"proxy: {schedule.epochs} epochs at {schedule.imgsz} px, batch {schedule.batch}, "
           f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; latency on "
