@@ -119,16 +119,15 @@ class Driver:
                 self.executor.submit_train(BASE_KEY, self.config.base_job, kind="base")
             while True:
                 try:
-                    self._step()
-                except (KeyboardInterrupt, SearchAborted):
+                    if self._step():
+                        return
+                except SearchAborted:
                     raise
                 except Exception as err:  # a write that lost a race with another writer (the dashboard)?
                     self._check_study()
                     if not isinstance(err, UpdateFinishedTrialError):
                         raise
                     self._sync_outside_changes()
-                if self._completed() >= self.config.budget and not self.running:
-                    return
         except StudyGone:
             with contextlib.suppress(Exception):
                 self.executor.cancel_all()
@@ -141,13 +140,14 @@ class Driver:
             with contextlib.suppress(Exception):
                 st.release_driver_lock(self.study)
 
-    def _step(self) -> None:
-        """One turn of the loop: notice other writers, ask what the budget needs, collect finished work."""
+    def _step(self) -> bool:
+        """One turn of the loop: notice other writers, ask what the budget needs, collect finished work; True when
+        the study holds the budget and nothing runs."""
         self._check_study()
         self._sync_outside_changes()
         self._beat()
         if self._completed() >= self.config.budget and not self.running:
-            return
+            return True
         # Ask only what the budget still needs: completed + in flight never exceeds it.
         while (len(self.running) < self.executor.workers + self.config.lookahead
                and self._completed() + self._in_flight() < self.config.budget):
@@ -155,14 +155,15 @@ class Driver:
         for event in self.executor.wait(timeout_s=1.0):
             self._handle(event)
         self._dispatch()
+        return False
 
     # -- other writers (optuna-dashboard) ---------------------------------------------------------------------
     def _check_study(self) -> None:
         """Stop in order when the study was deleted or renamed (the dashboard's rename copies it and deletes it)."""
         storage = self.study._storage
-        try:
-            storage.get_study_name_from_id(self.study._study_id)
-            return
+        try:  # by name: Optuna's cached storage answers id -> name from memory, name -> id from the database
+            if storage.get_study_id_from_name(self.study.study_name) == self.study._study_id:
+                return
         except KeyError:
             pass
         name = self.study.study_name

@@ -195,6 +195,8 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
                                             "artifact_dir": str(artifact_dir), "storage": s.storage_url})
         if "none" in prep.space.placements:  # the base itself first: the reference point of every front
             study.enqueue_trial({"placement": "none"}, user_attrs={"role": "base"})
+    if study.metric_names is None:  # optuna-dashboard's rename copies trials and user attributes, not these
+        study.set_metric_names(obj.names(prep.objectives))
     study.set_user_attr(st.VERSIONS_ATTR, st.versions())
     study.set_user_attr("attnas_last_run", {**asdict(run), "resources": executor.describe(), "started": started})
     requeued = st.recover_stale_trials(study, storage)
