@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from space import Candidate, SearchSpace, to_yaml
@@ -74,6 +75,16 @@ class SearchAborted(RuntimeError):
     """Too many trials in a row failed (or were invalid): the search stops instead of burning the budget."""
 
 
+class StudyGone(SearchAborted):
+    """The study was deleted or renamed by another writer (optuna-dashboard) while the search ran.
+
+    ``renamed_to`` is the new name when the study was renamed (its trials and attributes were copied), else None."""
+
+    def __init__(self, message: str, renamed_to: str | None = None) -> None:
+        super().__init__(message)
+        self.renamed_to = renamed_to
+
+
 class Driver:
     """Ask → latency → train → tell, with up to ``executor.pool.workers`` trainings at once and ``lookahead``
     more trials timed ahead of them."""
@@ -88,9 +99,11 @@ class Driver:
         self.progress = progress
         self.fidelity = config.schedule.key()
         self.running: dict[int, _Running] = {}
-        self.done_by_hash: dict[str, optuna.trial.FrozenTrial] = {
+        by_hand = st.outside_changes(study)
+        self.done_by_hash: dict[str, optuna.trial.FrozenTrial] = {  # values typed in by hand are not a result
             t.user_attrs["candidate_hash"]: t for t in st.completed_trials(study)
-            if t.user_attrs.get("fidelity") == self.fidelity and "candidate_hash" in t.user_attrs}
+            if t.user_attrs.get("fidelity") == self.fidelity and "candidate_hash" in t.user_attrs
+            and str(t.number) not in by_hand}
         self.failures_in_a_row = 0
         self.pruned_in_a_row = 0
         self.infeasible_in_a_row = 0
@@ -105,22 +118,102 @@ class Driver:
             if self.base_pending:
                 self.executor.submit_train(BASE_KEY, self.config.base_job, kind="base")
             while True:
-                self._beat()
-                if self._completed() >= self.config.budget and not self.running:
-                    return
-                # Ask only what the budget still needs: completed + in flight never exceeds it.
-                while (len(self.running) < self.executor.workers + self.config.lookahead
-                       and self._completed() + self._in_flight() < self.config.budget):
-                    self._start_one()
-                for event in self.executor.wait(timeout_s=1.0):
-                    self._handle(event)
-                self._dispatch()
+                try:
+                    if self._step():
+                        return
+                except SearchAborted:
+                    raise
+                except Exception as err:  # a write that lost a race with another writer (the dashboard)?
+                    self._check_study()
+                    if not isinstance(err, UpdateFinishedTrialError):
+                        raise
+                    self._sync_outside_changes()
+        except StudyGone:
+            with contextlib.suppress(Exception):
+                self.executor.cancel_all()
+            self.running.clear()  # the trials are not ours to fail any more (a renamed study holds copies)
+            raise
         except BaseException:
             self._abandon_running()
             raise
         finally:
             with contextlib.suppress(Exception):
                 st.release_driver_lock(self.study)
+
+    def _step(self) -> bool:
+        """One turn of the loop: notice other writers, ask what the budget needs, collect finished work; True when
+        the study holds the budget and nothing runs."""
+        self._check_study()
+        self._sync_outside_changes()
+        self._beat()
+        if self._completed() >= self.config.budget and not self.running:
+            return True
+        # Ask only what the budget still needs: completed + in flight never exceeds it.
+        while (len(self.running) < self.executor.workers + self.config.lookahead
+               and self._completed() + self._in_flight() < self.config.budget):
+            self._start_one()
+        for event in self.executor.wait(timeout_s=1.0):
+            self._handle(event)
+        self._dispatch()
+        return False
+
+    # -- other writers (optuna-dashboard) ---------------------------------------------------------------------
+    def _check_study(self) -> None:
+        """Stop in order when the study was deleted or renamed (the dashboard's rename copies it and deletes it)."""
+        storage = self.study._storage
+        try:  # by name: Optuna's cached storage answers id -> name from memory, name -> id from the database
+            if storage.get_study_id_from_name(self.study.study_name) == self.study._study_id:
+                return
+        except KeyError:
+            pass
+        name = self.study.study_name
+        renamed = st.find_renamed(storage)
+        if renamed is None:
+            raise StudyGone(f"study {name!r} was deleted while the search ran (optuna-dashboard?); nothing to "
+                            "continue")
+        with contextlib.suppress(Exception):  # our lock came along with the copy: free it for the resume
+            st.release_driver_lock(renamed)
+        raise StudyGone(f"study {name!r} was renamed to {renamed.study_name!r} while the search ran", renamed.study_name)
+
+    def _sync_outside_changes(self) -> None:
+        """Trials another writer finished while they ran (the dashboard's Fail / Complete): never told again.
+
+        Failed: "stop this one": its work is cancelled and its worker freed, it is not queued again.
+        Completed by hand: the values given are kept; the trial is marked so that pareto/ and dedup leave it out.
+        A finished trial takes no more attributes, so the mark is kept in the study's ``attnas_outside_changes``."""
+        storage = self.study._storage
+        for run in list(self.running.values()):
+            state = storage.get_trial(run.trial._trial_id).state
+            if state == TrialState.RUNNING:
+                run.followers = [f for f in run.followers if self._follower_still_ours(f, run)]
+                continue
+            self._cancel(run.trial.number)
+            del self.running[run.trial.number]
+            kind = "stopped-from-dashboard" if state == TrialState.FAIL else "completed-by-hand"
+            st.record_outside_change(self.study, run.trial.number, kind)
+            verb = "failed" if state == TrialState.FAIL else "completed"
+            self.progress.note(f"trial {run.trial.number}: {verb} from outside (optuna-dashboard?) while it ran; "
+                               "its work was stopped" + ("" if state == TrialState.FAIL else
+                                                         ", its values kept as given and left out of pareto/"))
+            for follower in run.followers:  # trials waiting on this network's result: there will be none
+                if storage.get_trial(follower._trial_id).state != TrialState.RUNNING:
+                    continue
+                follower.set_user_attr("fail_kind", "stopped-from-dashboard")
+                follower.set_user_attr("fail_reason", f"same candidate as trial {run.trial.number}, which was "
+                                                      f"{verb} from outside while it ran")
+                self.study.tell(follower, state=TrialState.FAIL)
+
+    def _follower_still_ours(self, follower: optuna.Trial, leader: _Running) -> bool:
+        state = self.study._storage.get_trial(follower._trial_id).state
+        if state != TrialState.RUNNING:
+            kind = "stopped-from-dashboard" if state == TrialState.FAIL else "completed-by-hand"
+            st.record_outside_change(self.study, follower.number, kind)
+            self.progress.note(f"trial {follower.number} (waiting on trial {leader.trial.number}): finished from "
+                               "outside")
+        return state == TrialState.RUNNING
+
+    def _cancel(self, key: Any) -> None:
+        self.executor.cancel(key)
 
     def _dispatch(self) -> None:
         """Start the trainings of timed trials, oldest first, while a worker is free."""
@@ -188,9 +281,13 @@ class Driver:
         yaml_text = to_yaml(candidate, {"study": self.study.study_name, "trial": trial.number})
         yaml_path.write_text(yaml_text)
         trial.set_user_attr("run_dir", str(run_dir))
+        artifact_id = None
         if self.store is not None:
-            optuna.artifacts.upload_artifact(artifact_store=self.store, file_path=str(yaml_path), study_or_trial=trial,
-                                             mimetype="application/x-yaml", encoding="utf-8")
+            artifact_id = optuna.artifacts.upload_artifact(
+                artifact_store=self.store, file_path=str(yaml_path), study_or_trial=trial,
+                mimetype="application/x-yaml", encoding="utf-8")
+            with contextlib.suppress(Exception):  # a note is a convenience, never a reason to fail a trial
+                st.save_note(trial, st.trial_note(trial, candidate.describe(), yaml_path, artifact_id))
         self.running[trial.number] = _Running(trial, candidate, yaml_text, time.time())
         self.executor.submit_latency(trial.number, candidate, self.config.schedule.imgsz)
 

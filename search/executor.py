@@ -274,6 +274,16 @@ class Executor:
                 events.append(self._failed(p, "timeout", f"exceeded --trial-timeout {limit:g} s"))
         return events
 
+    def cancel(self, key: Any) -> None:
+        """Stop the work of one key (its training is killed, freeing the worker; a latency result is dropped)."""
+        for ref, p in list(self._pending.items()):
+            if p.key == key:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=p.job is not None)
+                if p.job is not None:
+                    self.gate.leave.remote(p.tag)
+                del self._pending[ref]
+
     def cancel_all(self) -> list[Any]:
         """Stop everything in flight; returns the keys that were running."""
         keys = []

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +30,11 @@ from .settings import RunSettings, Settings, StudySettings, default, differences
 from .weights import check_user_checkpoint  # noqa: E402
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one path component, no '..', no hidden directory
+RAY_CONNECT_S = 10.0  # a --ray-address whose port does not accept a TCP connection within this is refused
+RAY_START_S = 120.0  # starting or joining Ray takes longer than this: refused (see search.session)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the whole usage first)
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -39,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = RunSettings()
     p.add_argument("--budget", type=int, default=run.budget,
                    help=f"completed trials the study should hold, all runs together [{run.budget}]")
-    p.add_argument("--study-name", help="default: <base>-<data> (re-running the same command continues it)")
+    p.add_argument("--study-name", help="default: <base>-<data> (re-running the same command continues it); a new "
+                                        "study's name is a directory under --out: letters, digits, '.', '_', '-'")
     p.add_argument("--storage", help="Optuna RDB URL (sqlite:///…, postgresql://…, mysql://…) or a journal file "
                                      "path; default sqlite:///<out>/<study>/study.db")
     p.add_argument("--out", default="runs", help="directory for everything a study writes [runs]")
@@ -82,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=run.workers, help=f"trials in flight at once [{run.workers}]")
     g.add_argument("--cpus-per-trial", type=float, help="default: the cluster's CPUs / --workers")
     g.add_argument("--gpus-per-trial", type=float, default=run.gpus_per_trial, help="fractional allowed; needs a GPU [0]")
-    g.add_argument("--ray-address", help="join an existing cluster: auto or ray://host:port (default: local Ray)")
+    g.add_argument("--ray-address", help="join an existing cluster: auto, host:port or ray://host:port (default: "
+                                         f"local Ray); an address that does not answer within {RAY_CONNECT_S:g} s "
+                                         f"is refused, and joining is given up after {RAY_START_S:g} s")
     g.add_argument("--trial-timeout", type=float, help="seconds; a training running longer is FAIL")
     g.add_argument("--save-weights", action="store_true", help="keep each trial's last.pt in its run directory")
     g.add_argument("--max-failures-in-a-row", type=int, default=run.max_failures_in_a_row,
@@ -108,15 +118,25 @@ def prepare(args: argparse.Namespace) -> Prepared:
     run = run_settings(args)
     _check_devices(run)
     out = Path(args.out).expanduser().resolve()
+    check_out(out)
     study_name = args.study_name or _default_name(args)
     if args.resume and not args.study_name:
         study_name = _study_to_resume(args, out, study_name)
+    if args.storage is None:
+        check_study_name(study_name)  # the default storage is <out>/<name>/study.db
     storage_url = args.storage or st.default_storage(out, study_name)
     existing = _existing(storage_url, study_name, required=args.resume)
+    if existing is None or not recorded_study_dir(existing):
+        # A new study's files go to <out>/<name>/; a study renamed in optuna-dashboard keeps its recorded directory.
+        check_study_name(study_name)
     stored = StudySettings.from_dict(_recorded(existing, storage_url)) if existing is not None else None
     s = study_settings(args, stored if args.resume else None)
+    _check_latency_device(s, run)
+    if run.ray_address:
+        check_ray_address(run.ray_address)
     base = load_base(s.base)
     space = build_space(base, s.space)
+    _check_space_at_proxy_size(base, s)
     data = check_data(s.data, out / ".data", list(s.proxy.fraction) if isinstance(s.proxy.fraction, tuple)
                       else s.proxy.fraction)
     s = replace(s, proxy=replace(s.proxy, batch=safe_batch(data.train_used, s.proxy.batch)),
@@ -132,6 +152,74 @@ def prepare(args: argparse.Namespace) -> Prepared:
             raise SearchError(f"study {study_name!r} was run with other settings: " + "; ".join(diffs) + hint)
     settings = Settings(s, run, study_name, storage_url, out, args.resume)
     return Prepared(settings, space, data, s.objective_table(), checkpoint)
+
+
+def check_study_name(name: str) -> None:
+    """A study name is a directory under ``--out``: one safe path component, so nothing is written outside it."""
+    if not SAFE_NAME.fullmatch(name) or name.strip(".") == "":
+        raise SearchError(f"study name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter "
+                          "or digit (it is a directory under --out)")
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a directory that exists or can be made, and be writable; checked without creating it."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise SearchError(f"--out {out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SearchError(f"--out {out}: {probe} is not writable")
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse a cluster address whose port does not answer, within RAY_CONNECT_S (Ray itself retries for minutes).
+
+    ``auto`` is resolved by Ray from RAY_ADDRESS or the local session file; when neither names a cluster, ray.init
+    fails at once, so only explicit host:port addresses need this check."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address or address == "auto":
+            return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SearchError(f"--ray-address {address}: expected auto, host:port or ray://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_S):
+            pass
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise SearchError(f"--ray-address {address}: cannot reach a Ray cluster there ({reason} within "
+                          f"{RAY_CONNECT_S:g} s); start one with `ray start --head` or drop --ray-address") from None
+
+
+def recorded_study_dir(study) -> Path | None:
+    """The directory a study's files were written to when it was created (kept when the study is renamed)."""
+    where = (study.user_attrs.get(st.PATHS_ATTR) or {}).get("study_dir")
+    return Path(where) if where else None
+
+
+def _check_space_at_proxy_size(base, s: StudySettings) -> None:
+    """Values that fit the deployment size (the space's ``imgsz``) may fit no feature map at the proxy's --imgsz,
+    where every candidate is built and trained: such a space has no candidate to train."""
+    if s.proxy.imgsz >= s.space.imgsz:
+        return
+    try:
+        build_space(base, replace(s.space, imgsz=s.proxy.imgsz))
+    except SpaceError as err:
+        raise SearchError(f"the space is empty at --imgsz {s.proxy.imgsz} (candidates train at that size): "
+                          f"{str(err).removeprefix('space: ')}") from None
+
+
+def _check_latency_device(s: StudySettings, run: RunSettings) -> None:
+    if s.latency.device == "cuda" and not run.ray_address:  # a cluster is checked once Ray is up, before any study
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise SearchError("--latency-device cuda but this machine has no GPU; use --latency-device cpu")
 
 
 def _check_devices(run: RunSettings) -> None:
@@ -191,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         prep = prepare(args)
+    except KeyboardInterrupt:  # Ctrl-C while checking: nothing was written
+        print("interrupted before anything was written", file=sys.stderr)
+        return 130
     except (SearchError, SpaceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
 import signal
 import sys
 import time
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
@@ -17,7 +21,7 @@ from space.cli import table
 
 from . import objectives as obj
 from . import study as st
-from .driver import Driver, SearchAborted, SearchConfig, front_rows, make_sampler
+from .driver import Driver, SearchAborted, SearchConfig, StudyGone, front_rows, make_sampler
 from .errors import SearchError
 from .executor import Executor, PoolSettings
 from .weights import base_training_job, prepare_base_weights, stored_base_weights
@@ -30,7 +34,9 @@ class Progress:
     """tqdm bar of completed trials / budget with the best value of each objective and the Pareto size; one line
     per finished trial."""
 
-    def __init__(self, study: optuna.Study, objectives: tuple[obj.Objective, ...], budget: int) -> None:
+    def __init__(self, study: optuna.Study, objectives: tuple[obj.Objective, ...], budget: int,
+                 on_update=None) -> None:
+        self.on_update = on_update  # called after each finished trial (the study's dashboard note)
         self.study = study
         self.objectives = objectives
         self.budget = budget
@@ -51,6 +57,8 @@ class Progress:
             self.bar.set_postfix_str(f"best {', '.join(best)}; Pareto {len(st.pareto_trials(self.study, self.objectives))}")
         self.bar.n = min(len(done), self.budget)
         self.bar.refresh()
+        if self.on_update is not None:
+            self.on_update()
 
     def note(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
@@ -73,40 +81,104 @@ class Progress:
 
 
 def run_session(prep: "Prepared") -> int:
-    """Start Ray, open or create the study, run the driver to the budget, print the front and export."""
+    """Start Ray, open or create the study, run the driver to the budget, print the front and export.
+
+    Nothing is written to the storage before Ray is up: a run refused at start leaves no study behind."""
     s, run = prep.settings, prep.settings.run
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = st.open_storage(s.storage_url)
-    existing = st.find_study(storage, s.study_name)
-    if existing is not None:
-        try:
-            st.check_driver_lock(existing)
-        except SearchError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        unfinished = existing.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-        if len(st.counted_trials(existing)) >= run.budget and not unfinished:  # nothing to run: no Ray needed
-            print(f"study {s.study_name!r} already holds {run.budget} completed trial(s); raise --budget to "
-                  "continue it", file=sys.stderr)
-            _finish(existing, storage, prep, 0.0)
-            return 0
-    pool = PoolSettings(workers=run.workers, cpus_per_trial=run.cpus_per_trial, gpus_per_trial=run.gpus_per_trial,
-                        trial_timeout_s=run.trial_timeout, ray_address=run.ray_address)
+    # SIGTERM (a scheduler stopping the job) gets the same orderly stop as Ctrl-C, at every stage.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        executor = Executor(pool, s.study.latency)
+        storage, existing = None, None
+        if st.may_hold_studies(s.storage_url):  # opening a SQLite/journal file that is not there would create it
+            storage = st.open_storage(s.storage_url)
+            existing = st.find_study(storage, s.study_name)
+        if existing is not None:
+            st.check_driver_lock(existing)
+            unfinished = existing.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            if len(st.counted_trials(existing)) >= run.budget and not unfinished:  # nothing to run: no Ray needed
+                print(f"study {s.study_name!r} already holds {run.budget} completed trial(s); raise --budget to "
+                      "continue it", file=sys.stderr)
+                _finish(existing, storage, prep, 0.0, study_dir_of(prep, existing))
+                return 0
+        executor = start_executor(prep)
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while starting; no study was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
+        if storage is None:
+            storage = st.open_storage(s.storage_url)
         return _run(prep, storage, existing, executor)
+    except SearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         executor.shutdown()
 
 
+def start_executor(prep: "Prepared") -> Executor:
+    """Start or join Ray within RAY_START_S; SIGTERM and Ctrl-C stop it (Ray's own retries run for minutes).
+
+    A handler that cannot run (Ray blocked in native code) is backed by a watchdog that ends the process: nothing
+    has been written to any study yet, so a hard exit loses nothing."""
+    import threading
+
+    from .run import RAY_START_S
+
+    run = prep.settings.run
+    pool = PoolSettings(workers=run.workers, cpus_per_trial=run.cpus_per_trial, gpus_per_trial=run.gpus_per_trial,
+                        trial_timeout_s=run.trial_timeout, ray_address=run.ray_address)
+    where = run.ray_address or "local Ray"
+    starting = threading.Event()
+    starting.set()
+
+    def hard_exit(message: str, status: int) -> None:
+        if starting.is_set():
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            os._exit(status)
+
+    def on_signal(signum, frame) -> None:
+        threading.Timer(5.0, hard_exit, ("interrupted while starting Ray; no study was written", 130)).start()
+        raise KeyboardInterrupt
+
+    def on_alarm(signum, frame) -> None:
+        raise SearchError(f"Ray at {where} did not start within {RAY_START_S:g} s; no study was written")
+
+    watchdog = threading.Timer(RAY_START_S + 10.0, hard_exit,
+                               (f"Ray at {where} did not start within {RAY_START_S:g} s; no study was written", 2))
+    watchdog.daemon = True
+    handlers = {sig: signal.signal(sig, h) for sig, h in
+                ((signal.SIGTERM, on_signal), (signal.SIGINT, on_signal), (signal.SIGALRM, on_alarm))}
+    signal.setitimer(signal.ITIMER_REAL, RAY_START_S)
+    watchdog.start()
+    try:
+        return Executor(pool, prep.settings.study.latency)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        starting.clear()
+        watchdog.cancel()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def study_dir_of(prep: "Prepared", study: optuna.Study | None) -> Path:
+    """Where the study's files are: the directory recorded when it was created (a study renamed in the dashboard
+    keeps it), else ``<out>/<study name>``."""
+    from .run import recorded_study_dir
+
+    recorded = recorded_study_dir(study) if study is not None else None
+    return recorded or prep.settings.study_dir
+
+
 def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     s, run, study_settings = prep.settings, prep.settings.run, prep.settings.study
-    study_dir = s.study_dir
+    study_dir = study_dir_of(prep, existing)
     artifact_dir = study_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
     schedule = study_settings.proxy
@@ -123,6 +195,8 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
                                             "artifact_dir": str(artifact_dir), "storage": s.storage_url})
         if "none" in prep.space.placements:  # the base itself first: the reference point of every front
             study.enqueue_trial({"placement": "none"}, user_attrs={"role": "base"})
+    if study.metric_names is None:  # optuna-dashboard's rename copies trials and user attributes, not these
+        study.set_metric_names(obj.names(prep.objectives))
     study.set_user_attr(st.VERSIONS_ATTR, st.versions())
     study.set_user_attr("attnas_last_run", {**asdict(run), "resources": executor.describe(), "started": started})
     requeued = st.recover_stale_trials(study, storage)
@@ -132,6 +206,8 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
           f"budget {run.budget}{stale}", file=sys.stderr)
     print(f"objectives: {', '.join(f'{o.name} ({o.direction})' for o in prep.objectives)}", file=sys.stderr)
     print(f"data: {prep.data.describe()}", file=sys.stderr)
+    for note in prep.data.notes:  # images the label check found unusable: trials skip them too
+        print(f"data: {note}", file=sys.stderr)
     lat = study_settings.latency
     print(f"proxy: {schedule.epochs} epochs at {schedule.imgsz} px, batch {schedule.batch}, "
           f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; latency on "
@@ -160,7 +236,8 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
                           train_device=train_device, threads_per_trial=threads, save_weights=run.save_weights,
                           faults=dict(run.faults), max_failures_in_a_row=run.max_failures_in_a_row, weights=weights,
                           base_job=base_job, lookahead=run.workers, constraints=study_settings.constraints)
-    progress = Progress(study, prep.objectives, run.budget)
+    notes = StudyNotes(study, prep, study_dir, executor.describe())
+    progress = Progress(study, prep.objectives, run.budget, on_update=notes.update)
     store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
     driver = Driver(study, prep.space, executor, config, store, progress)
     t0 = time.time()
@@ -169,6 +246,17 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         driver.run()
+    except StudyGone as err:
+        progress.close()
+        if err.renamed_to is None:
+            print(f"search stopped: {err}", file=sys.stderr)
+            return 1
+        renamed = optuna.load_study(study_name=err.renamed_to, storage=storage)
+        command = resume_command(prep, err.renamed_to)
+        with contextlib.suppress(Exception):
+            StudyNotes(renamed, prep, study_dir, executor.describe()).update(status="stopped: renamed")
+        print(f"search stopped: {err}; continue it with: {command}", file=sys.stderr)
+        return 1
     except SearchAborted as err:
         progress.note(f"search stopped: {err}")
         status = 1
@@ -178,7 +266,9 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
-    _finish(study, storage, prep, time.time() - t0)
+    with contextlib.suppress(Exception):
+        notes.update(status={0: "finished", 1: "stopped", 130: "interrupted"}.get(status, "stopped"))
+    _finish(study, storage, prep, time.time() - t0, study_dir)
     return status
 
 
@@ -186,8 +276,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _finish(study: optuna.Study, storage, prep: "Prepared", wall: float) -> None:
-    study_dir = prep.settings.study_dir
+def _finish(study: optuna.Study, storage, prep: "Prepared", wall: float, study_dir: Path) -> None:
     report(study, prep, study_dir / "artifacts", wall)
     if prep.settings.run.export and st.completed_trials(study):
         from .export import export_study
@@ -208,3 +297,69 @@ def report(study: optuna.Study, prep: "Prepared", artifact_dir, wall: float) -> 
         print(f"Pareto front ({len(rows)} trial(s); {directions}):")
         print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     print(f"\nDashboard: {st.dashboard_command(prep.settings.storage_url, artifact_dir)}")
+
+
+def resume_command(prep: "Prepared", study_name: str, budget: int | None = None) -> str:
+    """The exact command that continues (or, with a larger ``budget``, extends) the study: its settings come from
+    the study (``--resume``); this run's execution flags are repeated."""
+    s, run = prep.settings, prep.settings.run
+    argv = ["python", "-m", "search.run", "--resume", "--study-name", study_name, "--out", str(s.out),
+            "--storage", s.storage_url, "--budget", str(budget or run.budget), "--workers", str(run.workers),
+            "--sampler", run.sampler]
+    for flag, value in (("--cpus-per-trial", run.cpus_per_trial), ("--ray-address", run.ray_address),
+                        ("--trial-timeout", run.trial_timeout),
+                        ("--gpus-per-trial", run.gpus_per_trial or None)):
+        if value is not None:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    argv += ["--save-weights"] * run.save_weights + ["--no-export"] * (not run.export)
+    argv += [f"--max-failures-in-a-row={run.max_failures_in_a_row}"]
+    return shlex.join(argv)
+
+
+class StudyNotes:
+    """The study's optuna-dashboard note (markdown on the study page): settings, the commands that resume or
+    extend the study, progress and the current front, rewritten after every finished trial."""
+
+    def __init__(self, study: optuna.Study, prep: "Prepared", study_dir: Path, resources: str) -> None:
+        self.study, self.prep, self.study_dir, self.resources = study, prep, study_dir, resources
+
+    def update(self, status: str = "running") -> None:
+        try:
+            st.save_note(self.study, self.body(status))
+        except Exception:  # a note is a convenience: never stop a search for it (e.g. the study was just renamed)
+            pass
+
+    def body(self, status: str) -> str:
+        study, prep = self.study, self.prep
+        run = prep.settings.run
+        counted = len(st.counted_trials(study))
+        by_state = {state: len(study.get_trials(deepcopy=False, states=(state,)))
+                    for state in (TrialState.FAIL, TrialState.RUNNING)}
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        lines = [f"## attnas study `{study.study_name}`", "",
+                 f"**{status}** at {stamp}: {counted}/{run.budget} completed trial(s) counted, "
+                 f"{by_state[TrialState.FAIL]} failed, {by_state[TrialState.RUNNING]} running "
+                 f"(driver pid {os.getpid()}; {self.resources}).", "",
+                 "Resume after a stop (settings come from the study):", "",
+                 f"```\n{resume_command(prep, study.study_name)}\n```", "",
+                 f"Extend to {2 * run.budget} completed trials:", "",
+                 f"```\n{resume_command(prep, study.study_name, 2 * run.budget)}\n```", "",
+                 f"Files: `{self.study_dir}` (trials, artifacts, pareto/).", "", "### Pareto front", ""]
+        rows = front_rows(study, prep.objectives) if st.completed_trials(study) else []
+        if rows:
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+        else:
+            lines.append("(no completed trial yet)")
+        recorded = prep.settings.study.as_dict()
+        lines += ["", "### Settings (the study's identity)", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | `{_short_json(v)}` |" for k, v in recorded.items() if k != "layout"]
+        return "\n".join(lines) + "\n"
+
+
+def _short_json(value) -> str:
+    import json
+
+    text = json.dumps(value, sort_keys=True, default=str).replace("|", "\\|")
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -21,6 +21,7 @@ SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, 
 VERSIONS_ATTR = "attnas_versions"
 PATHS_ATTR = "attnas_paths"  # where its files are: out dir, artifact dir, storage URL as given
 DRIVER_ATTR = "attnas_driver"  # the driver running it now: host, pid, heartbeat
+OUTSIDE_ATTR = "attnas_outside_changes"  # trial number -> what another writer (the dashboard) did to it while it ran
 HEARTBEAT_S = 20.0
 STALE_S = 90.0  # a driver not heard of for this long is gone, wherever it ran
 
@@ -135,10 +136,47 @@ def objectives_of(study: optuna.Study) -> tuple[obj.Objective, ...]:
     return obj.parse(study.metric_names)
 
 
-def pareto_trials(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[FrozenTrial]:
-    """``study.best_trials`` without the copies dedup made (they share their source's values), listed by
-    :func:`search.objectives.sort_key` (fastest first by default)."""
-    return sorted((t for t in study.best_trials if "reused_from" not in t.user_attrs), key=obj.sort_key(objectives))
+def pareto_trials(study: optuna.Study, objectives: Sequence[obj.Objective],
+                  include_by_hand: bool = False) -> list[FrozenTrial]:
+    """``study.best_trials`` without the copies dedup made (they share their source's values) and, unless
+    ``include_by_hand``, without trials completed by hand in the dashboard (their values were typed, not measured),
+    listed by :func:`search.objectives.sort_key` (fastest first by default)."""
+    by_hand = set() if include_by_hand else {
+        int(n) for n, kind in outside_changes(study).items() if kind == "completed-by-hand"}
+    if by_hand:  # the front of the measured trials only: a typed value must not hide a real one
+        kept = [t for t in completed_trials(study) if t.number not in by_hand]
+        front = _nondominated(kept, study.directions)
+    else:
+        front = study.best_trials
+    return sorted((t for t in front if "reused_from" not in t.user_attrs), key=obj.sort_key(objectives))
+
+
+def _nondominated(trials: list[FrozenTrial], directions) -> list[FrozenTrial]:
+    """Optuna's rule for ``best_trials`` (feasible trials only, then non-dominated) over a subset of trials."""
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
+    return _get_pareto_front_trials_by_trials(trials, directions, consider_constraint=True)
+
+
+def outside_changes(study: optuna.Study) -> dict[str, str]:
+    """Trials another writer finished while the driver ran them: number (str) -> "stopped-from-dashboard" or
+    "completed-by-hand"."""
+    return dict(study.user_attrs.get(OUTSIDE_ATTR) or {})
+
+
+def record_outside_change(study: optuna.Study, number: int, kind: str) -> None:
+    """Mark a trial another writer finished (a finished trial takes no attributes, so the study keeps the mark)."""
+    study.set_user_attr(OUTSIDE_ATTR, {**outside_changes(study), str(number): kind})
+
+
+def find_renamed(storage: optuna.storages.BaseStorage) -> optuna.Study | None:
+    """The study this driver runs, under another name: optuna-dashboard's rename copies the study (trials, user
+    attributes, our driver lock included) into a new one and deletes the old one."""
+    for frozen in storage.get_all_studies():
+        info = frozen.user_attrs.get(DRIVER_ATTR) or {}
+        if info.get("host") == socket.gethostname() and info.get("pid") == os.getpid():
+            return optuna.load_study(study_name=frozen.study_name, storage=storage)
+    return None
 
 
 def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float],
@@ -176,3 +214,21 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[pkg] = "not installed" if pkg != "attnas" else "source checkout"
     return found
+
+
+def save_note(study_or_trial, body: str) -> None:
+    """optuna-dashboard's markdown note of a study or a trial (its public API; shown on the study/trial page)."""
+    from optuna_dashboard import save_note as _save
+
+    _save(study_or_trial, body)
+
+
+def trial_note(trial: optuna.Trial, describe: str, yaml_path: Path, artifact_id: str | None) -> str:
+    """A trial's note: its candidate and a link to its YAML artifact (served by the dashboard)."""
+    lines = [f"**Candidate**: `{describe}`", ""]
+    if artifact_id:
+        url = f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
+        lines.append(f"YAML: [{yaml_path.name}]({url}) (`{yaml_path}`)")
+    else:
+        lines.append(f"YAML: `{yaml_path}`")
+    return "\n".join(lines) + "\n"

@@ -37,6 +37,8 @@ class WorkPool(Protocol):
 
     def wait(self, timeout_s: float) -> list[Event]: ...
 
+    def cancel(self, key: Any) -> None: ...
+
     def cancel_all(self) -> list[Any]: ...
 
 
@@ -64,6 +66,9 @@ class InProcessPool:
         key, kind, work = self._queue.popleft()
         self.log.append((kind, key))
         return [Event(key, kind, work())]
+
+    def cancel(self, key: Any) -> None:
+        self._queue = deque(item for item in self._queue if item[0] != key)
 
     def cancel_all(self) -> list[Any]:
         keys = [key for key, _, _ in self._queue]
