@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from . import confirm
 from . import objectives as obj
 from . import study as st
 from .errors import SearchError
@@ -31,13 +32,16 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
     objectives = st.objectives_of(study)
     study_dir.mkdir(parents=True, exist_ok=True)
     done = st.completed_trials(study)
-    front = st.pareto_trials(study, objectives)
+    # With confirmation runs, the exported front is the one on the seed means (search/confirm.py).
+    confirmed = confirm.confirmed_front(objectives, confirm.confirmed(study, objectives))
+    front = [c.trial for c in confirmed] or st.pareto_trials(study, objectives)
+    stats = {c.trial.number: c.row(objectives) for c in confirmed}
     pareto_dir = study_dir / "pareto"
     pareto_dir.mkdir(exist_ok=True)
     for old in pareto_dir.glob("*.yaml"):  # the front moves between exports
         old.unlink()
     yamls = {t.number: _write_pareto_yaml(study, storage, objectives, t, pareto_dir) for t in front}
-    _write_csv(objectives, front, yamls, study_dir / "pareto.csv")
+    _write_csv(objectives, front, yamls, stats, study_dir / "pareto.csv")
     ref = obj.reference_point(objectives, [t.values for t in done])
     history = hypervolume_history(study, objectives, ref)
     with open(study_dir / "hypervolume.csv", "w", newline="") as f:
@@ -55,7 +59,10 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
         "settings": study.user_attrs.get(st.SETTINGS_ATTR, {}),
         "versions": study.user_attrs.get(st.VERSIONS_ATTR, {}),
         "base_trial": _row(objectives, base) if base else None,
-        "pareto": [{**_row(objectives, t), "yaml": str(yamls[t.number].relative_to(study_dir))} for t in front],
+        "pareto": [{**_row(objectives, t), **stats.get(t.number, {}),
+                    "yaml": str(yamls[t.number].relative_to(study_dir))} for t in front],
+        "pareto_on": "seed means of the confirmed trials" if confirmed else "single proxy runs at the top rung",
+        "fidelity": study.user_attrs.get("attnas_fidelity"),
         "plots": plots + ["hypervolume.png"],
         "hypervolume": {"reference_point": dict(zip(obj.names(objectives), ref)),
                         "final": history[-1][1] if history else 0.0, "history": "hypervolume.csv"},
@@ -132,12 +139,15 @@ def _rebuilt_yaml(study: optuna.Study, t: FrozenTrial) -> str:
 
 
 def _write_csv(objectives: tuple[obj.Objective, ...], front: list[FrozenTrial], yamls: dict[int, Path],
-               path: Path) -> None:
+               stats: dict[int, dict[str, Any]], path: Path) -> None:
+    """One row per front trial; with confirmation, also each objective's seed mean, sd and n, and whether its mAP
+    is above the base's by more than two standard errors."""
+    confirmed = [f"{o.name}_{k}" for o in objectives for k in ("mean", "sd", "n")] + ["above_base_2se"] if stats else []
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["trial", *obj.names(objectives), *_ATTR_COLUMNS, "yaml"])
+        w = csv.DictWriter(f, fieldnames=["trial", *obj.names(objectives), *confirmed, *_ATTR_COLUMNS, "yaml"])
         w.writeheader()
         for t in front:
-            w.writerow({**_row(objectives, t), "yaml": yamls[t.number].name})
+            w.writerow({**_row(objectives, t), **stats.get(t.number, {}), "yaml": yamls[t.number].name})
 
 
 def hypervolume_history(study: optuna.Study, objectives: tuple[obj.Objective, ...],

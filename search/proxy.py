@@ -83,7 +83,7 @@ class TrainJob:
     @property
     def tag(self) -> str:
         """This attempt's name at the latency gate."""
-        return f"{self.trial}.{self.attempt}"
+        return f"{self.trial}.{self.attempt}.{self.schedule.seed}"  # confirmation runs differ by seed only
 
 
 @dataclass

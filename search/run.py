@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--space", help="space YAML restricting slots/modules/values (see space/)")
     g.add_argument("--data", help="Ultralytics dataset YAML [built-in shapes-v2 set, generated on first use]")
     g = p.add_argument_group("proxy training (fixed for a study)")
-    g.add_argument("--epochs", type=int, help=f"[{default('epochs')}]")
+    g.add_argument("--rungs", help="epochs at each rung of asynchronous successive halving, e.g. 1,3,9: every "
+                   "candidate trains to the first; the best 1/--eta of a rung by Pareto rank continue from their "
+                   f"checkpoint to the next; one value = every candidate trains that long [{default('rungs')}]")
+    g.add_argument("--eta", type=int, help=f"promote the best 1/eta of each rung [{default('eta')}]")
+    g.add_argument("--epochs", type=int, help="same as --rungs N: every candidate trains N epochs")
+    g.add_argument("--confirm-seeds", type=int, help="after the budget, train the top-rung front and the base again "
+                   f"with this many more seeds; the exported front uses the seed means [{default('confirm_seeds')}]")
     g.add_argument("--imgsz", type=int, help=f"training image size, a multiple of 32 [{default('imgsz')}]")
     g.add_argument("--batch", type=int, help=f"[{default('batch')}]")
     g.add_argument("--fraction", help="train images used: ratio (0.5), count (8) or train,val (8,16) "

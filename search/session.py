@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from space.cli import table
 
+from . import confirm
 from . import objectives as obj
 from . import study as st
 from .driver import Driver, SearchAborted, SearchConfig, StudyGone, front_rows, make_sampler
 from .errors import SearchError
 from .executor import Executor, PoolSettings
-from .weights import base_training_job, prepare_base_weights, stored_base_weights
+from .weights import BaseCache, base_cache_key, base_training_job, prepare_base_weights, stored_base_weights
 
 if TYPE_CHECKING:
     from .run import Prepared
@@ -49,11 +50,12 @@ class Progress:
 
     def _refresh(self) -> None:
         done = st.counted_trials(self.study)
-        if done:
+        told = [t for t in done if t.values]  # candidates stopped below the top rung have no values
+        if told:
             best = []
             for i, o in enumerate(self.objectives):
                 pick = max if o.maximize else min
-                best.append(f"{o.name} {o.show(pick(t.values[i] for t in done))}")
+                best.append(f"{o.name} {o.show(pick(t.values[i] for t in told))}")
             self.bar.set_postfix_str(f"best {', '.join(best)}; Pareto {len(st.pareto_trials(self.study, self.objectives))}")
         self.bar.n = min(len(done), self.budget)
         self.bar.refresh()
@@ -97,7 +99,9 @@ def run_session(prep: "Prepared") -> int:
         if existing is not None:
             st.check_driver_lock(existing)
             unfinished = existing.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-            if len(st.counted_trials(existing)) >= run.budget and not unfinished:  # nothing to run: no Ray needed
+            unconfirmed = confirm.todo(existing, prep.objectives, s.study.fidelity.confirm_seeds)
+            if len(st.counted_trials(existing)) >= run.budget and not unfinished and not unconfirmed:
+                # nothing to run: no Ray needed
                 print(f"study {s.study_name!r} already holds {run.budget} completed trial(s); raise --budget to "
                       "continue it", file=sys.stderr)
                 _finish(existing, storage, prep, 0.0, study_dir_of(prep, existing))
@@ -216,13 +220,22 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     train_device = "0" if run.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
     threads = max(1, int(executor.cpus_per_trial))
     plan = study_settings.weights
-    base_job = None
+    base_job, cache, cache_key = None, None, None
     try:
         if plan.mode == "auto":
-            weights = stored_base_weights(study_dir)  # resume: an earlier run trained it
+            job = base_training_job(plan, prep.space.base, str(prep.data.yaml), schedule, study_dir, threads,
+                                    train_device)
+            cache, cache_key = BaseCache(s.out / ".cache" / "base-weights"), base_cache_key(job, prep.data.fingerprint)
+            # Resume: an earlier run of this study trained it; else another study under --out trained the same base.
+            weights = stored_base_weights(study_dir, cache, cache_key)
             if weights is None:  # trained in the pool, on one worker slot, while the meter times candidates
-                base_job = base_training_job(plan, prep.space.base, str(prep.data.yaml), schedule,
-                                             study_dir, threads, train_device)
+                base_job = job
+                print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate "
+                      "inherits it", file=sys.stderr)
+            elif weights.info.get("source") == "cache":
+                print(f"--weights auto: the same base was trained by an earlier study under --out (cache "
+                      f"{cache_key}); reusing it", file=sys.stderr)
+                study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
         else:
             weights = prepare_base_weights(plan, prep.space.base, prep.data.nc, str(prep.data.yaml),
                                            schedule, study_dir, threads, checked=prep.checkpoint)
@@ -235,7 +248,9 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
                           data_yaml=str(prep.data.yaml), study_dir=study_dir, latency_imgsz=lat.imgsz,
                           train_device=train_device, threads_per_trial=threads, save_weights=run.save_weights,
                           faults=dict(run.faults), max_failures_in_a_row=run.max_failures_in_a_row, weights=weights,
-                          base_job=base_job, lookahead=run.workers, constraints=study_settings.constraints)
+                          base_job=base_job, lookahead=run.workers, constraints=study_settings.constraints,
+                          rungs=study_settings.fidelity.rungs, eta=study_settings.fidelity.eta,
+                          base_cache=cache, base_cache_key=cache_key)
     notes = StudyNotes(study, prep, study_dir, executor.describe())
     progress = Progress(study, prep.objectives, run.budget, on_update=notes.update)
     store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
@@ -246,6 +261,7 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         driver.run()
+        driver.confirm(study_settings.fidelity.confirm_seeds)
     except StudyGone as err:
         progress.close()
         if err.renamed_to is None:
@@ -286,16 +302,28 @@ def _finish(study: optuna.Study, storage, prep: "Prepared", wall: float, study_d
 
 
 def report(study: optuna.Study, prep: "Prepared", artifact_dir, wall: float) -> None:
-    """Print the Pareto front as a table and the dashboard command."""
+    """Print the Pareto front as a table, the confirmed front, the study's fidelity and the dashboard command."""
     done = st.completed_trials(study)
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    stopped = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if st.RUNG_RESULTS in t.user_attrs]
     took = f"; this run took {wall:.0f} s" if wall else ""
-    print(f"\n{len(done)} completed, {len(failed)} failed trial(s) in the study{took}")
+    below = f", {len(stopped)} stopped below the top rung" if stopped else ""
+    print(f"\n{len(done)} completed{below}, {len(failed)} failed trial(s) in the study{took}")
     rows = front_rows(study, prep.objectives) if done else []
+    directions = ", ".join(f"{o.name} {'up' if o.maximize else 'down'}" for o in prep.objectives)
     if rows:
-        directions = ", ".join(f"{o.name} {'up' if o.maximize else 'down'}" for o in prep.objectives)
-        print(f"Pareto front ({len(rows)} trial(s); {directions}):")
+        print(f"Pareto front ({len(rows)} trial(s) at the top rung; {directions}):")
         print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    confirmed = confirm.confirmed_front(prep.objectives, confirm.confirmed(study, prep.objectives))
+    if confirmed:
+        print(f"\nConfirmed front on seed means ({len(confirmed)} trial(s)):")
+        crow = [{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in c.row(prep.objectives).items()}
+                for c in confirmed]
+        print(table(crow, list(crow[0])))
+    fidelity = confirm.fidelity_report(study, prep.objectives, prep.settings.study.fidelity.rungs)
+    with contextlib.suppress(Exception):
+        study.set_user_attr("attnas_fidelity", fidelity)
+    print("\n" + "\n".join(confirm.describe(fidelity)))
     print(f"\nDashboard: {st.dashboard_command(prep.settings.storage_url, artifact_dir)}")
 
 

@@ -42,6 +42,19 @@ class Constraints:
 
 
 @dataclass(frozen=True)
+class Fidelity:
+    """How long candidates train. ``rungs``: epochs at each rung of asynchronous successive halving (one value:
+    every candidate trains that long); a candidate is promoted to the next rung when it is in the best 1/``eta``
+    of its rung by Pareto rank. ``confirm_seeds``: after the budget, the top-rung front and the base are trained
+    again with this many more seeds, and the exported front is recomputed on the seed means."""
+
+    # 1, 3, 9 epochs: 50 candidates cost about as many epochs as 3 epochs each, but the front is decided at 9.
+    rungs: tuple[int, ...] = (1, 3, 9)
+    eta: int = 3
+    confirm_seeds: int = 1
+
+
+@dataclass(frozen=True)
 class StudySettings:
     """Everything that defines a study; fixed for its life. ``facts`` are content fingerprints resolved from the
     inputs (the base's hash, the dataset's fingerprint and counts), so a changed file is caught on resume."""
@@ -52,7 +65,9 @@ class StudySettings:
     data: str | None = None  # an Ultralytics dataset YAML; None: the built-in shapes set
     # Candidates fine-tune the inherited base for a few epochs (3 epochs carry signal once the base is trained;
     # from scratch they rank noise: see the README).
-    proxy: ProxySchedule = ProxySchedule(epochs=3, imgsz=128, batch=16, train_args=FINETUNE_TRAIN_ARGS)
+    # The schedule's epochs are the top rung's: every rung follows the top rung's learning-rate schedule.
+    proxy: ProxySchedule = ProxySchedule(epochs=9, imgsz=128, batch=16, train_args=FINETUNE_TRAIN_ARGS)
+    fidelity: Fidelity = Fidelity()
     weights: WeightsPlan = WeightsPlan("auto", None, 40, SCRATCH_TRAIN_ARGS)
     latency: LatencySettings = LatencySettings()
     constraints: Constraints = Constraints()
@@ -62,6 +77,7 @@ class StudySettings:
         """The recorded identity (JSON-ready)."""
         return json_ready({"layout": SETTINGS_LAYOUT, "objectives": list(self.objectives), "base": self.base,
                            "space": asdict(self.space), "data": self.data, "proxy": self.proxy.as_dict(),
+                           "fidelity": asdict(self.fidelity),
                            "weights": self.weights.as_dict(), "latency": self.latency.as_dict(),
                            "constraints": asdict(self.constraints), "facts": self.facts})
 
@@ -72,6 +88,7 @@ class StudySettings:
                               "start a new study with another --study-name")
         return cls(objectives=tuple(d["objectives"]), base=d["base"], space=SpaceConfig.from_dict(_space_raw(d)),
                    data=d["data"], proxy=ProxySchedule.from_dict(d["proxy"]),
+                   fidelity=Fidelity(**{**d["fidelity"], "rungs": tuple(d["fidelity"]["rungs"])}),
                    weights=WeightsPlan.from_dict(d["weights"]), latency=LatencySettings(**d["latency"]),
                    constraints=Constraints(**d["constraints"]), facts=dict(d.get("facts", {})))
 
@@ -115,8 +132,8 @@ class Settings:
 # -- from the command line --------------------------------------------------------------------------------------
 # Flags that set one field of a part of StudySettings: CLI dest -> (part, field).
 _FIELD_FLAGS = {
-    "epochs": ("proxy", "epochs"), "imgsz": ("proxy", "imgsz"), "batch": ("proxy", "batch"), "seed": ("proxy", "seed"),
-    "base_epochs": ("weights", "base_epochs"),
+    "imgsz": ("proxy", "imgsz"), "batch": ("proxy", "batch"), "seed": ("proxy", "seed"),
+    "base_epochs": ("weights", "base_epochs"), "eta": ("fidelity", "eta"), "confirm_seeds": ("fidelity", "confirm_seeds"),
     "latency_device": ("latency", "device"), "latency_imgsz": ("latency", "imgsz"),
     "latency_warmup": ("latency", "warmup"), "latency_runs": ("latency", "runs"),
     "latency_threads": ("latency", "threads"),
@@ -131,6 +148,7 @@ def default(dest: str) -> Any:
         part, name = _FIELD_FLAGS[dest]
         return getattr(getattr(d, part), name)
     return {"objectives": ",".join(d.objectives), "base": d.base, "weights": d.weights.mode,
+            "rungs": ",".join(map(str, d.fidelity.rungs)),
             "train_arg": _show_args(d.proxy.train_args), "base_train_arg": _show_args(d.weights.train_args),
             "fraction": d.proxy.fraction}[dest]
 
@@ -147,10 +165,14 @@ def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> St
             s = replace(s, **{dest: getattr(args, dest)})
     if args.space is not None:
         s = replace(s, space=SpaceConfig.load(args.space))
-    parts = {name: getattr(s, name) for name in ("proxy", "weights", "latency", "constraints")}
+    parts = {name: getattr(s, name) for name in ("proxy", "weights", "latency", "constraints", "fidelity")}
     for dest, (part, name) in _FIELD_FLAGS.items():
         if getattr(args, dest) is not None:
             parts[part] = replace(parts[part], **{name: getattr(args, dest)})
+    rungs = _rungs(args)
+    if rungs is not None:
+        parts["fidelity"] = replace(parts["fidelity"], rungs=rungs)
+    parts["proxy"] = replace(parts["proxy"], epochs=parts["fidelity"].rungs[-1])
     if args.fraction is not None:
         from .data import parse_fraction
 
@@ -192,10 +214,13 @@ def check(s: StudySettings) -> None:
     for flag, value in (("--imgsz", s.proxy.imgsz), ("--latency-imgsz", s.latency.imgsz)):
         if value <= 0 or value % 32:
             raise SearchError(f"{flag} must be a positive multiple of 32 (the largest stride), got {value}")
-    for flag, value in (("--epochs", s.proxy.epochs), ("--latency-runs", s.latency.runs),
-                        ("--base-epochs", s.weights.base_epochs)):
+    for flag, value in (("--latency-runs", s.latency.runs), ("--base-epochs", s.weights.base_epochs)):
         if value < 1:
             raise SearchError(f"{flag} must be at least 1, got {value}")
+    if s.fidelity.eta < 2:
+        raise SearchError(f"--eta must be at least 2, got {s.fidelity.eta}")
+    if s.fidelity.confirm_seeds < 0:
+        raise SearchError(f"--confirm-seeds must be >= 0, got {s.fidelity.confirm_seeds}")
     if s.proxy.batch < 2:
         raise SearchError(f"--batch must be at least 2 (BatchNorm needs two images per batch), got {s.proxy.batch}")
     if s.latency.warmup < 0 or s.latency.threads < 0:
@@ -266,6 +291,21 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def _rungs(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--rungs 1,3,9``, or ``--epochs N`` (one rung: every candidate trains N epochs); None when neither is given."""
+    from .rungs import parse_rungs
+
+    if args.epochs is not None and args.rungs is not None:
+        raise SearchError("give --rungs or --epochs, not both (--epochs N is --rungs N)")
+    if args.epochs is not None and args.epochs < 1:
+        raise SearchError(f"--epochs must be at least 1, got {args.epochs}")
+    try:
+        return parse_rungs(str(args.epochs)) if args.epochs is not None else (
+            parse_rungs(args.rungs) if args.rungs is not None else None)
+    except ValueError as err:
+        raise SearchError(str(err)) from None
+
+
 def _merge(current: tuple[tuple[str, Any], ...], items: list[str] | None) -> tuple[tuple[str, Any], ...]:
     if not items:
         return current
@@ -281,6 +321,6 @@ def _space_raw(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d["space"].items() if v is not None}
 
 
-__all__ = ["Constraints", "RunSettings", "Settings", "StudySettings", "FINETUNE_TRAIN_ARGS", "SCRATCH_TRAIN_ARGS",
+__all__ = ["Constraints", "Fidelity", "RunSettings", "Settings", "StudySettings", "FINETUNE_TRAIN_ARGS", "SCRATCH_TRAIN_ARGS",
            "default", "differences", "json_ready", "parse_faults", "parse_train_args", "run_settings",
            "study_settings"]

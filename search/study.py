@@ -20,6 +20,8 @@ from .errors import SearchError
 SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
 VERSIONS_ATTR = "attnas_versions"
 PATHS_ATTR = "attnas_paths"  # where its files are: out dir, artifact dir, storage URL as given
+RUNG_RESULTS = "rung_results"  # trial attr: {epochs: objective values} at each rung the candidate finished
+CONFIRM_ATTR = "attnas_confirmation"  # study attr: {trial: {"seeds": [...], "values": [[...], ...]}}
 DRIVER_ATTR = "attnas_driver"  # the driver running it now: host, pid, heartbeat
 OUTSIDE_ATTR = "attnas_outside_changes"  # trial number -> what another writer (the dashboard) did to it while it ran
 HEARTBEAT_S = 20.0
@@ -122,6 +124,8 @@ def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStora
     """
     requeued = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if RUNG_RESULTS in t.user_attrs:  # a candidate between rungs: the driver adopts it with its checkpoint
+            continue
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while this trial ran; "
                                     "its parameters were queued again on resume")
         storage.set_trial_user_attr(t._trial_id, "fail_kind", "driver-stopped")
@@ -202,8 +206,25 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed trials that count toward ``--budget``: infeasible candidates (never trained) do not."""
-    return [t for t in completed_trials(study) if "infeasible" not in t.user_attrs]
+    """Trials that count toward ``--budget``: completed ones (infeasible candidates, never trained, do not) and
+    candidates that stopped below the top rung of successive halving (PRUNED with rung results)."""
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    return ([t for t in completed_trials(study) if "infeasible" not in t.user_attrs]
+            + [t for t in pruned if RUNG_RESULTS in t.user_attrs])
+
+
+def rung_results(trial: FrozenTrial) -> dict[int, list[float]]:
+    """A candidate's objective values at each rung it finished: {epochs: values}, in rung order."""
+    return {int(k): v for k, v in sorted((trial.user_attrs.get(RUNG_RESULTS) or {}).items(), key=lambda kv: int(kv[0]))}
+
+
+def best_available_values(trial: FrozenTrial) -> list[float] | None:
+    """What a search strategy learns from: a completed trial's values, else its values at the highest rung it
+    finished (a candidate stopped or paused below the top rung), else None."""
+    if trial.state == TrialState.COMPLETE:
+        return list(trial.values)
+    results = rung_results(trial)
+    return list(results[max(results)]) if results else None
 
 
 def versions() -> dict[str, str]:

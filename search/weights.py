@@ -113,6 +113,7 @@ def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str,
     if stored is not None:
         return stored
     job = base_training_job(plan, base, data_yaml, schedule, study_dir, threads, device)
+    _stderr(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it")
     return store_base_weights(job, run_training(job), study_dir)
 
 
@@ -164,8 +165,6 @@ def base_cache_key(job: TrainJob, data_fingerprint: str) -> str:
 def base_training_job(plan: WeightsPlan, base: Base, data_yaml: str, schedule: ProxySchedule, study_dir: Path,
                       threads: int, device: str = "cpu") -> TrainJob:
     """The one training of the base for ``--weights auto``: ``--base-epochs`` with the base's train arguments."""
-    print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it",
-          file=sys.stderr)
     candidate = make_candidate(base)
     return TrainJob(trial=-1, candidate_hash=candidate.hash, yaml_text=to_yaml(candidate), data=data_yaml,
                     schedule=replace(schedule, epochs=plan.base_epochs, train_args=plan.train_args),

@@ -53,11 +53,13 @@ class InProcessPool:
         self._latency = latency
         self._queue: deque[tuple[Any, str, Callable[[], Any]]] = deque()
         self.log: list[tuple[str, Any]] = []  # (kind, key) in the order the work ran
+        self.jobs: dict[Any, list[TrainJob]] = {}  # every training submitted, by key
 
     def submit_latency(self, key: Any, candidate, proxy_imgsz: int) -> None:
         self._queue.append((key, "latency", lambda: measure_latency(candidate, self._latency, proxy_imgsz)))
 
     def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None:
+        self.jobs.setdefault(key, []).append(job)
         self._queue.append((key, kind, lambda: run_training(job)))
 
     def wait(self, timeout_s: float) -> list[Event]:

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--imgsz", "64", "--epochs", "1", "--fraction", "8,8", "--batch", "4", "--latency-imgsz", "64",
+TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4", "--latency-imgsz", "64",
         "--latency-runs", "3", "--latency-warmup", "1", "--weights", "none"]
 
 

@@ -82,7 +82,22 @@ def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     assert recorded["weights"] == {"mode": "auto", "path": None, "sha256": None, "base_epochs": 40,
                                    "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
     assert recorded["facts"]["data"]["identity"] == "builtin:shapes-v2"
+    assert recorded["fidelity"] == {"rungs": [1, 3, 9], "eta": 3, "confirm_seeds": 1}
+    assert s.study.proxy.epochs == 9, "every rung follows the top rung's schedule"
     assert not (tmp_path / "yolov8n-shapes-v2").exists(), "checking writes no study"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rungs", "3,1"], "strictly increasing"),
+    (["--rungs", "1,3", "--epochs", "3"], "give --rungs or --epochs, not both"),
+    (["--eta", "1"], "--eta must be at least 2"),
+    (["--confirm-seeds", "-1"], "--confirm-seeds must be >= 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_bad_fidelity_settings_are_one_line_exit_2(argv, message, tmp_path, capsys):
+    assert search_run.main(["--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_candidates_fine_tune_when_they_inherit_and_train_like_the_base_from_scratch(tmp_path):
