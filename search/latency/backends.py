@@ -8,7 +8,7 @@ try to pip-install at run time), checks the graph with ``onnx.checker`` and time
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import importlib.util
 import io
 from typing import Callable
@@ -22,15 +22,12 @@ Runner = Callable[[], object]
 
 def backend_version(backend: str) -> str:
     """The installed version of the runtime that does the timing (part of a study's identity)."""
-    package = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}[backend]
-    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime
-
-        return onnxruntime.__version__  # the GPU build is distributed as onnxruntime-gpu
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown latency backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(backend) is None:
         return "not installed"
+    # The module's own version string: it names the build (torch 2.14.1+cu130; onnxruntime-gpu ships as onnxruntime).
+    return str(importlib.import_module(backend).__version__)
 
 
 def make_runner(model: torch.nn.Module, backend: str, device: str, shape: tuple[int, int, int, int], half: bool,
