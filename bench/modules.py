@@ -12,20 +12,17 @@ ratio to it.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
-import weakref
 from pathlib import Path
 
 import torch
 from torch.utils import benchmark
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import modules  # noqa: E402
+from search.latency.memory import peak_memory_mb  # noqa: E402
 
 SIZES = ((64, 80), (128, 40), (256, 20))  # (channels, map side) of yolov8n P3/P4/P5 at 640 px
 
@@ -34,52 +31,6 @@ def baseline(c: int) -> torch.nn.Module:
     from ultralytics.nn.modules.block import PSABlock
 
     return PSABlock(c, attn_ratio=0.5, num_heads=max(1, c // 64))
-
-
-class _PeakTensorMemory(TorchDispatchMode):
-    """Tracks the bytes of tensor storages created inside the mode and still alive, and their peak.
-
-    The CPU allocator has no peak statistic (and RSS hides reuse), so every op's outputs are counted until
-    their storage is freed.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.seen:
-                    self.seen.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
-def peak_memory_mb(fn, device: str) -> float:
-    """Peak memory of the tensors ``fn()`` creates: the CUDA allocator's peak, or storages tracked on CPU."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - start) / 2**20
-    tracker = _PeakTensorMemory()
-    with tracker:
-        fn()
-    return tracker.peak / 2**20
 
 
 def measure(layer: torch.nn.Module, c: int, side: int, device: str, runs: int) -> dict:

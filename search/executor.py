@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import mmap
 import os
+import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
 import ray.exceptions as rex
 
 from .errors import SearchError
-from .latency import LatencyResult, LatencySettings, measure_latency
+from .latency import LatencyResult, LatencySettings, Reference, measure_latency, prepare_reference
 from .proxy import TrainJob, TrainResult, run_training
 from .work import Event
 
@@ -32,7 +36,11 @@ _WORKER_DEATHS = (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDied
 
 @ray.remote(num_cpus=0)
 class DeviceGate:
-    """Parks trainings at batch boundaries while a latency measurement on their node needs the device."""
+    """Parks trainings at batch boundaries while a latency measurement on their node needs the device.
+
+    Trainings reach it through a :class:`GateClient`, which asks this actor only while its node's shared-memory
+    flag says closed; ``checkpoint_calls`` counts the calls that did reach it.
+    """
 
     def __init__(self) -> None:
         self._open = asyncio.Event()
@@ -42,6 +50,7 @@ class DeviceGate:
         self._expected: dict[str, float] = {}  # submitted, not started yet: tag -> submit time
         self._parked: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._checkpoint_calls = 0
 
     def expect(self, tag: str) -> None:
         """The driver submitted this training: its worker may be starting (importing torch: load) right now."""
@@ -51,7 +60,7 @@ class DeviceGate:
     async def enter(self, tag: str, node: str) -> None:
         self._expected.pop(tag, None)
         self._active[tag] = node
-        await self.checkpoint(tag)
+        await self._wait_if_closed(tag)
 
     def leave(self, tag: str) -> None:
         self._active.pop(tag, None)
@@ -59,6 +68,13 @@ class DeviceGate:
         self._parked.discard(tag)
 
     async def checkpoint(self, tag: str) -> None:
+        self._checkpoint_calls += 1
+        await self._wait_if_closed(tag)
+
+    def checkpoint_calls(self) -> int:
+        return self._checkpoint_calls
+
+    async def _wait_if_closed(self, tag: str) -> None:
         if self._open.is_set() or self._active.get(tag) != self._node:
             return
         self._parked.add(tag)
@@ -87,42 +103,122 @@ class DeviceGate:
         self._open.set()
 
 
+class NodeFlag:
+    """One byte in shared memory per (gate, node), 1 while a measurement on that node holds the device.
+
+    A training reads it before every batch (an mmap read, no system call) and asks the gate actor only when it
+    is set, so the open path costs no Ray round trip. A file in /dev/shm rather than
+    ``multiprocessing.shared_memory``: the latter's resource tracker unlinks the segment when the process that
+    created it exits, and here any process on the node may be first.
+    """
+
+    def __init__(self, token: str, node: str) -> None:
+        self.path = os.path.join(_flag_dir(), f"attnas-gate-{token}-{node[:24]}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 1:
+                os.ftruncate(fd, 1)  # a new file reads as 0: open
+            self._map = mmap.mmap(fd, 1)
+        finally:
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._map[0] != 0
+
+    def set(self, closed: bool) -> None:
+        self._map[0] = 1 if closed else 0
+
+
+def _flag_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+@dataclass
+class GateClient:
+    """What trainings and the meter hold: the gate actor plus the token that names its per-node flags."""
+
+    actor: Any
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    _flag: NodeFlag | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {"actor": self.actor, "token": self.token, "_flag": None}  # an mmap does not travel
+
+    def flag(self, node: str | None = None) -> NodeFlag:
+        if self._flag is None:
+            self._flag = NodeFlag(self.token, node or ray.get_runtime_context().get_node_id())
+        return self._flag
+
+    def enter(self, tag: str) -> None:
+        node = ray.get_runtime_context().get_node_id()
+        self.flag(node)
+        ray.get(self.actor.enter.remote(tag, node))
+
+    def checkpoint(self, tag: str) -> None:
+        """Called before every batch: local when the flag is clear; parks at the actor while it is set."""
+        if self.flag().closed:
+            ray.get(self.actor.checkpoint.remote(tag))
+
+    def leave(self, tag: str) -> None:
+        self.actor.leave.remote(tag)
+
+    def close(self, node: str, max_wait_s: float) -> list[str]:
+        """Set this node's flag, then wait at the actor until every training here is parked."""
+        self.flag(node).set(True)
+        return ray.get(self.actor.close.remote(node, max_wait_s))
+
+    def open(self) -> None:
+        self.flag().set(False)
+        ray.get(self.actor.open.remote())
+
+
 @ray.remote(num_cpus=0)
 class LatencyMeter:
-    """The one process per latency device that times candidates, one at a time (Ray runs its calls serially)."""
+    """The one process per latency device that times candidates, one at a time (Ray runs its calls serially),
+    each paired with the reference network (the base), prepared once here."""
 
-    def __init__(self, settings: LatencySettings, gate) -> None:
+    def __init__(self, settings: LatencySettings, gate: GateClient, reference=None) -> None:
         import modules
 
         modules.register()
         self._settings = settings
         self._gate = gate
         self._node = ray.get_runtime_context().get_node_id()
+        self._reference_candidate = reference
+        self._reference: Reference | None = None
+
+    def identity(self) -> dict:
+        """The latency settings, the runtime's version and this node's processor (a study's identity)."""
+        return self._settings.identity()
 
     def measure(self, candidate, proxy_imgsz: int) -> LatencyResult:
         try:
-            return measure_latency(candidate, self._settings, proxy_imgsz, exclusive=self._exclusive)
+            if self._reference is None and self._reference_candidate is not None:
+                self._reference = prepare_reference(self._reference_candidate, self._settings)
+            return measure_latency(candidate, self._settings, proxy_imgsz, exclusive=self._exclusive,
+                                   reference=self._reference)
         except Exception as err:  # recorded as the trial's failure reason
             return LatencyResult(error=f"latency measurement failed: {type(err).__name__}: {err}")
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[list[str]]:
         try:
-            yield ray.get(self._gate.close.remote(self._node, GATE_MAX_WAIT_S))
+            yield self._gate.close(self._node, GATE_MAX_WAIT_S)
         finally:
-            ray.get(self._gate.open.remote())
+            self._gate.open()
 
 
 @ray.remote(max_retries=0)  # worker deaths are retried by the Executor, which records the attempt in the study
-def _train_task(job: TrainJob, gate) -> TrainResult:
+def _train_task(job: TrainJob, gate: GateClient) -> TrainResult:
     tag = job.tag
-    ray.get(gate.enter.remote(tag, ray.get_runtime_context().get_node_id()))
+    gate.enter(tag)
     parked = 0.0
 
     def checkpoint() -> None:
         nonlocal parked
         t0 = time.perf_counter()
-        ray.get(gate.checkpoint.remote(tag))
+        gate.checkpoint(tag)
         parked += time.perf_counter() - t0
 
     try:
@@ -131,7 +227,7 @@ def _train_task(job: TrainJob, gate) -> TrainResult:
         result.extra["parked_s"] = round(parked, 2)
         return result
     finally:
-        gate.leave.remote(tag)
+        gate.leave(tag)
 
 
 @dataclass(frozen=True)
@@ -158,7 +254,10 @@ class Executor:
     """Runs latency measurements and proxy trainings on Ray (a :class:`search.work.WorkPool`); the driver polls
     ``wait`` for finished work."""
 
-    def __init__(self, pool: PoolSettings, latency: LatencySettings, env: dict[str, str] | None = None) -> None:
+    def __init__(self, pool: PoolSettings, latency: LatencySettings, env: dict[str, str] | None = None, *,
+                 reference=None) -> None:
+        """``reference``: the base as a space Candidate; when given, every candidate is timed paired with it
+        (``LatencyResult.ratio``), else alone as before."""
         self.pool = pool
         self.workers = pool.workers
         env_vars = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", **(env or {})}
@@ -187,7 +286,7 @@ class Executor:
             self.shutdown()
             raise SearchError("--latency-device cuda but Ray found no GPU; use --latency-device cpu")
         self.cpus_per_trial = pool.cpus_per_trial or max(1.0, float(int(self.cpus // max(1, pool.workers))))
-        self.gate = DeviceGate.remote()
+        self.gate = GateClient(DeviceGate.remote())
         meter_options: dict[str, Any] = {}
         if latency.device == "cuda":
             # The meter reserves no GPU (it would starve trainings that ask for a whole one) yet must see it.
@@ -195,8 +294,21 @@ class Executor:
                 "env_vars": {**env_vars, "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
         self._meter_options = meter_options
         self._latency = latency
-        self.meter = LatencyMeter.options(**meter_options).remote(latency, self.gate)
+        self._reference = reference
+        self.meter = self._new_meter()
         self._pending: dict[ray.ObjectRef, _Pending] = {}
+
+    def _new_meter(self):
+        return LatencyMeter.options(**self._meter_options).remote(self._latency, self.gate, self._reference)
+
+    def _meter_node(self) -> str:
+        # The driver's node: the meter's on local Ray. On a cluster a dead meter's flag elsewhere stays set; the
+        # trainings there then ask the (reopened) actor at every batch, slower but never parked.
+        return ray.get_runtime_context().get_node_id()
+
+    def latency_identity(self) -> dict:
+        """LatencySettings.identity() as seen by the meter: its runtime version and its node's processor."""
+        return ray.get(self.meter.identity.remote())
 
     def describe(self) -> str:
         where = self.pool.ray_address or "local Ray"
@@ -215,7 +327,7 @@ class Executor:
     def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None:
         """Train ``job`` on one worker slot; ``kind`` "base" is the base training of --weights auto, which
         --trial-timeout does not limit."""
-        self.gate.expect.remote(job.tag)
+        self.gate.actor.expect.remote(job.tag)
         options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
         ref = _train_task.options(**options).remote(job, self.gate)
         self._pending[ref] = _Pending(key, kind, time.monotonic(), job, job.tag)
@@ -239,7 +351,7 @@ class Executor:
             return [Event(p.key, p.kind, ray.get(ref))]
         except _WORKER_DEATHS as err:
             if p.job is not None and p.job.attempt == 0:
-                self.gate.leave.remote(p.tag)
+                self.gate.leave(p.tag)
                 retry = TrainJob(**{**p.job.__dict__, "attempt": 1})
                 self.submit_train(p.key, retry, p.kind)
                 return [Event(p.key, "retry", None, {"reason": _short(err)})]
@@ -248,15 +360,16 @@ class Executor:
             return [self._failed(p, "oom", f"out of memory (killed by Ray's memory monitor): {_short(err)}")]
         except rex.RayActorError as err:
             # The meter died (maybe with the gate closed): reopen the gate and start a new meter for later trials.
-            self.gate.open.remote()
-            self.meter = LatencyMeter.options(**self._meter_options).remote(self._latency, self.gate)
+            self.gate.flag(self._meter_node()).set(False)
+            self.gate.actor.open.remote()
+            self.meter = self._new_meter()
             return [self._failed(p, "worker-died", f"latency meter died: {_short(err)}")]
         except rex.RayError as err:
             return [self._failed(p, "exception", _short(err))]
 
     def _failed(self, p: _Pending, kind: str, message: str) -> Event:
         if p.job is not None:
-            self.gate.leave.remote(p.tag)
+            self.gate.leave(p.tag)
             spent = time.monotonic() - p.submitted
             return Event(p.key, p.kind, TrainResult(error=message, error_kind=kind, train_s=spent))
         return Event(p.key, "latency", LatencyResult(error=message))
@@ -297,6 +410,10 @@ class Executor:
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):
             ray.shutdown()
+        if hasattr(self, "gate"):
+            for path in glob.glob(os.path.join(_flag_dir(), f"attnas-gate-{self.gate.token}-*")):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
 
 def _local_gpus() -> int:

@@ -1,12 +1,16 @@
 """Latency measurement and its isolation from training: the real DeviceGate actor on a real local Ray."""
 
+import glob
+import os
 import time
 
 import pytest
 import ray
 
 import space
-from search.executor import DeviceGate
+import torch
+
+from search.executor import DeviceGate, GateClient, LatencyMeter
 from search.latency import LatencySettings, measure_latency
 
 
@@ -27,43 +31,91 @@ def test_an_invalid_candidate_is_an_error_not_an_exception():
     assert res.error and res.error.startswith("invalid candidate") and res.median_ms is None
 
 
-@pytest.mark.slow
-def test_trainings_are_parked_while_the_gate_is_closed():
-    """Busy 'trainings' pass the gate at every step; while a measurement holds it, none takes a step."""
+@pytest.fixture(scope="module")
+def local_ray():
+    before = set(glob.glob("/dev/shm/attnas-gate-*"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
-    try:
-        gate = DeviceGate.remote()
-        node = ray.get_runtime_context().get_node_id()
+    yield
+    ray.shutdown()
+    for path in set(glob.glob("/dev/shm/attnas-gate-*")) - before:  # the gates' one-byte flags made here
+        os.remove(path)
 
-        @ray.remote(num_cpus=0.5)
-        def training(gate, tag: str, seconds: float, start_after: float = 0.0) -> list[float]:
-            time.sleep(start_after)  # a worker still starting up (importing torch) when the gate closes
-            ray.get(gate.enter.remote(tag, ray.get_runtime_context().get_node_id()))
-            steps, end = [], time.time() + seconds
-            while time.time() < end:
-                ray.get(gate.checkpoint.remote(tag))
-                steps.append(time.time())
-                time.sleep(0.01)  # one "batch"
-            gate.leave.remote(tag)
-            return steps
 
-        runs = [training.remote(gate, f"t{i}", 6.0) for i in range(2)]
-        time.sleep(2.0)
-        gate.expect.remote("late")  # submitted by the driver, not started yet
-        runs.append(training.remote(gate, "late", 3.0, start_after=1.5))
-        asked = time.time()
-        not_parked = ray.get(gate.close.remote(node, 10.0))
-        closed_at = time.time()
-        assert closed_at - asked >= 1.4, "the gate waits for a submitted training to start and park"
-        time.sleep(1.0)  # the measurement
-        opened_at = time.time()
-        ray.get(gate.open.remote())
-        steps = ray.get(runs)
-        assert not_parked == []
-        for s in steps:
-            assert not [t for t in s if closed_at < t < opened_at], "a training stepped during the measurement"
-            assert any(t > opened_at for t in s), "trainings resume when the gate opens"
-        assert ray.get(gate.close.remote(node, 1.0)) == [], "finished trainings are not waited for"
-        ray.get(gate.open.remote())
-    finally:
-        ray.shutdown()
+@pytest.mark.slow
+def test_trainings_are_parked_while_the_gate_is_closed(local_ray):
+    """Busy 'trainings' pass the gate at every step; while a measurement holds it, none takes a step."""
+    gate = GateClient(DeviceGate.remote())
+    node = ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=0.5)
+    def training(gate: GateClient, tag: str, seconds: float, start_after: float = 0.0) -> list[float]:
+        time.sleep(start_after)  # a worker still starting up (importing torch) when the gate closes
+        gate.enter(tag)
+        steps, end = [], time.time() + seconds
+        while time.time() < end:
+            gate.checkpoint(tag)
+            steps.append(time.time())
+            time.sleep(0.01)  # one "batch"
+        gate.leave(tag)
+        return steps
+
+    runs = [training.remote(gate, f"t{i}", 6.0) for i in range(2)]
+    time.sleep(2.0)
+    gate.actor.expect.remote("late")  # submitted by the driver, not started yet
+    runs.append(training.remote(gate, "late", 3.0, start_after=1.5))
+    asked = time.time()
+    not_parked = gate.close(node, 10.0)
+    closed_at = time.time()
+    assert closed_at - asked >= 1.4, "the gate waits for a submitted training to start and park"
+    time.sleep(1.0)  # the measurement
+    opened_at = time.time()
+    gate.open()
+    steps = ray.get(runs)
+    assert not_parked == []
+    for s in steps:
+        assert not [t for t in s if closed_at < t < opened_at], "a training stepped during the measurement"
+        assert any(t > opened_at for t in s), "trainings resume when the gate opens"
+    assert gate.close(node, 1.0) == [], "finished trainings are not waited for"
+    gate.open()
+
+
+def test_the_open_gate_is_passed_without_calling_the_actor(local_ray):
+    """1000 batches through an open gate: no call reaches the actor, and each costs well under 50 us."""
+    gate = GateClient(DeviceGate.remote())
+
+    @ray.remote(num_cpus=0)
+    def training(gate: GateClient, batches: int) -> float:
+        gate.enter("t")
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            gate.checkpoint("t")
+        per_batch = (time.perf_counter() - t0) / batches
+        gate.leave("t")
+        return per_batch
+
+    per_batch = ray.get(training.remote(gate, 1000))
+    assert ray.get(gate.actor.checkpoint_calls.remote()) == 0
+    assert per_batch < 50e-6
+    # Closed, the same client asks the actor (which parks it): the fast path is only the open one.
+    node = ray.get_runtime_context().get_node_id()
+    gate.flag(node).set(True)
+    ray.get(training.remote(gate, 3))
+    gate.flag(node).set(False)
+    assert ray.get(gate.actor.checkpoint_calls.remote()) == 3
+
+
+@pytest.mark.slow
+def test_the_meter_times_candidates_paired_with_the_base(local_ray):
+    base = space.load_base("yolov8n.yaml")
+    gate = GateClient(DeviceGate.remote())
+    settings = LatencySettings(imgsz=64, runs=6, min_runs=6, threads=1)
+    meter = LatencyMeter.remote(settings, gate, space.make_candidate(base))
+    with_cga = space.make_candidate(base, {"N4": space.Placement("N4", "CGA", "insert", ())})
+    res = ray.get(meter.measure.remote(with_cga, 64))
+    assert res.error is None and res.n == 6 and res.reference_ms > 0
+    assert res.ci_low <= res.ratio <= res.ci_high and res.params > 3_157_200
+    assert ray.get(gate.actor.checkpoint_calls.remote()) == 0
+    assert not gate.flag().closed, "the meter reopens the flag after timing"
+    identity = ray.get(meter.identity.remote())
+    assert identity["backend"] == "torch" and identity["backend_version"] == torch.__version__
+    assert identity["device_model"]
