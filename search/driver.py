@@ -34,7 +34,7 @@ from space import Candidate, SearchSpace, to_yaml
 from . import objectives as obj
 from . import study as st
 from .errors import SearchError
-from .latency import LatencyResult
+from .latency import LatencyResult, study_reference_ms
 from .proxy import ProxySchedule, TrainJob, TrainResult
 from .rungs import Ladder
 from .settings import Constraints
@@ -42,6 +42,7 @@ from .weights import BaseCache, BaseWeights, store_base_weights
 from .work import Event, WorkPool
 
 BASE_KEY = "base"  # the executor key of the base training (trial keys are trial numbers)
+SETTLE = 5  # reference windows after which the study's reference latency is fixed
 
 
 @dataclass
@@ -385,10 +386,16 @@ class Driver:
             self._fail(run, "latency", lat.error)
             return
         run.latency = lat
+        self._add_reference_window(lat)
         attrs = {"n_params": lat.params, "gflops": round(lat.gflops, 4), "gflops_imgsz": self.config.latency_imgsz,
-                 "latency_ms": lat.median_ms, "latency_p90_ms": round(lat.p90_ms, 4),
-                 "latency_iqr_ms": round(lat.iqr_ms, 4), "latency_min_ms": round(lat.min_ms, 4), "latency_n": lat.n,
-                 "latency_threads": lat.threads, "latency_s": round(lat.measure_s, 2)}
+                 "latency_ms": self._scaled(lat).latency_ms, "latency_own_ms": lat.median_ms,
+                 "latency_p90_ms": round(lat.p90_ms, 4), "latency_iqr_ms": round(lat.iqr_ms, 4),
+                 "latency_min_ms": round(lat.min_ms, 4), "latency_n": lat.n, "latency_threads": lat.threads,
+                 "latency_s": round(lat.measure_s, 2), "latency_exclusive_s": round(lat.exclusive_s, 2),
+                 "latency_backend": lat.backend, "peak_mem_mb": lat.peak_mem_mb}
+        if lat.ratio is not None:
+            attrs.update({"latency_ratio": lat.ratio, "latency_ci_low": lat.ci_low, "latency_ci_high": lat.ci_high,
+                          "latency_ci_level": lat.ci_level, "latency_reference_ms": lat.reference_ms})
         if lat.contended:
             attrs["latency_contended_by"] = lat.contended
         for key, value in attrs.items():
@@ -398,13 +405,30 @@ class Driver:
         run.ready = True
         self._dispatch()
 
+    def _add_reference_window(self, lat: LatencyResult) -> None:
+        """A paired measurement's reference median joins the study's windows until the study's reference latency
+        has settled (search.latency.study_reference_ms); from then on it is fixed for the study's life."""
+        info = dict(self.study.user_attrs.get(st.LATENCY_REF_ATTR) or {"windows": [], "fixed": False})
+        if lat.reference_ms is None or info["fixed"]:
+            return
+        windows = [*info["windows"], lat.reference_ms]
+        self.study.set_user_attr(st.LATENCY_REF_ATTR, {"windows": windows, "ms": study_reference_ms(windows, SETTLE),
+                                                       "fixed": len(windows) >= SETTLE})
+
+    def _scaled(self, lat: LatencyResult) -> LatencyResult:
+        """``lat`` with its latency objective set: the paired ratio times the study's reference latency as it is
+        now (settled after the first few measurements), or the candidate's own median when it was timed alone."""
+        info = self.study.user_attrs.get(st.LATENCY_REF_ATTR)
+        lat.latency_ms = lat.ratio * info["ms"] if lat.ratio is not None and info else lat.median_ms
+        return lat
+
     def _infeasible(self, run: _Running, lat: LatencyResult) -> bool:
         """Apply --max-latency-ms / --max-params through Optuna's constraints (value <= 0 is feasible).
 
         A candidate that breaks one is never trained: it is told COMPLETE with mAP 0 and its measured latency,
         so samplers learn where the infeasible region is while ``study.best_trials`` ignores it."""
         c = self.config.constraints
-        limits = {"latency_ms": (lat.median_ms, c.max_latency_ms), "params": (lat.params, c.max_params)}
+        limits = {"latency_ms": (lat.latency_ms, c.max_latency_ms), "params": (lat.params, c.max_params)}
         broken = []
         for trial in [run.trial, *run.followers]:
             for name, (value, limit) in limits.items():
@@ -446,7 +470,8 @@ class Driver:
             if key not in _RUNG_INTERNALS:
                 run.trial.set_user_attr(key, value)
         self.infeasible_in_a_row = 0
-        values = obj.values(self.config.objectives, run.latency, res)
+        values = obj.values(self.config.objectives, self._scaled(run.latency), res)
+        run.trial.set_user_attr("latency_ms", run.latency.latency_ms)
         if len(self.rungs) > 1 and self._finished_rung(run, res, values):
             return
         self.study.tell(run.trial, values)
@@ -632,7 +657,8 @@ _RUNG_INTERNALS = frozenset({"checkpoint", "lr", "state_at_start", "state_at_end
 def measured(trial: optuna.trial.FrozenTrial) -> LatencyResult:
     """The meter's measurement of a trial, as its attributes recorded it (for objectives known before training)."""
     a = trial.user_attrs
-    return LatencyResult(median_ms=a.get("latency_ms"), params=a.get("n_params"), gflops=a.get("gflops"))
+    return LatencyResult(median_ms=a.get("latency_own_ms"), latency_ms=a.get("latency_ms"), params=a.get("n_params"),
+                         gflops=a.get("gflops"), peak_mem_mb=a.get("peak_mem_mb"))
 
 
 def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampler:

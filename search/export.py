@@ -95,8 +95,7 @@ def _write_pareto_yaml(study: optuna.Study, storage: optuna.storages.BaseStorage
         "attnas pareto trial": f"{t.number} of study {study.study_name}",
         **{o.name: f"{o.show(v)} {o.unit}" for o, v in zip(objectives, t.values)},
         "data": settings.get("facts", {}).get("data", {}).get("identity"),
-        "latency": f"{a.get('latency_ms')} ms median (p90 {a.get('latency_p90_ms')} ms, n={a.get('latency_n')}) on "
-                   f"{lat.get('device')} at {lat.get('imgsz')} px",
+        "latency": _latency_provenance(a, lat, settings.get("facts", {}).get("latency", {})),
         "params": a.get("n_params"), f"GFLOPs@{a.get('gflops_imgsz')}": a.get("gflops"),
         "proxy": json.dumps(settings.get("proxy", a.get("proxy")), sort_keys=True),
     }
@@ -104,6 +103,16 @@ def _write_pareto_yaml(study: optuna.Study, storage: optuna.storages.BaseStorage
     path = pareto_dir / f"trial-{t.number:04d}-{a.get('candidate_hash', 'unknown')}.yaml"
     path.write_text("\n".join(lines) + "\n" + body)
     return path
+
+
+def _latency_provenance(attrs: dict[str, Any], lat: dict[str, Any], facts: dict[str, Any]) -> str:
+    where = (f"{lat.get('backend', 'torch')} {facts.get('backend_version', '')} on {lat.get('device')} "
+             f"({facts.get('device_model', '?')}) at {lat.get('imgsz')} px, batch {lat.get('batch', 1)}")
+    if attrs.get("latency_ratio") is None:
+        return f"{attrs.get('latency_ms')} ms median of {attrs.get('latency_n')} runs, {where}"
+    return (f"{attrs.get('latency_ms'):.3f} ms = ratio {attrs['latency_ratio']:.4f} (95% CI "
+            f"{attrs.get('latency_ci_low'):.4f}-{attrs.get('latency_ci_high'):.4f}, {attrs.get('latency_n')} pairs) x "
+            f"the study's reference latency of the base; {where}")
 
 
 def _artifact_yaml(study: optuna.Study, storage: optuna.storages.BaseStorage, t: FrozenTrial) -> str | None:

@@ -26,6 +26,7 @@ from . import study as st  # noqa: E402
 from .data import DataInfo, check_data, safe_batch  # noqa: E402
 from .driver import SAMPLERS  # noqa: E402
 from .errors import SearchError  # noqa: E402
+from .latency import BACKENDS  # noqa: E402
 from .settings import RunSettings, Settings, StudySettings, default, differences, run_settings, study_settings  # noqa: E402
 from .weights import check_user_checkpoint  # noqa: E402
 
@@ -87,9 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-params", type=int, help="candidates with more parameters are recorded infeasible, untrained")
     g = p.add_argument_group("latency (fixed for a study)")
     g.add_argument("--latency-device", choices=("cpu", "cuda"), help=f"[{default('latency_device')}]")
-    g.add_argument("--latency-imgsz", type=int, help=f"[{default('latency_imgsz')}]")
-    g.add_argument("--latency-warmup", type=int, help=f"[{default('latency_warmup')}]")
-    g.add_argument("--latency-runs", type=int, help=f"timed runs; the median is the objective [{default('latency_runs')}]")
+    g.add_argument("--latency-backend", choices=BACKENDS, help="the runtime the latency is timed on: eager PyTorch, "
+                   "ONNX Runtime (the fused model exported to ONNX), or TensorRT (needs the tensorrt package and a GPU) "
+                   f"[{default('latency_backend')}]")
+    g.add_argument("--latency-imgsz", help=f"SIZE or HEIGHT,WIDTH, e.g. 640,384 [{default('latency_imgsz')}]")
+    g.add_argument("--latency-batch", type=int, help=f"[{default('latency_batch')}]")
+    g.add_argument("--latency-half", action="store_const", const=True, help="time in fp16 (CUDA only)")
+    g.add_argument("--latency-warmup", type=int, help=f"untimed runs of each network [{default('latency_warmup')}]")
+    g.add_argument("--latency-runs", type=int, help="most timed pairs of base and candidate "
+                   f"[{default('latency_runs')}]")
+    g.add_argument("--latency-min-runs", type=int, help="pairs after which the meter stops once the ratio's 95%% "
+                   f"interval is within ±1%% [{default('latency_min_runs')}]")
     g.add_argument("--latency-threads", type=int, help=f"CPU threads for timing, 0 = all cores [{default('latency_threads')}]")
     g = p.add_argument_group("execution (may change between runs)")
     g.add_argument("--sampler", choices=SAMPLERS, default=run.sampler, help=f"[{run.sampler}]; see the README for the choice")
@@ -148,7 +157,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     s = replace(s, proxy=replace(s.proxy, batch=safe_batch(data.train_used, s.proxy.batch)),
                 facts={"base": {"scale": base.scale, "hash": canonical_hash(base.yaml)},
                        "data": {"identity": data.identity, "fingerprint": data.fingerprint, "nc": data.nc,
-                                "train_images": data.n_train, "val_images": data.n_val}})
+                                "train_images": data.n_train, "val_images": data.n_val},
+                       # Latencies from another runtime version or processor do not compare (local Ray: the meter
+                       # runs on this machine).
+                       "latency": {k: v for k, v in s.latency.identity().items() if k in _LATENCY_FACTS}})
     # A mismatched checkpoint is refused before anything is written; the checked state is kept for the run.
     checkpoint = check_user_checkpoint(s.weights, base, data.nc) if s.weights.mode == "path" else None
     if existing is not None:
@@ -226,6 +238,9 @@ def _check_latency_device(s: StudySettings, run: RunSettings) -> None:
 
         if torch.cuda.device_count() == 0:
             raise SearchError("--latency-device cuda but this machine has no GPU; use --latency-device cpu")
+
+
+_LATENCY_FACTS = ("backend_version", "device_model")
 
 
 def _check_devices(run: RunSettings) -> None:

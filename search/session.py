@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
+from space import make_candidate
 from space.cli import table
 
 from . import confirm
@@ -162,7 +163,8 @@ def start_executor(prep: "Prepared") -> Executor:
     signal.setitimer(signal.ITIMER_REAL, RAY_START_S)
     watchdog.start()
     try:
-        return Executor(pool, prep.settings.study.latency)
+        # The meter times every candidate paired with the base network (search/latency).
+        return Executor(pool, prep.settings.study.latency, reference=make_candidate(prep.space.base))
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         starting.clear()
@@ -214,8 +216,11 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
         print(f"data: {note}", file=sys.stderr)
     lat = study_settings.latency
     print(f"proxy: {schedule.epochs} epochs at {schedule.imgsz} px, batch {schedule.batch}, "
-          f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; latency on "
-          f"{lat.device} at {lat.imgsz} px (median of {lat.runs})", file=sys.stderr)
+          f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; rungs "
+          f"{list(study_settings.fidelity.rungs)} epochs (eta {study_settings.fidelity.eta}), "
+          f"{study_settings.fidelity.confirm_seeds} confirmation seed(s)", file=sys.stderr)
+    print(f"latency: {lat.backend} on {lat.device} at {lat.imgsz} px, batch {lat.batch}, paired with the base "
+          f"({lat.min_runs}-{lat.runs} pairs)", file=sys.stderr)
     print(f"resources: {executor.describe()}; sampler {run.sampler}", file=sys.stderr)
     train_device = "0" if run.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
     threads = max(1, int(executor.cpus_per_trial))

@@ -134,9 +134,10 @@ class Settings:
 _FIELD_FLAGS = {
     "imgsz": ("proxy", "imgsz"), "batch": ("proxy", "batch"), "seed": ("proxy", "seed"),
     "base_epochs": ("weights", "base_epochs"), "eta": ("fidelity", "eta"), "confirm_seeds": ("fidelity", "confirm_seeds"),
-    "latency_device": ("latency", "device"), "latency_imgsz": ("latency", "imgsz"),
-    "latency_warmup": ("latency", "warmup"), "latency_runs": ("latency", "runs"),
-    "latency_threads": ("latency", "threads"),
+    "latency_device": ("latency", "device"), "latency_warmup": ("latency", "warmup"),
+    "latency_runs": ("latency", "runs"), "latency_min_runs": ("latency", "min_runs"),
+    "latency_threads": ("latency", "threads"), "latency_backend": ("latency", "backend"),
+    "latency_half": ("latency", "half"), "latency_batch": ("latency", "batch"),
     "max_latency_ms": ("constraints", "max_latency_ms"), "max_params": ("constraints", "max_params"),
 }
 
@@ -148,7 +149,7 @@ def default(dest: str) -> Any:
         part, name = _FIELD_FLAGS[dest]
         return getattr(getattr(d, part), name)
     return {"objectives": ",".join(d.objectives), "base": d.base, "weights": d.weights.mode,
-            "rungs": ",".join(map(str, d.fidelity.rungs)),
+            "rungs": ",".join(map(str, d.fidelity.rungs)), "latency_imgsz": d.latency.imgsz,
             "train_arg": _show_args(d.proxy.train_args), "base_train_arg": _show_args(d.weights.train_args),
             "fraction": d.proxy.fraction}[dest]
 
@@ -169,6 +170,10 @@ def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> St
     for dest, (part, name) in _FIELD_FLAGS.items():
         if getattr(args, dest) is not None:
             parts[part] = replace(parts[part], **{name: getattr(args, dest)})
+    if args.latency_imgsz is not None:
+        from .latency import parse_imgsz
+
+        parts["latency"] = replace(parts["latency"], imgsz=parse_imgsz(args.latency_imgsz))
     rungs = _rungs(args)
     if rungs is not None:
         parts["fidelity"] = replace(parts["fidelity"], rungs=rungs)
@@ -211,20 +216,18 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
 
 def check(s: StudySettings) -> None:
     """Values that are impossible whatever the files say."""
-    for flag, value in (("--imgsz", s.proxy.imgsz), ("--latency-imgsz", s.latency.imgsz)):
+    for flag, value in (("--imgsz", s.proxy.imgsz),):
         if value <= 0 or value % 32:
             raise SearchError(f"{flag} must be a positive multiple of 32 (the largest stride), got {value}")
-    for flag, value in (("--latency-runs", s.latency.runs), ("--base-epochs", s.weights.base_epochs)):
-        if value < 1:
-            raise SearchError(f"{flag} must be at least 1, got {value}")
+    if s.weights.base_epochs < 1:
+        raise SearchError(f"--base-epochs must be at least 1, got {s.weights.base_epochs}")
     if s.fidelity.eta < 2:
         raise SearchError(f"--eta must be at least 2, got {s.fidelity.eta}")
     if s.fidelity.confirm_seeds < 0:
         raise SearchError(f"--confirm-seeds must be >= 0, got {s.fidelity.confirm_seeds}")
     if s.proxy.batch < 2:
         raise SearchError(f"--batch must be at least 2 (BatchNorm needs two images per batch), got {s.proxy.batch}")
-    if s.latency.warmup < 0 or s.latency.threads < 0:
-        raise SearchError("--latency-warmup and --latency-threads must be >= 0")
+    s.latency.check()  # backend, device, fp16 and sizes that cannot run here: refused before anything is written
     for flag, value in (("--max-latency-ms", s.constraints.max_latency_ms), ("--max-params", s.constraints.max_params)):
         if value is not None and value <= 0:
             raise SearchError(f"{flag} must be positive, got {value:g}")

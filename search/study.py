@@ -21,6 +21,7 @@ SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, 
 VERSIONS_ATTR = "attnas_versions"
 PATHS_ATTR = "attnas_paths"  # where its files are: out dir, artifact dir, storage URL as given
 RUNG_RESULTS = "rung_results"  # trial attr: {epochs: objective values} at each rung the candidate finished
+LATENCY_REF_ATTR = "attnas_latency_reference"  # study attr: reference windows (ms), the study's reference, fixed?
 CONFIRM_ATTR = "attnas_confirmation"  # study attr: {trial: {"seeds": [...], "values": [[...], ...]}}
 DRIVER_ATTR = "attnas_driver"  # the driver running it now: host, pid, heartbeat
 OUTSIDE_ATTR = "attnas_outside_changes"  # trial number -> what another writer (the dashboard) did to it while it ran

@@ -165,6 +165,9 @@ class LatencyResult:
     reference_ms: float | None = None  # the reference's median in this window
     backend: str = "torch"
     peak_mem_mb: float | None = None  # peak memory of tensors created by one torch forward at the latency size
+    # The latency objective, set by the search: ratio x the study's reference latency (search/driver.py); the
+    # candidate's own median when it was timed alone.
+    latency_ms: float | None = None
 
     def objective_ms(self, study_reference_ms: float) -> float:
         """The latency objective: the paired ratio scaled to the study's reference latency."""
