@@ -146,7 +146,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
         check_study_name(study_name)
     stored = StudySettings.from_dict(_recorded(existing, storage_url)) if existing is not None else None
     s = study_settings(args, stored if args.resume else None)
-    _check_latency_device(s, run)
+    # What cannot be timed here (TensorRT, fp16 or CUDA without a GPU) is refused before anything is written; a
+    # cluster's GPUs are checked once Ray is up, still before any study exists.
+    s.latency.check(gpu_available=True if run.ray_address else None)
     if run.ray_address:
         check_ray_address(run.ray_address)
     base = load_base(s.base)
@@ -230,14 +232,6 @@ def _check_space_at_proxy_size(base, s: StudySettings) -> None:
     except SpaceError as err:
         raise SearchError(f"the space is empty at --imgsz {s.proxy.imgsz} (candidates train at that size): "
                           f"{str(err).removeprefix('space: ')}") from None
-
-
-def _check_latency_device(s: StudySettings, run: RunSettings) -> None:
-    if s.latency.device == "cuda" and not run.ray_address:  # a cluster is checked once Ray is up, before any study
-        import torch
-
-        if torch.cuda.device_count() == 0:
-            raise SearchError("--latency-device cuda but this machine has no GPU; use --latency-device cpu")
 
 
 _LATENCY_FACTS = ("backend_version", "device_model")

@@ -227,7 +227,7 @@ def check(s: StudySettings) -> None:
         raise SearchError(f"--confirm-seeds must be >= 0, got {s.fidelity.confirm_seeds}")
     if s.proxy.batch < 2:
         raise SearchError(f"--batch must be at least 2 (BatchNorm needs two images per batch), got {s.proxy.batch}")
-    s.latency.check()  # backend, device, fp16 and sizes that cannot run here: refused before anything is written
+    s.latency.check(gpu_available=True)  # impossible values; what this machine cannot run: search.run.prepare
     for flag, value in (("--max-latency-ms", s.constraints.max_latency_ms), ("--max-params", s.constraints.max_params)):
         if value is not None and value <= 0:
             raise SearchError(f"{flag} must be positive, got {value:g}")

@@ -64,7 +64,7 @@ def test_out_below_a_file_or_unwritable_is_one_line(tmp_path, coco128, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_latency_on_cuda_without_a_gpu_is_refused_before_the_study_exists(tmp_path, coco128, capsys):
     _refused(["--latency-device", "cuda", "--data", str(coco128 / "coco128.yaml")], tmp_path, capsys,
-             "--latency-device cuda but this machine has no GPU")
+             "--latency-device cuda but no CUDA GPU is visible")
 
 
 def test_labels_that_do_not_fit_the_names_are_refused_with_the_count_and_an_example(tmp_path, coco128, capsys):

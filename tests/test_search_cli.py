@@ -93,8 +93,12 @@ def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     (["--eta", "1"], "--eta must be at least 2"),
     (["--confirm-seeds", "-1"], "--confirm-seeds must be >= 0"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--latency-backend", "tensorrt"], "--latency-backend tensorrt needs the tensorrt package"),
+    (["--latency-half"], "--latency-half needs --latency-device cuda"),
+    (["--latency-imgsz", "640,100"], "multiple of 32"),
+    (["--latency-batch", "0"], "--latency-batch must be >= 1"),
 ])
-def test_bad_fidelity_settings_are_one_line_exit_2(argv, message, tmp_path, capsys):
+def test_bad_fidelity_and_latency_settings_are_one_line_exit_2(argv, message, tmp_path, capsys):
     assert search_run.main(["--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
@@ -144,3 +148,25 @@ def test_bad_objectives_are_one_line_exit_2(value, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.db"))
+
+
+def test_resume_on_another_latency_backend_or_processor_is_refused(tmp_path, capsys):
+    """Latencies from another runtime, runtime version or processor do not compare: part of the identity."""
+    import optuna
+
+    prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
+    recorded = prep.settings.study.as_dict()
+    assert set(recorded["facts"]["latency"]) == {"backend_version", "device_model"}
+    prep.settings.study_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name=prep.settings.study_name, storage=prep.settings.storage_url,
+                                directions=["maximize", "minimize"])
+    study.set_user_attr("attnas_settings", recorded)
+    argv = ["--out", str(tmp_path), "--resume", "--latency-backend", "onnxruntime"]
+    assert search_run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'latency.backend: study has "torch", this run "onnxruntime"' in err, err
+    moved = {**recorded, "facts": {**recorded["facts"], "latency": {**recorded["facts"]["latency"],
+                                                                    "device_model": "another CPU"}}}
+    study.set_user_attr("attnas_settings", moved)
+    assert search_run.main(["--out", str(tmp_path), "--resume"]) == 2
+    assert 'facts.latency.device_model: study has "another CPU"' in capsys.readouterr().err
