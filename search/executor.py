@@ -394,7 +394,7 @@ class Executor:
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=p.job is not None)
                 if p.job is not None:
-                    self.gate.leave.remote(p.tag)
+                    self.gate.leave(p.tag)
                 del self._pending[ref]
 
     def cancel_all(self) -> list[Any]:

@@ -96,7 +96,7 @@ def _write_pareto_yaml(study: optuna.Study, storage: optuna.storages.BaseStorage
         **{o.name: f"{o.show(v)} {o.unit}" for o, v in zip(objectives, t.values)},
         "data": settings.get("facts", {}).get("data", {}).get("identity"),
         "latency": _latency_provenance(a, lat, settings.get("facts", {}).get("latency", {})),
-        "params": a.get("n_params"), f"GFLOPs@{a.get('gflops_imgsz')}": a.get("gflops"),
+        "n_params": a.get("n_params"), f"GFLOPs@{a.get('gflops_imgsz')}": a.get("gflops"),
         "proxy": json.dumps(settings.get("proxy", a.get("proxy")), sort_keys=True),
     }
     lines = [f"# {k}: {v}" for k, v in header.items()]

@@ -220,7 +220,7 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
           f"{list(study_settings.fidelity.rungs)} epochs (eta {study_settings.fidelity.eta}), "
           f"{study_settings.fidelity.confirm_seeds} confirmation seed(s)", file=sys.stderr)
     print(f"latency: {lat.backend} on {lat.device} at {lat.imgsz} px, batch {lat.batch}, paired with the base "
-          f"({lat.min_runs}-{lat.runs} pairs)", file=sys.stderr)
+          f"({min(lat.min_runs, lat.runs)}-{lat.runs} pairs)", file=sys.stderr)
     print(f"resources: {executor.describe()}; sampler {run.sampler}", file=sys.stderr)
     train_device = "0" if run.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
     threads = max(1, int(executor.cpus_per_trial))
