@@ -9,7 +9,8 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict
+import functools
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,8 @@ from . import study as st
 from .driver import Driver, SearchAborted, SearchConfig, StudyGone, front_rows, make_sampler
 from .errors import SearchError
 from .executor import Executor, PoolSettings
-from .weights import BaseCache, base_cache_key, base_training_job, prepare_base_weights, stored_base_weights
+from .proxy import TrainJob
+from .weights import BaseCache, BaseWeights, base_cache_key, base_training_job, prepare_base_weights, stored_base_weights
 
 if TYPE_CHECKING:
     from .run import Prepared
@@ -183,82 +185,21 @@ def study_dir_of(prep: "Prepared", study: optuna.Study | None) -> Path:
 
 
 def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
-    s, run, study_settings = prep.settings, prep.settings.run, prep.settings.study
+    """Open the study, get the base weights, drive the search to the budget, confirm the front, report."""
     study_dir = study_dir_of(prep, existing)
-    artifact_dir = study_dir / "artifacts"
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    schedule = study_settings.proxy
-    # Offset by the trials already there: a resumed run must not replay the first run's random draws.
-    sampler = make_sampler(run.sampler, schedule.seed + (len(existing.trials) if existing else 0), run.budget)
-    study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=sampler,
-                                directions=obj.directions(prep.objectives), load_if_exists=True)
-    started = time.time()
-    st.heartbeat(study, started)
-    if existing is None:
-        study.set_metric_names(obj.names(prep.objectives))
-        study.set_user_attr(st.SETTINGS_ATTR, study_settings.as_dict())
-        study.set_user_attr(st.PATHS_ATTR, {"out": str(s.out), "study_dir": str(study_dir),
-                                            "artifact_dir": str(artifact_dir), "storage": s.storage_url})
-        if "none" in prep.space.placements:  # the base itself first: the reference point of every front
-            study.enqueue_trial({"placement": "none"}, user_attrs={"role": "base"})
-    if study.metric_names is None:  # optuna-dashboard's rename copies trials and user attributes, not these
-        study.set_metric_names(obj.names(prep.objectives))
-    study.set_user_attr(st.VERSIONS_ATTR, st.versions())
-    study.set_user_attr("attnas_last_run", {**asdict(run), "resources": executor.describe(), "started": started})
-    requeued = st.recover_stale_trials(study, storage)
-    stale = (f"; re-queued {len(requeued)} trial(s) a stopped driver left running "
-             f"({', '.join(str(n) for n, _ in requeued)})" if requeued else "")
-    print(f"study {s.study_name!r} in {s.storage_url}: {len(st.completed_trials(study))} completed trial(s), "
-          f"budget {run.budget}{stale}", file=sys.stderr)
-    print(f"objectives: {', '.join(f'{o.name} ({o.direction})' for o in prep.objectives)}", file=sys.stderr)
-    print(f"data: {prep.data.describe()}", file=sys.stderr)
-    for note in prep.data.notes:  # images the label check found unusable: trials skip them too
-        print(f"data: {note}", file=sys.stderr)
-    lat = study_settings.latency
-    print(f"proxy: {schedule.epochs} epochs at {schedule.imgsz} px, batch {schedule.batch}, "
-          f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; rungs "
-          f"{list(study_settings.fidelity.rungs)} epochs (eta {study_settings.fidelity.eta}), "
-          f"{study_settings.fidelity.confirm_seeds} confirmation seed(s)", file=sys.stderr)
-    print(f"latency: {lat.backend} on {lat.device} at {lat.imgsz} px, batch {lat.batch}, paired with the base "
-          f"({min(lat.min_runs, lat.runs)}-{lat.runs} pairs)", file=sys.stderr)
-    print(f"resources: {executor.describe()}; sampler {run.sampler}", file=sys.stderr)
-    train_device = "0" if run.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
+    study = _open_study(prep, storage, existing, study_dir, executor)
+    _say_what_runs(prep, study, storage, executor)
+    train_device = "0" if prep.settings.run.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
     threads = max(1, int(executor.cpus_per_trial))
-    plan = study_settings.weights
-    base_job, cache, cache_key = None, None, None
     try:
-        if plan.mode == "auto":
-            job = base_training_job(plan, prep.space.base, str(prep.data.yaml), schedule, study_dir, threads,
-                                    train_device)
-            cache, cache_key = BaseCache(s.out / ".cache" / "base-weights"), base_cache_key(job, prep.data.fingerprint)
-            # Resume: an earlier run of this study trained it; else another study under --out trained the same base.
-            weights = stored_base_weights(study_dir, cache, cache_key)
-            if weights is None:  # trained in the pool, on one worker slot, while the meter times candidates
-                base_job = job
-                print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate "
-                      "inherits it", file=sys.stderr)
-            elif weights.info.get("source") == "cache":
-                print(f"--weights auto: the same base was trained by an earlier study under --out (cache "
-                      f"{cache_key}); reusing it", file=sys.stderr)
-                study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
-        else:
-            weights = prepare_base_weights(plan, prep.space.base, prep.data.nc, str(prep.data.yaml),
-                                           schedule, study_dir, threads, checked=prep.checkpoint)
-            if weights is not None:
-                study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
+        base = _base_weights(prep, study, study_dir, threads, train_device)
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    config = SearchConfig(budget=run.budget, schedule=schedule, objectives=prep.objectives,
-                          data_yaml=str(prep.data.yaml), study_dir=study_dir, latency_imgsz=lat.imgsz,
-                          train_device=train_device, threads_per_trial=threads, save_weights=run.save_weights,
-                          faults=dict(run.faults), max_failures_in_a_row=run.max_failures_in_a_row, weights=weights,
-                          base_job=base_job, lookahead=run.workers, constraints=study_settings.constraints,
-                          rungs=study_settings.fidelity.rungs, eta=study_settings.fidelity.eta,
-                          base_cache=cache, base_cache_key=cache_key)
+    config = _search_config(prep, study_dir, base, threads, train_device)
     notes = StudyNotes(study, prep, study_dir, executor.describe())
-    progress = Progress(study, prep.objectives, run.budget, on_update=notes.update)
-    store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
+    progress = Progress(study, prep.objectives, prep.settings.run.budget, on_update=notes.update)
+    store = optuna.artifacts.FileSystemArtifactStore(str(study_dir / "artifacts"))
     driver = Driver(study, prep.space, executor, config, store, progress)
     t0 = time.time()
     status = 0
@@ -266,18 +207,10 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         driver.run()
-        driver.confirm(study_settings.fidelity.confirm_seeds)
+        driver.confirm(prep.settings.study.fidelity.confirm_seeds)
     except StudyGone as err:
         progress.close()
-        if err.renamed_to is None:
-            print(f"search stopped: {err}", file=sys.stderr)
-            return 1
-        renamed = optuna.load_study(study_name=err.renamed_to, storage=storage)
-        command = resume_command(prep, err.renamed_to)
-        with contextlib.suppress(Exception):
-            StudyNotes(renamed, prep, study_dir, executor.describe()).update(status="stopped: renamed")
-        print(f"search stopped: {err}; continue it with: {command}", file=sys.stderr)
-        return 1
+        return _study_gone(prep, storage, study_dir, executor, err)
     except SearchAborted as err:
         progress.note(f"search stopped: {err}")
         status = 1
@@ -291,6 +224,110 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
         notes.update(status={0: "finished", 1: "stopped", 130: "interrupted"}.get(status, "stopped"))
     _finish(study, storage, prep, time.time() - t0, study_dir)
     return status
+
+
+def _open_study(prep: "Prepared", storage, existing, study_dir: Path, executor: Executor) -> optuna.Study:
+    """Create the study (recording its settings, paths and the base as trial 0) or load it to continue."""
+    s, run = prep.settings, prep.settings.run
+    artifact_dir = study_dir / "artifacts"
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    # Baselines: offset by the trials already there, so a resumed run does not replay the first run's draws.
+    sampler = make_sampler(run.sampler, s.study.proxy.seed + (len(existing.trials) if existing else 0), run.budget)
+    study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=sampler,
+                                directions=obj.directions(prep.objectives), load_if_exists=True)
+    started = time.time()
+    st.heartbeat(study, started)
+    if existing is None:
+        study.set_metric_names(obj.names(prep.objectives))
+        study.set_user_attr(st.SETTINGS_ATTR, s.study.as_dict())
+        study.set_user_attr(st.PATHS_ATTR, {"out": str(s.out), "study_dir": str(study_dir),
+                                            "artifact_dir": str(artifact_dir), "storage": s.storage_url})
+        if "none" in prep.space.placements:  # the base itself first: the reference point of every front
+            study.enqueue_trial({"placement": "none"}, user_attrs={"role": "base"})
+    if study.metric_names is None:  # optuna-dashboard's rename copies trials and user attributes, not these
+        study.set_metric_names(obj.names(prep.objectives))
+    study.set_user_attr(st.VERSIONS_ATTR, st.versions())
+    study.set_user_attr("attnas_last_run", {**asdict(run), "resources": executor.describe(), "started": started})
+    return study
+
+
+def _say_what_runs(prep: "Prepared", study: optuna.Study, storage, executor: Executor) -> None:
+    """Re-queue what a stopped driver left running, and print the settings this run works with."""
+    s, run, fidelity = prep.settings, prep.settings.run, prep.settings.study.fidelity
+    requeued = st.recover_stale_trials(study, storage)
+    stale = (f"; re-queued {len(requeued)} trial(s) a stopped driver left running "
+             f"({', '.join(str(n) for n, _ in requeued)})" if requeued else "")
+    say = functools.partial(print, file=sys.stderr)
+    say(f"study {s.study_name!r} in {s.storage_url}: {len(st.completed_trials(study))} completed trial(s), "
+        f"budget {run.budget}{stale}")
+    say(f"objectives: {', '.join(f'{o.name} ({o.direction})' for o in prep.objectives)}")
+    say(f"data: {prep.data.describe()}")
+    for note in prep.data.notes:  # images the label check found unusable: trials skip them too
+        say(f"data: {note}")
+    schedule, lat = s.study.proxy, s.study.latency
+    say(f"proxy: {schedule.epochs} epochs at {schedule.imgsz} px, batch {schedule.batch}, "
+        f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; rungs {list(fidelity.rungs)} "
+        f"epochs (eta {fidelity.eta}), {fidelity.confirm_seeds} confirmation seed(s)")
+    say(f"latency: {lat.backend} on {lat.device} at {lat.imgsz} px, batch {lat.batch}, paired with the base "
+        f"({min(lat.min_runs, lat.runs)}-{lat.runs} pairs)")
+    say(f"resources: {executor.describe()}; sampler {run.sampler}")
+
+
+@dataclass
+class _Base:
+    """What candidates inherit: stored weights, or the pool's first training (--weights auto), and its cache."""
+
+    weights: BaseWeights | None = None
+    job: TrainJob | None = None
+    cache: BaseCache | None = None
+    cache_key: str | None = None
+
+
+def _base_weights(prep: "Prepared", study: optuna.Study, study_dir: Path, threads: int, device: str) -> _Base:
+    plan, schedule, s = prep.settings.study.weights, prep.settings.study.proxy, prep.settings
+    if plan.mode != "auto":
+        weights = prepare_base_weights(plan, prep.space.base, prep.data.nc, str(prep.data.yaml), schedule, study_dir,
+                                       threads, checked=prep.checkpoint)
+        if weights is not None:
+            study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
+        return _Base(weights)
+    job = base_training_job(plan, prep.space.base, str(prep.data.yaml), schedule, study_dir, threads, device)
+    cache, key = BaseCache(s.out / ".cache" / "base-weights"), base_cache_key(job, prep.data.fingerprint)
+    # Resume: an earlier run of this study trained it; else another study under --out trained the same base.
+    weights = stored_base_weights(study_dir, cache, key)
+    if weights is None:  # trained in the pool, on one worker slot, while the meter times candidates
+        print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it",
+              file=sys.stderr)
+        return _Base(None, job, cache, key)
+    if weights.info.get("source") == "cache":
+        print(f"--weights auto: the same base was trained by an earlier study under --out (cache {key}); reusing it",
+              file=sys.stderr)
+        study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
+    return _Base(weights, None, cache, key)
+
+
+def _search_config(prep: "Prepared", study_dir: Path, base: _Base, threads: int, device: str) -> SearchConfig:
+    run, study = prep.settings.run, prep.settings.study
+    return SearchConfig(budget=run.budget, schedule=study.proxy, objectives=prep.objectives,
+                        data_yaml=str(prep.data.yaml), study_dir=study_dir, latency_imgsz=study.latency.imgsz,
+                        train_device=device, threads_per_trial=threads, save_weights=run.save_weights,
+                        faults=dict(run.faults), max_failures_in_a_row=run.max_failures_in_a_row,
+                        weights=base.weights, base_job=base.job, lookahead=run.workers,
+                        constraints=study.constraints, rungs=study.fidelity.rungs, eta=study.fidelity.eta,
+                        base_cache=base.cache, base_cache_key=base.cache_key)
+
+
+def _study_gone(prep: "Prepared", storage, study_dir: Path, executor: Executor, err: StudyGone) -> int:
+    """The study was deleted or renamed from the dashboard: one line (with the command that continues a rename)."""
+    if err.renamed_to is None:
+        print(f"search stopped: {err}", file=sys.stderr)
+        return 1
+    renamed = optuna.load_study(study_name=err.renamed_to, storage=storage)
+    command = resume_command(prep, err.renamed_to)
+    with contextlib.suppress(Exception):
+        StudyNotes(renamed, prep, study_dir, executor.describe()).update(status="stopped: renamed")
+    print(f"search stopped: {err}; continue it with: {command}", file=sys.stderr)
+    return 1
 
 
 def _interrupt(signum, frame) -> None:
