@@ -331,7 +331,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, space: SearchSpace, seed: int = 0, n_startup_trials: int = 8, n_children: int = 48,
-                 n_random: int = 48, refine_rounds: int = 2, refine_top: int = 6, beta: float = 1.0,
+                 n_random: int = 48, refine_rounds: int = 2, refine_top: int = 6, beta: float = 0.5,
                  crossover_prob: float = 0.3, tournament: int = 2) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
