@@ -147,14 +147,16 @@ def mutate(space: SearchSpace, genome: Genome, rng: np.random.Generator) -> tupl
         gene = genome[name]
         current = dict(gene.hparams)[arg]
         values = [v for v in _encoded(space.options[name][gene.module][arg]) if v != current]
-        child[name] = replace(gene, hparams=tuple((hp, _pick(rng, values) if hp == arg else v) for hp, v in gene.hparams))
+        new = _pick(rng, values)
+        child[name] = replace(gene, hparams=tuple((hp, new if hp == arg else v) for hp, v in gene.hparams))
         return child, f"{name}.{gene.module}.{arg}"
     if op == "module":
         module = _pick(rng, tuple(m for m in space.options[name] if m != genome[name].module))
         child[name] = random_gene(space, name, rng, module)
         return child, f"{name} -> {module}"
     if op == "mode":
-        child[name] = replace(genome[name], mode=_pick(rng, tuple(m for m in _modes(space, name) if m != genome[name].mode)))
+        others = tuple(m for m in _modes(space, name) if m != genome[name].mode)
+        child[name] = replace(genome[name], mode=_pick(rng, others))
         return child, f"{name}.mode"
     if op == "remove":
         return _without(genome, name), f"remove {name}"
@@ -367,7 +369,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study, trial, param_name: str, param_distribution: BaseDistribution) -> Any:
         params = self._proposals.get(trial._trial_id) or trial.system_attrs.get(PROPOSAL_ATTR, {})
-        if param_name in params and param_distribution._contains(param_distribution.to_internal_repr(params[param_name])):
+        choices = getattr(param_distribution, "choices", ())
+        if param_name in params and params[param_name] in choices:
             return params[param_name]
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
