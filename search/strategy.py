@@ -383,7 +383,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         rng = np.random.default_rng([self.seed, number])
         seen = self._read(study, exclude)
         children: list[tuple[Genome, str]] = []
-        if len(seen.parents) >= self.n_startup_trials:
+        if len(seen.parents) >= max(2, self.n_startup_trials):  # the surrogates need two points
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))
                        if genome_key(g) not in seen.keys]
             children = self._screen(study, seen, self._children(seen, rng) + randoms, rng)
