@@ -27,6 +27,9 @@ from pathlib import Path
 
 import optuna
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from search import study as st  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,7 +59,8 @@ def main() -> int:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     base_s = float(study.user_attrs.get("attnas_base_weights", {}).get("train_s", 0.0))  # --weights auto, once
     workers = args.workers
-    front = sorted((t for t in study.best_trials if "reused_from" not in t.user_attrs), key=lambda t: t.values[1])
+    objectives = st.objectives_of(study)
+    front = st.pareto_trials(study, objectives)
     base_trial = next((t for t in complete if t.params.get("placement") == "none"), None)
     rows = [
         ("wall time (whole command)", f"{wall:.0f} s"),
@@ -78,18 +82,20 @@ def main() -> int:
          f"{statistics.median(t.user_attrs['latency_iqr_ms'] / t.user_attrs['latency_ms'] for t in trained):.1%}"
          if trained else "-"),
         ("Pareto points", f"{len(front)}"),
-        ("base mAP50-95 / spread of mAP50-95 (min..max)",
-         f"{base_trial.values[0] if base_trial else float('nan'):.4f} / "
-         f"{min(t.values[0] for t in complete):.4f}..{max(t.values[0] for t in complete):.4f}" if complete else "-"),
     ]
+    for i, o in enumerate(objectives):
+        rows.append((f"base {o.name} / spread over the completed trials (min..max)",
+                     f"{o.show(base_trial.values[i] if base_trial else None)} / "
+                     f"{o.show(min(t.values[i] for t in complete))}..{o.show(max(t.values[i] for t in complete))}"
+                     if complete else "-"))
     width = max(len(k) for k, _ in rows)
     print()
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
-    print("\nPareto front (fastest first):")
+    print("\nPareto front:")
     for t in front:
-        print(f"  trial {t.number:>3}  mAP50-95 {t.values[0]:.4f}  latency {t.values[1]:7.2f} ms  "
-              f"{t.user_attrs.get('placements', '')}")
+        values = "  ".join(f"{o.name} {o.show(v)}" for o, v in zip(objectives, t.values))
+        print(f"  trial {t.number:>3}  {values}  {t.user_attrs.get('placements', '')}")
     print(f"\nstudy: {out / 'bench'}")
     return 0
 

@@ -28,7 +28,7 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 
 from search.data import check_data, safe_batch  # noqa: E402
 from search.proxy import ProxySchedule, TrainJob, run_training  # noqa: E402
-from search.run import FINETUNE_TRAIN_ARGS, IDENTITY_DEFAULTS, SCRATCH_TRAIN_ARGS, parse_train_args  # noqa: E402
+from search.settings import FINETUNE_TRAIN_ARGS, SCRATCH_TRAIN_ARGS, StudySettings, parse_train_args  # noqa: E402
 from search.weights import STATE_FILE, WeightsPlan, prepare_base_weights  # noqa: E402
 from space import build_space, load_base, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
@@ -104,9 +104,10 @@ def main() -> None:
     parser.add_argument("--base", default="yolov8n.yaml")
     parser.add_argument("--n", type=int, default=12, help="architectures sampled")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=IDENTITY_DEFAULTS["epochs"], help="proxy epochs")
+    defaults = StudySettings()
+    parser.add_argument("--epochs", type=int, default=defaults.proxy.epochs, help="proxy epochs")
     parser.add_argument("--factor", type=int, default=5, help="the long schedule is factor x epochs")
-    parser.add_argument("--base-epochs", type=int, default=IDENTITY_DEFAULTS["base_epochs"],
+    parser.add_argument("--base-epochs", type=int, default=defaults.weights.base_epochs,
                         help="epochs of the base training (inheritance)")
     parser.add_argument("--base-weights", help="reuse this base-weights.pt (from an earlier run of this bench or a "
                                                 "study) instead of training the base")
@@ -130,15 +131,16 @@ def main() -> None:
     batch = safe_batch(data.train_used, args.batch)
     # The search's own defaults: candidates that inherit fine-tune, candidates from scratch train as the base does.
     schedules = {}
-    for start, defaults in (("inherit", FINETUNE_TRAIN_ARGS), ("scratch", SCRATCH_TRAIN_ARGS)):
+    given = dict(parse_train_args(args.train_arg))
+    for start, start_args in (("inherit", FINETUNE_TRAIN_ARGS), ("scratch", SCRATCH_TRAIN_ARGS)):
         proxy = ProxySchedule(epochs=args.epochs, imgsz=args.imgsz, batch=batch, seed=args.seed,
-                              train_args=parse_train_args(defaults + args.train_arg))
+                              train_args=tuple(sorted({**dict(start_args), **given}.items())))
         schedules[start] = {"proxy": proxy, "long": replace(proxy, epochs=args.epochs * args.factor)}
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     if args.base_weights:  # prepare_base_weights reuses a stored state, as --weights auto does on resume
         shutil.copyfile(args.base_weights, out / STATE_FILE)
-    plan = WeightsPlan("auto", None, args.base_epochs, parse_train_args(SCRATCH_TRAIN_ARGS))
+    plan = WeightsPlan("auto", None, args.base_epochs, SCRATCH_TRAIN_ARGS)
     weights = prepare_base_weights(plan, base, data.nc, str(data.yaml), schedules["inherit"]["proxy"], out,
                                    threads=os.cpu_count() or 1, device=args.device)
     base_s = time.time() - t0

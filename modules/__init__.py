@@ -4,6 +4,9 @@ Every layer maps ``B×C×H×W -> B×C×H×W`` and takes the input channel count 
 model YAML row reads ``[-1, 1, STA, [256]]``. Call :func:`register` once per process (it is idempotent)
 before building such a YAML with ``ultralytics.YOLO``.
 
+A family is one file defining its layer and a ``SPEC`` (:class:`ModuleSpec`); the built-in ones are listed
+in ``_BUILT_IN`` below, and code outside the package adds its own with :func:`add_family`.
+
 >>> import modules
 >>> modules.register()
 >>> modules.get_spec("STA").choices_for(256)["num_heads"]
@@ -13,52 +16,45 @@ before building such a YAML with ``ultralytics.YOLO``.
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from .registry import HParam, ModuleSpec, check_hparams
+from .registry import HParam, ModuleSpec, add_family, check_hparams, get_spec, names, remove_family, specs
 
-__all__ = ["HParam", "ModuleSpec", "check_hparams", "get_spec", "names", "register", "specs"]
+__all__ = [
+    "HParam", "ModuleSpec", "add_family", "check_hparams", "get_spec", "names", "register", "remove_family", "specs",
+]
 
-# One file per attention family; each defines SPEC (a ModuleSpec) next to its YOLO layer.
-_FAMILIES = ("sta", "cot", "cga", "dualvit", "gma")
+# One file per attention family, each defining SPEC next to its YOLO layer: a new family is one name here.
+_BUILT_IN = ("sta", "cot", "cga", "dualvit", "gma")
 
+for _family in _BUILT_IN:
+    add_family(importlib.import_module(f"{__name__}.{_family}").SPEC)
 
-def specs() -> dict[str, ModuleSpec]:
-    """All registered layers by name, in a fixed order."""
-    found = {}
-    for family in _FAMILIES:
-        spec = importlib.import_module(f"{__name__}.{family}").SPEC
-        found[spec.name] = spec
-    return found
-
-
-def names() -> tuple[str, ...]:
-    return tuple(specs())
-
-
-def get_spec(name: str) -> ModuleSpec:
-    """The spec of layer ``name``; raises ``ValueError`` listing the known names if there is none."""
-    known = specs()
-    if name not in known:
-        raise ValueError(f"unknown attention module {name!r}; known modules: {', '.join(known)}")
-    return known[name]
+_bound: set[str] = set()  # names register() has bound in Ultralytics (it may rebind those, and only those)
 
 
 def register() -> None:
-    """Make Ultralytics' YAML parser and checkpoint loader resolve the layer names. Safe to call repeatedly.
+    """Make Ultralytics' YAML parser and checkpoint loader resolve every registered layer. Safe to call repeatedly.
 
     ``parse_model`` looks a YAML module name up in the globals of ``ultralytics.nn.tasks``, so the layers are
     bound there (Ultralytics' files are not edited). They are also allow-listed for ``torch.load(weights_only=True)``
     so checkpoints load under Ultralytics' restricted loading. Call it in every process that builds or loads a
-    model (Ray workers, subprocesses): registration is per process.
+    model (Ray workers, subprocesses): registration is per process, and again after :func:`add_family`.
     """
     import ultralytics.nn.tasks as tasks
 
     for spec in specs().values():
-        setattr(tasks, spec.layer.__name__, spec.layer)
+        bound = getattr(tasks, spec.name, None)
+        ours = spec.name in _bound or getattr(bound, "__module__", None) == spec.layer.__module__  # e.g. a reload
+        if bound is not None and not ours:
+            # Binding would silently change what every YAML row of that Ultralytics module builds.
+            raise ValueError(f"attention module {spec.name!r} would shadow Ultralytics' own {spec.name}; rename it")
+        setattr(tasks, spec.name, spec.layer)
+        _bound.add(spec.name)
     if not getattr(tasks.guess_model_scale, "_attnas", False):
         tasks.guess_model_scale = _declared_scale_first(tasks.guess_model_scale)
     # A checkpoint pickles every submodule, so the core ops and helpers of each family are allow-listed too.
@@ -89,12 +85,12 @@ def _declared_scale_first(guess):
 
 
 def _module_classes() -> list[type]:
-    classes = []
-    for family in ("common", *_FAMILIES):
-        mod = importlib.import_module(f"{__name__}.{family}")
-        classes += [
-            obj
-            for obj in vars(mod).values()
-            if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == mod.__name__
-        ]
-    return classes
+    """Every ``nn.Module`` class defined in a registered family's file, and the shared blocks of ``common``."""
+    files = {importlib.import_module(f"{__name__}.common")}
+    files |= {sys.modules[spec.layer.__module__] for spec in specs().values()}
+    return [
+        obj
+        for mod in files
+        for obj in vars(mod).values()
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == mod.__name__
+    ]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import HParam, ModuleSpec, check_hparams, divisors_message
+from .registry import HParam, ModuleSpec, check_hparams, divisor_of, freeze, int_tuple, positive_int, width_ratio
 
 __all__ = ["CGA", "SPEC", "CascadedGroupAttention", "Conv2d_BN", "FFN", "LocalWindowAttention", "Residual"]
 
@@ -60,17 +60,13 @@ class Conv2d_BN(nn.Sequential):
 
 
 class Residual(nn.Module):
-    """``x + m(x)``, with the branch dropped per sample with probability ``drop`` in training (0 = never)."""
+    """``x + m(x)`` (official name; its branch drop is 0 in every EfficientViT block, so it is left out)."""
 
-    def __init__(self, m: nn.Module, drop: float = 0.0) -> None:
+    def __init__(self, m: nn.Module) -> None:
         super().__init__()
         self.m = m
-        self.drop = drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.drop > 0:
-            keep = torch.rand(x.size(0), 1, 1, 1, device=x.device, dtype=x.dtype).ge_(self.drop)
-            return x + self.m(x) * keep.div(1 - self.drop)
         return x + self.m(x)
 
 
@@ -99,12 +95,9 @@ def _offset_index(resolution: int) -> torch.Tensor:
 
 
 def _check_op_args(dim: int, key_dim: int, num_heads: int, kernels: Sequence[int], attn_ratio: float | None) -> None:
-    if num_heads < 1 or dim % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide dim={dim} (the input is split into num_heads chunks)")
-    if key_dim < 1:
-        raise ValueError(f"key_dim must be a positive int, got {key_dim}")
-    if len(kernels) < 1 or any(int(k) != k or k < 1 or k % 2 == 0 for k in kernels):
-        raise ValueError(f"kernels must be a non-empty list of odd positive ints, got {list(kernels)}")
+    # The layer's own rules (with dim as c1), so the op and the YOLO layer refuse the same values.
+    check_hparams("CascadedGroupAttention", _reject, dim, None,
+                  {"num_heads": num_heads, "key_dim": key_dim, "kernels": freeze(kernels)})
     d = dim // num_heads
     if attn_ratio is not None and abs(attn_ratio * key_dim - d) > 1e-6:
         raise ValueError(
@@ -285,11 +278,12 @@ class CGA(nn.Module):
         ffn_ratio: float = 2.0,
     ) -> None:
         super().__init__()
-        kernels = tuple(kernels) if isinstance(kernels, (list, tuple)) else kernels
+        kernels = freeze(kernels)
         searched = dict(key_dim=key_dim, num_heads=num_heads, window_resolution=window_resolution, kernels=kernels)
         check_hparams("CGA", _reject, c1, None, searched)
-        if not ffn_ratio > 0 or int(c1 * ffn_ratio) < 1:
-            raise ValueError(f"CGA: ffn_ratio={ffn_ratio!r} must be > 0 and leave at least 1 hidden channel")
+        reason = width_ratio(c1, ffn_ratio, "FFN hidden width")
+        if reason:
+            raise ValueError(f"CGA: ffn_ratio={ffn_ratio!r} {reason}")
         hidden = int(c1 * ffn_ratio)
         self.dw0 = Residual(Conv2d_BN(c1, c1, 3, 1, 1, groups=c1, bn_weight_init=0.0))
         self.ffn0 = Residual(FFN(c1, hidden))
@@ -302,10 +296,6 @@ class CGA(nn.Module):
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str | None:
     """Why ``name=value`` is impossible for a CGA layer of ``c1`` channels (on an ``hw`` map), or None.
 
@@ -314,17 +304,12 @@ def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str |
     as keys/values), e.g. windows 7 and 10 on a 5×5 map.
     """
     if name == "num_heads":
-        if not _positive_int(value):
-            return "must be a positive int"
-        if c1 % value:
-            return f"must divide c1 (the input is split into num_heads chunks); {divisors_message(c1, _HEADS)}"
-    elif name == "key_dim":
-        if not _positive_int(value):
-            return "must be a positive int"
-    elif name == "window_resolution":
-        if not _positive_int(value):
-            return "must be a positive int"
-        if hw is not None:
+        return divisor_of(c1, value, _HEADS, why="the input is split into num_heads chunks")
+    if name == "key_dim":
+        return positive_int(value, "q/k channels per head")
+    if name == "window_resolution":
+        reason = positive_int(value, "attention window side")
+        if reason is None and hw is not None:
             side = max(hw)
             cover = [c for c in _WINDOWS if side <= c < value]
             if cover:
@@ -332,11 +317,10 @@ def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str |
                     f"on a {hw[0]}x{hw[1]} map a window of {min(cover)} already covers the whole map; "
                     f"{value} only adds zero-padded tokens (use a window <= {min(cover)})"
                 )
-    elif name == "kernels":
-        if not isinstance(value, (tuple, list)) or len(value) < 1:
-            return "must be a non-empty tuple of odd kernel sizes (cycled to num_heads)"
-        if not all(_positive_int(k) and k % 2 == 1 for k in value):
-            return "every kernel must be an odd positive int (even kernels shift the 'same' padding)"
+        return reason
+    if name == "kernels":
+        # odd: an even kernel shifts the 'same' padding
+        return int_tuple(value, odd=True, example="depthwise kernel per head, cycled to num_heads")
     return None
 
 

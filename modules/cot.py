@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import HParam, ModuleSpec, check_hparams, divisors_message
+from .registry import HParam, ModuleSpec, check_hparams, divisor_of, int_tuple
 
 __all__ = ["CoT", "CotLayer", "LocalConvolution", "local_aggregation", "SPEC"]
 
@@ -206,18 +206,17 @@ _EXPANSIONS = (1, 2, 4, 8)
 def _reject(c1: int, hw: tuple[int, int] | None, name: str, value) -> str | None:
     """Why ``value`` is impossible for argument ``name`` of ``CoT`` at ``c1`` channels (and map ``hw``), or None."""
     if name == "kernel_size":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % 2 == 0:
-            return "kernel_size must be an odd int >= 1 (the window is zero-padded by k//2 on each side), e.g. 3 or 5"
+        if int_tuple((value,), odd=True):
+            return "must be an odd int >= 1 (the window is zero-padded by k//2 on each side), e.g. 3 or 5"
         if hw is not None and value > 3 and value // 2 >= max(hw):
             return (f"on a {hw[0]}x{hw[1]} map the outer ring of a {value}x{value} window only ever sees zero "
                     f"padding (a {value - 2}x{value - 2} kernel with wasted parameters); use kernel_size <= "
                     f"{max(3, 2 * max(hw) - 1)}")
         return None
     if name == "expansion":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return "expansion must be an int >= 1"
-        if c1 % value:
-            return f"the CoT width c1/expansion must be whole; {divisors_message(c1, _EXPANSIONS)}"
+        reason = divisor_of(c1, value, _EXPANSIONS, "bottleneck ratio", why="the CoT width c1/expansion must be whole")
+        if reason:
+            return reason
         width = c1 // value
         if width % SHARE_PLANES:
             ok = [e for e in _EXPANSIONS if c1 % e == 0 and (c1 // e) % SHARE_PLANES == 0]

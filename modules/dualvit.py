@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from .common import DropPath
-from .registry import HParam, ModuleSpec, check_hparams, divisors_message
+from .registry import HParam, ModuleSpec, check_hparams, divisor_of, divisors_message, positive_int, width_ratio
 
 __all__ = ["DualAttention", "DualBlock", "DualViT", "PVT2FFN", "SPEC", "SemanticInit", "grid_pool"]
 
 LAYER_SCALE_INIT = 1e-6  # reference layer-scale init of every gamma
 HEAD_DIM = 32  # reference head width (presets: heads = dim / 32)
 BLOCK_NORM_EPS = 1e-6  # reference presets build block/stage norms with LayerNorm(eps=1e-6)
+_HEAD_CHOICES = (1, 2, 4, 8)  # head counts error messages suggest
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -258,40 +259,28 @@ class SemanticInit(nn.Module):
 
 def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str | None:
     """Why ``name=value`` is impossible for a DualViT layer of ``c1`` channels (on an ``hw`` map), or None."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
     if name == "num_heads":
         if value is None:
             heads = c1 // HEAD_DIM
             if heads < 1 or c1 % heads:
                 return (
                     f"num_heads=None means c1 // {HEAD_DIM} = {heads} heads, which does not divide c1; pass num_heads "
-                    f"explicitly ({divisors_message(c1, (1, 2, 4, 8))})"
+                    f"explicitly ({divisors_message(c1, _HEAD_CHOICES)})"
                 )
             return None
-        if not is_int or value < 1:
-            return "num_heads must be a positive int or None (= c1 // 32)"
-        if c1 % value:
-            return f"num_heads must divide c1 ({divisors_message(c1, (1, 2, 4, 8))})"
-        return None
+        return divisor_of(c1, value, _HEAD_CHOICES, f"or None for c1 // {HEAD_DIM}")
     if name == "mlp_ratio":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            return "mlp_ratio must be a positive number (FFN hidden width = int(c1 * mlp_ratio))"
-        if int(c1 * value) < 1:
-            return f"int(c1 * mlp_ratio) = {int(c1 * value)}; the FFN needs at least 1 hidden channel"
-        return None
+        return width_ratio(c1, value, "FFN hidden width")
     if name == "semantic_grid":
-        if not is_int or value < 1:
-            return "semantic_grid must be a positive int (g; the layer keeps g*g semantic tokens)"
-        if hw is not None and value > min(hw):
+        reason = positive_int(value, "g; the layer keeps g*g semantic tokens")
+        if reason is None and hw is not None and value > min(hw):
             return (
                 f"a {value}x{value} semantic grid on a {hw[0]}x{hw[1]} map repeats pixels across grid cells "
                 f"(degenerate duplicate tokens); use semantic_grid <= {min(hw)}"
             )
-        return None
+        return reason
     if name == "depth":
-        if not is_int or value < 1:
-            return "depth must be a positive int (number of DualBlocks)"
-        return None
+        return positive_int(value, "number of DualBlocks")
     return None
 
 

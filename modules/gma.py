@@ -16,11 +16,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import DropPath
-from .registry import HParam, ModuleSpec, check_hparams
+from .registry import HParam, ModuleSpec, check_hparams, freeze, int_tuple, is_int, probability, width_ratio
 
 __all__ = ["GMA", "EfficientAtt", "Aggregator", "Agg_0", "SeparableConv2d", "ConvRelPosEnc", "SPEC"]
 
@@ -95,9 +94,10 @@ class Aggregator(nn.Module):
             raise ValueError(f"Aggregator: seg must be 5 (identity, three conv segments, Agg_0), got {seg}")
         if dim % seg:
             raise ValueError(f"Aggregator: dim={dim} must be divisible by seg={seg}")
-        kernels = tuple(kernels)
-        if len(kernels) != 3 or any(k < 1 or k % 2 == 0 for k in kernels):
-            raise ValueError(f"Aggregator: kernels must be three odd sizes >= 1, got {kernels}")
+        kernels = freeze(kernels)
+        reason = int_tuple(kernels, length=3, odd=True)
+        if reason:
+            raise ValueError(f"Aggregator: kernels {reason}, got {kernels}")
         self.dim = dim
         self.seg = seg
         self.kernels = kernels
@@ -267,21 +267,11 @@ def inner_width(c1: int) -> int:
     return c1 if c1 % 10 == 0 else max(40, (c1 + 20) // 40 * 40)
 
 
-def _kernels_reason(value: Any) -> str | None:
-    if not isinstance(value, (tuple, list)) or len(value) != 3:
-        return "must be a tuple of three odd kernel sizes, e.g. (3, 5, 7)"
-    if not all(isinstance(k, int) and not isinstance(k, bool) for k in value):
-        return "kernel sizes must be ints, e.g. (3, 5, 7)"
-    bad = [k for k in value if k < 1 or k % 2 == 0]
-    if bad:
-        return f"kernel sizes must be odd and >= 1 (same padding keeps H×W); {bad} are not, use e.g. (3, 5, 7)"
-    return None
-
-
 def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str | None:
     """Why ``name=value`` is impossible (or degenerate on an ``hw`` map) for a GMA layer of ``c1`` channels."""
     if name == "kernels":
-        reason = _kernels_reason(value)
+        # odd, so same padding keeps H×W
+        reason = int_tuple(value, length=3, odd=True, example="e.g. (3, 5, 7)")
         if reason is None and hw is not None:
             # A k×k window wider than 2·max(H, W)-1 only adds taps on zero padding: same operator as a
             # smaller kernel with more parameters. 3 is always allowed so the choice is never empty.
@@ -290,21 +280,15 @@ def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str |
                 reason = f"kernels above {useful} only see zero padding on a {hw[0]}x{hw[1]} map; use sizes <= {useful}"
         return reason
     if name == "mlp_ratio":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            return "must be a positive number (hidden width = int(c1 * mlp_ratio)), e.g. 2 or 4"
-        if int(c1 * value) < 1:
-            return f"the MLP hidden width int({c1} * {value}) would be 0; use mlp_ratio >= {1 / c1:.3g}"
-        return None
+        return width_ratio(c1, value, "MLP hidden width")
     if name == "dim":
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 10 or value % 10:
+        if not is_int(value) or value < 10 or value % 10:
             return f"must be None (derived from c1: {inner_width(c1)}) or a positive multiple of 10"
         return None
     if name == "drop_path":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            return "must be a probability in [0, 1)"
-        return None
+        return probability(value)
     return None
 
 
@@ -353,7 +337,7 @@ class GMA(nn.Module):
             "GMA", _reject, c1, None, {"kernels": kernels, "mlp_ratio": mlp_ratio, "dim": dim, "drop_path": drop_path}
         )
         dim = inner_width(c1) if dim is None else dim
-        self.c1, self.dim, self.kernels = c1, dim, tuple(kernels)
+        self.c1, self.dim, self.kernels = c1, dim, freeze(kernels)
         self.cpe = ConvPosEnc(c1, k=3)
         self.norm1 = nn.LayerNorm(c1, eps=1e-6)
         self.proj_in = nn.Linear(c1, dim, bias=False) if dim != c1 else nn.Identity()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import DropPath
-from .registry import HParam, ModuleSpec, check_hparams, divisors_message
+from .registry import HParam, ModuleSpec, check_hparams, divisor_of, int_tuple, positive_int, probability, width_ratio
 
 __all__ = ["SPEC", "STA", "Attention", "Fold", "StokenAttention", "Unfold"]
 
@@ -28,12 +28,6 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         return int(value[0]), int(value[1])
     return int(value), int(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 
 
 class LayerNorm2d(nn.Module):
@@ -219,12 +213,10 @@ class StokenAttention(nn.Module):
         proj_drop: float = 0.0,
     ):
         super().__init__()
-        if isinstance(stoken_size, (tuple, list)) and len(stoken_size) != 2:
-            raise ValueError(f"StokenAttention: stoken_size must be an int or a pair (h, w), got {stoken_size!r}")
+        if positive_int(stoken_size) and int_tuple(stoken_size, length=2):
+            raise ValueError(f"StokenAttention: stoken_size must be an int >= 1 or a pair (h, w) of them, got {stoken_size!r}")
         stoken_size = _pair(stoken_size)
-        if min(stoken_size) < 1:
-            raise ValueError(f"StokenAttention: stoken_size must be >= 1, got {stoken_size}")
-        if not _is_int(n_iter) or n_iter < 1:
+        if positive_int(n_iter):
             raise ValueError(f"StokenAttention: n_iter must be an int >= 1, got {n_iter!r}")
         self.n_iter = n_iter
         self.stoken_size = stoken_size
@@ -299,11 +291,8 @@ def _default_heads(c1: int) -> int:
 def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str | None:
     """Why ``value`` is impossible for argument ``name`` at ``c1`` channels (and on an ``hw`` map), or None."""
     if name == "stoken_size":
-        ok = (_is_int(value) and value >= 1) or (
-            isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)
-        )
-        if not ok:
-            return "stoken_size must be a positive int or a pair (h, w) of positive ints (pixels per super token)"
+        if positive_int(value) and int_tuple(value, length=2):
+            return "must be a positive int or a pair (h, w) of positive ints (pixels per super token)"
         if hw is not None:
             sh, sw = _pair(value)
             h, w = hw
@@ -321,23 +310,11 @@ def _reject(c1: int, hw: tuple[int, int] | None, name: str, value: Any) -> str |
                 )
         return None
     if name == "n_iter":
-        if not _is_int(value) or value < 1:
-            return "n_iter must be an int >= 1 (number of pixel/super-token affinity iterations)"
-        return None
+        return positive_int(value, "number of pixel/super-token affinity iterations")
     if name == "num_heads":
-        if value is None:
-            return None
-        if not _is_int(value) or value < 1:
-            return "num_heads must be a positive int (or None for head_dim 64)"
-        if c1 % value:
-            return f"num_heads must divide c1; {divisors_message(c1, _HEAD_CHOICES)}"
-        return None
+        return None if value is None else divisor_of(c1, value, _HEAD_CHOICES, "or None for head_dim 64")
     if name == "mlp_ratio":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            return "mlp_ratio must be a positive number (MLP hidden width = int(c1 * mlp_ratio))"
-        if int(c1 * value) < 1:
-            return f"mlp_ratio gives an MLP hidden width int({c1} * {value}) = 0; it must be >= {1 / c1:g}"
-        return None
+        return width_ratio(c1, value, "MLP hidden width")
     return None
 
 
@@ -391,8 +368,9 @@ class STA(nn.Module):
         hparams = {"stoken_size": stoken_size, "n_iter": n_iter, "num_heads": num_heads, "mlp_ratio": mlp_ratio}
         check_hparams("STA", _reject, c1, None, hparams)
         for name, p in (("drop", drop), ("attn_drop", attn_drop), ("drop_path", drop_path)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"STA: {name}={p!r} must be in [0, 1)")
+            reason = probability(p)
+            if reason:
+                raise ValueError(f"STA: {name}={p!r} {reason}")
         if qk_scale is not None and not qk_scale > 0:
             raise ValueError(f"STA: qk_scale={qk_scale!r} must be positive or None (head_dim ** -0.5)")
         if num_heads is None:

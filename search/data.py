@@ -9,6 +9,7 @@ Colour never tells the class: a network has to see the shape.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -45,6 +46,8 @@ class DataInfo:
     n_val: int
     train_used: int  # after --fraction
     val_used: int
+    notes: tuple[str, ...] = ()  # what the label check ignored, said at start
+
 
     def describe(self) -> str:
         return (f"{self.identity} ({self.nc} classes, {self.train_used}/{self.n_train} train and "
@@ -211,12 +214,66 @@ def check_data(data: str | Path | None, cache_dir: str | Path, fraction: float |
     if not any(_has_label(p) for p in counts["train"][:train_used]):
         raise SearchError(f"data YAML {path}: none of the {train_used} training images used has a label file "
                           "(expected labels/… beside images/…)")
+    notes = tuple(note for split in ("train", "val") if (note := check_labels(path, info, split)))
     fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     if builtin:
         fingerprint = hashlib.sha256((path.parent / _DONE).read_bytes()).hexdigest()[:16]
     return DataInfo(yaml=path.resolve(), identity=f"builtin:{SHAPES_NAME}" if builtin else str(path.resolve()),
                     fingerprint=fingerprint, nc=int(info["nc"]), n_train=n_train, n_val=n_val,
-                    train_used=train_used, val_used=used_count(n_val, fraction, "val"))
+                    train_used=train_used, val_used=used_count(n_val, fraction, "val"), notes=notes)
+
+
+def check_labels(path: Path, info: dict, split: str) -> str | None:
+    """Verify a split's images and labels once, as every trial's trainer will (Ultralytics' own YOLODataset scan:
+    image decodes, label format, class ids below the class count), and write its labels cache where Ultralytics
+    can (a read-only dataset is scanned again by each trial; Ultralytics only warns about that).
+
+    Raises SearchError when no image of the split is usable with a box (every trial would fail with "No valid
+    images found", or learn and score nothing); returns a note saying how many are ignored when only some are."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel("ERROR")  # Ultralytics logs each bad file and a read-only cache; the summary below says it
+    try:
+        _label_scan().last_scan = None
+        dataset = _label_scan()(img_path=info[split], data=info, task="detect", imgsz=64, augment=False)
+        failed = None
+    except (RuntimeError, ValueError) as err:  # no usable image at all: "No valid images found" and why
+        dataset, failed = None, err
+    finally:
+        LOGGER.setLevel(level)
+    total = len(list_images(info[split]))
+    scan = _label_scan().last_scan
+    corrupt = scan["results"][3] if scan else total
+    msgs = [m for m in (scan["msgs"] if scan else str(failed).splitlines()) if "ignoring" in m or "corrupt" in m]
+    example = _clip(msgs[0].strip()) if msgs else "no details from Ultralytics"
+    boxes = sum(len(lb["cls"]) for lb in dataset.labels) if dataset is not None else 0
+    if boxes == 0:
+        raise SearchError(f"data YAML {path}: no usable {split} image ({corrupt} of {total} have an unreadable image "
+                          f"or a bad label, the rest no box); first: {example}")
+    if corrupt == 0:
+        return None
+    return f"{split}: {corrupt} of {total} images ignored (unreadable image or bad label; first: {example})"
+
+
+@functools.cache
+def _label_scan() -> type:
+    """Ultralytics' YOLODataset, keeping its scan's counts and messages (it drops them once the labels load)."""
+    from ultralytics.data.dataset import YOLODataset
+
+    class LabelScan(YOLODataset):
+        last_scan: dict | None = None  # also set when loading then fails ("No valid images found")
+
+        def _load_or_scan_cache(self, cache_path, cache_hash):
+            cache, exists = super()._load_or_scan_cache(cache_path, cache_hash)
+            type(self).last_scan = {"results": cache["results"], "msgs": list(cache.get("msgs", []))}
+            return cache, exists
+
+    return LabelScan
+
+
+def _clip(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def list_images(spec: str | list[str]) -> list[Path]:

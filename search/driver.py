@@ -1,7 +1,14 @@
 """The driver: owns the Optuna study (ask/tell), submits work to the Ray executor, records every outcome.
 
-Budget semantics: ``budget`` counts COMPLETE trials over the whole study (earlier runs included); trials whose
-candidate already has a result at this fidelity complete at once with that result (``reused_from``) and count.
+Budget semantics: ``budget`` counts candidates evaluated over the whole study (earlier runs included): COMPLETE
+trials, and with several rungs also candidates that stopped below the top rung (PRUNED, with ``rung_results``) or
+wait there for a promotion. Trials whose candidate already has a result at this fidelity complete at once with that
+result (``reused_from``) and count.
+
+Rungs (``--rungs 1,3,9``): every candidate trains to the first rung; :class:`search.rungs.Ladder` decides which
+continue, from their rung checkpoint, when a worker is free (promotions before new candidates, as in ASHA). A
+candidate between rungs is a RUNNING trial with its ``rung_results`` and ``rung_checkpoint``: a resumed driver adopts
+it. Only the top rung tells values (COMPLETE), so ``study.best_trials`` and every front compare like with like.
 
 Pipelining: the driver asks ``lookahead`` trials more than there are workers, so the next candidates are sampled,
 built and timed while the workers train; a worker that finishes starts the next training at once instead of
@@ -14,21 +21,25 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from space import Candidate, SearchSpace, to_yaml
 
+from . import objectives as obj
 from . import study as st
-from .executor import Event, Executor
-from .latency import LatencyResult
 from .errors import SearchError
+from .latency import LatencyResult
 from .proxy import ProxySchedule, TrainJob, TrainResult
-from .weights import BaseWeights, store_base_weights
+from .rungs import Ladder
+from .settings import Constraints
+from .weights import BaseCache, BaseWeights, store_base_weights
+from .work import Event, WorkPool
 
 BASE_KEY = "base"  # the executor key of the base training (trial keys are trial numbers)
 
@@ -39,6 +50,7 @@ class SearchConfig:
 
     budget: int
     schedule: ProxySchedule
+    objectives: tuple[obj.Objective, ...]
     data_yaml: str
     study_dir: Path
     latency_imgsz: int
@@ -50,9 +62,12 @@ class SearchConfig:
     max_pruned_in_a_row: int = 200
     weights: BaseWeights | None = None  # what candidates inherit; None trains from scratch (or the base is pending)
     base_job: TrainJob | None = None  # --weights auto, not trained yet: the pool trains it before any candidate
-    max_latency_ms: float | None = None  # constraints known before training: breaking one skips the training
-    max_params: int | None = None
+    constraints: Constraints = Constraints()  # known before training: breaking one skips the training
     lookahead: int = 1  # trials sampled and timed ahead of a free worker (0: strictly ask → time → train)
+    rungs: tuple[int, ...] = ()  # epochs at each rung; () or one value: every candidate trains schedule.epochs
+    eta: int = 3
+    base_cache: BaseCache | None = None  # where a trained base is also kept for other studies (--weights auto)
+    base_cache_key: str | None = None
 
 
 @dataclass
@@ -66,17 +81,29 @@ class _Running:
     followers: list[optuna.Trial] = field(default_factory=list)
     ready: bool = False  # timed and feasible: trains as soon as a worker is free (and the base is stored)
     training: bool = False
+    rung: int = 0  # the rung it trains towards (or last finished, while paused)
+    checkpoint: str | None = None  # last finished rung's checkpoint, where a promotion continues from
 
 
 class SearchAborted(RuntimeError):
     """Too many trials in a row failed (or were invalid): the search stops instead of burning the budget."""
 
 
+class StudyGone(SearchAborted):
+    """The study was deleted or renamed by another writer (optuna-dashboard) while the search ran.
+
+    ``renamed_to`` is the new name when the study was renamed (its trials and attributes were copied), else None."""
+
+    def __init__(self, message: str, renamed_to: str | None = None) -> None:
+        super().__init__(message)
+        self.renamed_to = renamed_to
+
+
 class Driver:
     """Ask → latency → train → tell, with up to ``executor.pool.workers`` trainings at once and ``lookahead``
     more trials timed ahead of them."""
 
-    def __init__(self, study: optuna.Study, space: SearchSpace, executor: Executor, config: SearchConfig,
+    def __init__(self, study: optuna.Study, space: SearchSpace, executor: WorkPool, config: SearchConfig,
                  artifact_store, progress) -> None:
         self.study = study
         self.space = space
@@ -86,15 +113,22 @@ class Driver:
         self.progress = progress
         self.fidelity = config.schedule.key()
         self.running: dict[int, _Running] = {}
-        self.done_by_hash: dict[str, optuna.trial.FrozenTrial] = {
+        by_hand = st.outside_changes(study)
+        self.done_by_hash: dict[str, optuna.trial.FrozenTrial] = {  # values typed in by hand are not a result
             t.user_attrs["candidate_hash"]: t for t in st.completed_trials(study)
-            if t.user_attrs.get("fidelity") == self.fidelity and "candidate_hash" in t.user_attrs}
+            if t.user_attrs.get("fidelity") == self.fidelity and "candidate_hash" in t.user_attrs
+            and str(t.number) not in by_hand}
         self.failures_in_a_row = 0
         self.pruned_in_a_row = 0
         self.infeasible_in_a_row = 0
         self.started = time.time()
         self._last_beat = 0.0
         self.base_pending = config.base_job is not None
+        self.rungs = config.rungs or (config.schedule.epochs,)
+        self.ladder = Ladder(self.rungs, config.eta, tuple(o.maximize for o in config.objectives))
+        self.paused: dict[int, _Running] = {}  # candidates that finished a rung below the top, awaiting promotion
+        self.seen_hashes: set[str] = set()  # candidates with a rung result (paused, stopped or complete)
+        self._adopt_rung_trials()
 
     # -- main loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -103,16 +137,21 @@ class Driver:
             if self.base_pending:
                 self.executor.submit_train(BASE_KEY, self.config.base_job, kind="base")
             while True:
-                self._beat()
-                if self._completed() >= self.config.budget and not self.running:
-                    return
-                # Ask only what the budget still needs: completed + in flight never exceeds it.
-                while (len(self.running) < self.executor.pool.workers + self.config.lookahead
-                       and self._completed() + self._in_flight() < self.config.budget):
-                    self._start_one()
-                for event in self.executor.wait(timeout_s=1.0):
-                    self._handle(event)
-                self._dispatch()
+                try:
+                    if self._step():
+                        return
+                except SearchAborted:
+                    raise
+                except Exception as err:  # a write that lost a race with another writer (the dashboard)?
+                    self._check_study()
+                    if not isinstance(err, UpdateFinishedTrialError):
+                        raise
+                    self._sync_outside_changes()
+        except StudyGone:
+            with contextlib.suppress(Exception):
+                self.executor.cancel_all()
+            self.running.clear()  # the trials are not ours to fail any more (a renamed study holds copies)
+            raise
         except BaseException:
             self._abandon_running()
             raise
@@ -120,13 +159,103 @@ class Driver:
             with contextlib.suppress(Exception):
                 st.release_driver_lock(self.study)
 
+    def _step(self) -> bool:
+        """One turn of the loop: notice other writers, ask what the budget needs, collect finished work; True when
+        the study holds the budget and nothing runs."""
+        self._check_study()
+        self._sync_outside_changes()
+        self._sync_paused()
+        self._beat()
+        if self._completed() >= self.config.budget and not self.running and self.ladder.next_promotion() is None:
+            self._stop_paused()
+            return True
+        # Ask only what the budget still needs: completed + in flight never exceeds it.
+        while (len(self.running) < self.executor.workers + self.config.lookahead
+               and self._completed() + self._in_flight() < self.config.budget):
+            self._start_one()
+        for event in self.executor.wait(timeout_s=1.0):
+            self._handle(event)
+        self._dispatch()
+        return False
+
+    # -- other writers (optuna-dashboard) ---------------------------------------------------------------------
+    def _check_study(self) -> None:
+        """Stop in order when the study was deleted or renamed (the dashboard's rename copies it and deletes it)."""
+        storage = self.study._storage
+        try:  # by name: Optuna's cached storage answers id -> name from memory, name -> id from the database
+            if storage.get_study_id_from_name(self.study.study_name) == self.study._study_id:
+                return
+        except KeyError:
+            pass
+        name = self.study.study_name
+        renamed = st.find_renamed(storage)
+        if renamed is None:
+            raise StudyGone(f"study {name!r} was deleted while the search ran (optuna-dashboard?); nothing to "
+                            "continue")
+        with contextlib.suppress(Exception):  # our lock came along with the copy: free it for the resume
+            st.release_driver_lock(renamed)
+        raise StudyGone(f"study {name!r} was renamed to {renamed.study_name!r} while the search ran", renamed.study_name)
+
+    def _sync_outside_changes(self) -> None:
+        """Trials another writer finished while they ran (the dashboard's Fail / Complete): never told again.
+
+        Failed: "stop this one": its work is cancelled and its worker freed, it is not queued again.
+        Completed by hand: the values given are kept; the trial is marked so that pareto/ and dedup leave it out.
+        A finished trial takes no more attributes, so the mark is kept in the study's ``attnas_outside_changes``."""
+        storage = self.study._storage
+        for run in list(self.running.values()):
+            state = storage.get_trial(run.trial._trial_id).state
+            if state == TrialState.RUNNING:
+                run.followers = [f for f in run.followers if self._follower_still_ours(f, run)]
+                continue
+            self._cancel(run.trial.number)
+            del self.running[run.trial.number]
+            kind = "stopped-from-dashboard" if state == TrialState.FAIL else "completed-by-hand"
+            st.record_outside_change(self.study, run.trial.number, kind)
+            verb = "failed" if state == TrialState.FAIL else "completed"
+            self.progress.note(f"trial {run.trial.number}: {verb} from outside (optuna-dashboard?) while it ran; "
+                               "its work was stopped" + ("" if state == TrialState.FAIL else
+                                                         ", its values kept as given and left out of pareto/"))
+            for follower in run.followers:  # trials waiting on this network's result: there will be none
+                if storage.get_trial(follower._trial_id).state != TrialState.RUNNING:
+                    continue
+                follower.set_user_attr("fail_kind", "stopped-from-dashboard")
+                follower.set_user_attr("fail_reason", f"same candidate as trial {run.trial.number}, which was "
+                                                      f"{verb} from outside while it ran")
+                self.study.tell(follower, state=TrialState.FAIL)
+
+    def _sync_paused(self) -> None:
+        """A candidate waiting between rungs that another writer finished: it waits no more."""
+        for number, run in list(self.paused.items()):
+            state = self.study._storage.get_trial(run.trial._trial_id).state
+            if state != TrialState.RUNNING:
+                del self.paused[number]
+                self._drop_checkpoint(run)
+                kind = "stopped-from-dashboard" if state == TrialState.FAIL else "completed-by-hand"
+                st.record_outside_change(self.study, number, kind)
+
+    def _follower_still_ours(self, follower: optuna.Trial, leader: _Running) -> bool:
+        state = self.study._storage.get_trial(follower._trial_id).state
+        if state != TrialState.RUNNING:
+            kind = "stopped-from-dashboard" if state == TrialState.FAIL else "completed-by-hand"
+            st.record_outside_change(self.study, follower.number, kind)
+            self.progress.note(f"trial {follower.number} (waiting on trial {leader.trial.number}): finished from "
+                               "outside")
+        return state == TrialState.RUNNING
+
+    def _cancel(self, key: Any) -> None:
+        self.executor.cancel(key)
+
     def _dispatch(self) -> None:
-        """Start the trainings of timed trials, oldest first, while a worker is free."""
+        """Start trainings while a worker is free: promotions first (ASHA), then timed trials, oldest first."""
         if self.base_pending:
             return
         training = sum(r.training for r in self.running.values())
+        while training < self.executor.workers and (promotion := self.ladder.next_promotion()) is not None:
+            self._promote(*promotion)
+            training += 1
         for run in sorted(self.running.values(), key=lambda r: r.trial.number):
-            if training >= self.executor.pool.workers:
+            if training >= self.executor.workers:
                 return
             if run.ready and not run.training:
                 self.executor.submit_train(run.trial.number, self._train_job(run))
@@ -140,13 +269,17 @@ class Driver:
                         device=c.train_device, threads=c.threads_per_trial, save_weights=c.save_weights,
                         fault=c.faults.get(run.trial.number),
                         weights=c.weights.state_path if c.weights else None, base_layers=run.candidate.base_layers,
-                        skip_keys=c.weights.skip_keys if c.weights else ())
+                        skip_keys=c.weights.skip_keys if c.weights else (),
+                        stop_at=self.rungs[run.rung] if len(self.rungs) > 1 else None,
+                        resume=run.checkpoint if run.rung > 0 else None)
 
     def _in_flight(self) -> int:
-        return sum(1 + len(r.followers) for r in self.running.values())
+        """New candidates not evaluated yet (promoted ones were counted when they finished their first rung)."""
+        return sum(1 + len(r.followers) for r in self.running.values() if r.rung == 0)
 
     def _completed(self) -> int:
-        return len(st.counted_trials(self.study))
+        return (len(st.counted_trials(self.study)) + len(self.paused)
+                + sum(1 for r in self.running.values() if r.rung > 0))
 
     def _beat(self) -> None:
         if time.time() - self._last_beat > st.HEARTBEAT_S:
@@ -174,6 +307,11 @@ class Driver:
         if done is not None:
             self._reuse(trial, done)
             return
+        if candidate.hash in self.seen_hashes:  # stopped below the top rung, or waiting there: no new result
+            trial.set_user_attr("duplicate_of_rung_candidate", True)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.pruned_in_a_row += 1
+            return
         leader = next((r for r in self.running.values() if r.candidate.hash == candidate.hash), None)
         if leader is not None:  # the same network is being evaluated right now: share its result
             leader.followers.append(trial)
@@ -186,9 +324,13 @@ class Driver:
         yaml_text = to_yaml(candidate, {"study": self.study.study_name, "trial": trial.number})
         yaml_path.write_text(yaml_text)
         trial.set_user_attr("run_dir", str(run_dir))
+        artifact_id = None
         if self.store is not None:
-            optuna.artifacts.upload_artifact(artifact_store=self.store, file_path=str(yaml_path), study_or_trial=trial,
-                                             mimetype="application/x-yaml", encoding="utf-8")
+            artifact_id = optuna.artifacts.upload_artifact(
+                artifact_store=self.store, file_path=str(yaml_path), study_or_trial=trial,
+                mimetype="application/x-yaml", encoding="utf-8")
+            with contextlib.suppress(Exception):  # a note is a convenience, never a reason to fail a trial
+                st.save_note(trial, st.trial_note(trial, candidate.describe(), yaml_path, artifact_id))
         self.running[trial.number] = _Running(trial, candidate, yaml_text, time.time())
         self.executor.submit_latency(trial.number, candidate, self.config.schedule.imgsz)
 
@@ -230,7 +372,8 @@ class Driver:
             return
         try:
             weights = store_base_weights(self.config.base_job, event.result, self.config.study_dir,
-                                         say=self.progress.note)
+                                         say=self.progress.note, cache=self.config.base_cache,
+                                         key=self.config.base_cache_key)
         except SearchError as err:
             raise SearchAborted(str(err)) from None
         self.study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
@@ -260,7 +403,7 @@ class Driver:
 
         A candidate that breaks one is never trained: it is told COMPLETE with mAP 0 and its measured latency,
         so samplers learn where the infeasible region is while ``study.best_trials`` ignores it."""
-        c = self.config
+        c = self.config.constraints
         limits = {"latency_ms": (lat.median_ms, c.max_latency_ms), "params": (lat.params, c.max_params)}
         broken = []
         for trial in [run.trial, *run.followers]:
@@ -273,9 +416,10 @@ class Driver:
         if not broken:
             return False
         reason = "; ".join(broken)
+        values = obj.values(self.config.objectives, lat, None)
         for trial in [run.trial, *run.followers]:
             trial.set_user_attr("infeasible", reason)
-            self.study.tell(trial, [0.0, lat.median_ms])
+            self.study.tell(trial, values)
         del self.running[run.trial.number]
         self.done_by_hash[run.candidate.hash] = self.study.get_trials(deepcopy=False)[run.trial.number]
         self.progress.note(f"trial {run.trial.number}: infeasible ({reason}), not trained")
@@ -299,9 +443,12 @@ class Driver:
         run.trial.set_user_attr("map50_95", res.map50_95)
         run.trial.set_user_attr("map50", res.map50)
         for key, value in res.extra.items():  # e.g. what was inherited from the base weights
-            run.trial.set_user_attr(key, value)
+            if key not in _RUNG_INTERNALS:
+                run.trial.set_user_attr(key, value)
         self.infeasible_in_a_row = 0
-        values = [res.map50_95, run.latency.median_ms]
+        values = obj.values(self.config.objectives, run.latency, res)
+        if len(self.rungs) > 1 and self._finished_rung(run, res, values):
+            return
         self.study.tell(run.trial, values)
         del self.running[run.trial.number]
         self.failures_in_a_row = 0
@@ -309,6 +456,146 @@ class Driver:
         self.progress.completed(run.trial.number, f"{run.candidate.describe()}  ({time.time() - run.started:.0f} s)")
         for follower in run.followers:
             self._reuse(follower, self.done_by_hash[run.candidate.hash])
+
+    # -- confirmation --------------------------------------------------------------------------------------
+    def confirm(self, seeds: int) -> None:
+        """Train the top-rung front and the base again with ``seeds`` more seeds (seed + 1, ...), up to
+        ``workers`` at a time, recording each result in the study as it arrives (see search/confirm.py)."""
+        from . import confirm
+
+        todo = confirm.todo(self.study, self.config.objectives, seeds)
+        if not todo:
+            return
+        self.progress.note(f"confirming the front: {len(todo)} training(s) of {len({t.number for t, _ in todo})} "
+                           f"trial(s) with other seeds")
+        pending: dict[tuple, optuna.trial.FrozenTrial] = {}
+        try:
+            while todo or pending:
+                self._beat()
+                while todo and len(pending) < self.executor.workers:
+                    trial, k = todo.pop(0)
+                    key = ("confirm", trial.number, k)
+                    self.executor.submit_train(key, self._confirm_job(trial, k))
+                    pending[key] = trial
+                for event in self.executor.wait(timeout_s=1.0):
+                    if event.kind != "train" or event.key not in pending:
+                        continue
+                    trial, res = pending.pop(event.key), event.result
+                    values = None if res.error else obj.values(self.config.objectives, measured(trial), res)
+                    confirm.record(self.study, trial.number, event.key[2], values, res.error)
+                    shown = res.error or "  ".join(f"{o.name} {o.show(v)}" for o, v in
+                                                   zip(self.config.objectives, values) if o.needs_training)
+                    self.progress.note(f"trial {trial.number:>3}  seed +{event.key[2]}  {shown}")
+        finally:
+            if pending:
+                with contextlib.suppress(Exception):
+                    self.executor.cancel_all()
+
+    def _confirm_job(self, trial: optuna.trial.FrozenTrial, offset: int) -> TrainJob:
+        c = self.config
+        candidate = self.space.suggest(optuna.trial.FixedTrial(trial.params))
+        return TrainJob(trial=trial.number, candidate_hash=candidate.hash,
+                        yaml_text=to_yaml(candidate, {"study": self.study.study_name, "trial": trial.number}),
+                        data=c.data_yaml, schedule=replace(c.schedule, seed=c.schedule.seed + offset),
+                        run_dir=str(c.study_dir / "trials" / str(trial.number) / f"confirm-seed+{offset}"),
+                        device=c.train_device, threads=c.threads_per_trial,
+                        weights=c.weights.state_path if c.weights else None, base_layers=candidate.base_layers,
+                        skip_keys=c.weights.skip_keys if c.weights else (), attempt=0)
+
+    # -- rungs -----------------------------------------------------------------------------------------------
+    def _finished_rung(self, run: _Running, res: TrainResult, values: list[float]) -> bool:
+        """Record a rung result; True when the candidate pauses below the top rung (False: it reached the top)."""
+        n = run.trial.number
+        epochs = self.rungs[run.rung]
+        done = {str(k): v for k, v in st.rung_results(self.study.get_trials(deepcopy=False)[n]).items()}
+        run.trial.set_user_attr(st.RUNG_RESULTS, {**done, str(epochs): values})
+        run.trial.set_user_attr("rung_epochs", epochs)
+        self.ladder.record(n, run.rung, values)
+        self.seen_hashes.add(run.candidate.hash)
+        if run.rung == self.ladder.top:
+            self._drop_checkpoint(run)  # the previous rung's; the top rung keeps none
+            return False
+        run.checkpoint = res.extra.get("checkpoint")
+        run.trial.set_user_attr("rung_checkpoint", run.checkpoint)
+        run.training = False
+        del self.running[n]
+        self.paused[n] = run
+        self.failures_in_a_row = 0
+        main = next(i for i, o in enumerate(self.config.objectives) if o.needs_training)
+        self.progress.note(f"trial {n:>3}  rung  {epochs} epochs: "
+                           f"{self.config.objectives[main].name} {self.config.objectives[main].show(values[main])}; "
+                           "waits for a promotion")
+        if run.trial.user_attrs.get("role") == "base":  # the reference of every front reaches the top rung
+            self._promote(n, run.rung)
+        self._stop_hopeless()
+        return True
+
+    def _promote(self, number: int, rung: int) -> None:
+        """Continue a paused candidate from its checkpoint to the next rung."""
+        run = self.paused.pop(number)
+        self.ladder.mark_promoted(number, rung)
+        run.rung = rung + 1
+        run.trial.set_user_attr("promoted_to", self.rungs[run.rung])
+        run.training = True
+        self.running[number] = run
+        self.executor.submit_train(number, self._train_job(run))
+
+    def _stop_hopeless(self) -> None:
+        """Candidates that can never be promoted any more stop now (PRUNED) and their checkpoints go."""
+        for number, run in list(self.paused.items()):
+            if self.ladder.hopeless(number, run.rung, self.config.budget):
+                self._stop(run, "dominated by more candidates than its rung can still promote")
+
+    def _stop_paused(self) -> None:
+        """The budget is spent and no promotion is left: every waiting candidate stops at its rung."""
+        for run in list(self.paused.values()):
+            self._stop(run, "the budget was spent before it was promoted")
+
+    def _stop(self, run: _Running, why: str) -> None:
+        del self.paused[run.trial.number]
+        self._drop_checkpoint(run)
+        run.trial.set_user_attr("stopped_at_rung", self.rungs[run.rung])
+        run.trial.set_user_attr("stopped_because", why)
+        self.study.tell(run.trial, state=TrialState.PRUNED)
+
+    def _drop_checkpoint(self, run: _Running) -> None:
+        if run.checkpoint:
+            Path(run.checkpoint).unlink(missing_ok=True)
+            run.checkpoint = None
+
+    def _adopt_rung_trials(self) -> None:
+        """Rebuild the ladder from the study, and take over the candidates a stopped driver left between rungs
+        (RUNNING with rung results): each waits again, or trains again the rung it was promoted to."""
+        for t in self.study.get_trials(deepcopy=False):
+            results = st.rung_results(t)
+            for epochs, values in results.items():
+                if epochs in self.rungs:
+                    self.ladder.record(t.number, self.rungs.index(epochs), values)
+            reached = [self.rungs.index(e) for e in results if e in self.rungs]
+            for rung in range(max(reached, default=-1)):
+                self.ladder.mark_promoted(t.number, rung)
+            if results and "candidate_hash" in t.user_attrs:
+                self.seen_hashes.add(t.user_attrs["candidate_hash"])
+            if t.state != TrialState.RUNNING or not results:
+                continue
+            last = max(reached)
+            run = _Running(optuna.Trial(self.study, t._trial_id), self.space.suggest(optuna.trial.FixedTrial(t.params)),
+                           "", time.time(), latency=measured(t), rung=last, checkpoint=t.user_attrs.get("rung_checkpoint"),
+                           ready=True)
+            run.yaml_text = to_yaml(run.candidate, {"study": self.study.study_name, "trial": t.number})
+            if not (run.checkpoint and Path(run.checkpoint).is_file()):  # nothing to continue from
+                run.trial.set_user_attr("fail_kind", "driver-stopped")
+                run.trial.set_user_attr("fail_reason", "its rung checkpoint is gone; parameters queued again")
+                self.study.tell(run.trial, state=TrialState.FAIL)
+                self.study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+                continue
+            promoted_to = t.user_attrs.get("promoted_to")
+            if promoted_to in self.rungs and self.rungs.index(promoted_to) > last:  # it was training that rung
+                self.ladder.mark_promoted(t.number, last)
+                run.rung = self.rungs.index(promoted_to)
+                self.running[t.number] = run
+            else:
+                self.paused[t.number] = run
 
     def _fail(self, run: _Running, kind: str, reason: str) -> None:
         for trial in [run.trial, *run.followers]:
@@ -327,6 +614,8 @@ class Driver:
         with contextlib.suppress(Exception):
             self.executor.cancel_all()
         for run in list(self.running.values()):
+            if run.rung > 0:  # a promoted candidate keeps its rung results and checkpoint: a resume adopts it
+                continue
             for trial in [run.trial, *run.followers]:
                 with contextlib.suppress(Exception):
                     trial.set_user_attr("fail_kind", "driver-stopped")
@@ -335,6 +624,15 @@ class Driver:
                     self.study.tell(trial, state=TrialState.FAIL)
                     self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
         self.running.clear()
+
+
+_RUNG_INTERNALS = frozenset({"checkpoint", "lr", "state_at_start", "state_at_end", "start_epoch"})
+
+
+def measured(trial: optuna.trial.FrozenTrial) -> LatencyResult:
+    """The meter's measurement of a trial, as its attributes recorded it (for objectives known before training)."""
+    a = trial.user_attrs
+    return LatencyResult(median_ms=a.get("latency_ms"), params=a.get("n_params"), gflops=a.get("gflops"))
 
 
 def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampler:
@@ -359,14 +657,15 @@ def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampl
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 
-def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """The Pareto-optimal trials as table rows, fastest first."""
+def front_rows(study: optuna.Study, objectives: tuple[obj.Objective, ...]) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials as table rows: each objective, then size and candidate."""
     rows = []
-    for t in st.pareto_trials(study):
+    for t in st.pareto_trials(study, objectives):
         a = t.user_attrs
-        rows.append({"trial": t.number, "mAP50-95": f"{t.values[0]:.4f}",
-                     "mAP50": f"{a.get('map50', float('nan')):.4f}",
-                     "latency ms": f"{t.values[1]:.2f}", "p90 ms": f"{a.get('latency_p90_ms', float('nan')):.2f}",
-                     "params": f"{a.get('n_params', 0) / 1e6:.3f}M", "GFLOPs": f"{a.get('gflops', 0):.2f}",
-                     "candidate": a.get("placements", "?")})
+        row: dict[str, Any] = {"trial": t.number}
+        row.update({o.name: o.show(v) for o, v in zip(objectives, t.values)})
+        row.update({"mAP50": f"{a.get('map50', float('nan')):.4f}", "p90 ms": f"{a.get('latency_p90_ms', float('nan')):.2f}",
+                    "params": f"{a.get('n_params', 0) / 1e6:.3f}M", "GFLOPs": f"{a.get('gflops', 0):.2f}",
+                    "candidate": a.get("placements", "?")})
+        rows.append(row)
     return rows

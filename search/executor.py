@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import ray
@@ -21,6 +21,7 @@ import ray.exceptions as rex
 from .errors import SearchError
 from .latency import LatencyResult, LatencySettings, measure_latency
 from .proxy import TrainJob, TrainResult, run_training
+from .work import Event
 
 GATE_MAX_WAIT_S = 60.0  # longest wait for trainings to park before measuring anyway (recorded as contended)
 GATE_MAX_CLOSED_S = 600.0  # the gate reopens by itself after this, so a dead meter cannot park trainings forever
@@ -153,22 +154,13 @@ class _Pending:
     tag: str = ""
 
 
-@dataclass
-class Event:
-    """A finished piece of work: ``kind`` is "latency" (``result`` a LatencyResult), "train" or "base" (a
-    TrainResult), or "retry" (a worker died and its training was submitted again)."""
-
-    key: Any
-    kind: str
-    result: Any
-    info: dict = field(default_factory=dict)
-
-
 class Executor:
-    """Runs latency measurements and proxy trainings on Ray; the driver polls ``wait`` for finished work."""
+    """Runs latency measurements and proxy trainings on Ray (a :class:`search.work.WorkPool`); the driver polls
+    ``wait`` for finished work."""
 
     def __init__(self, pool: PoolSettings, latency: LatencySettings, env: dict[str, str] | None = None) -> None:
         self.pool = pool
+        self.workers = pool.workers
         env_vars = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", **(env or {})}
         runtime_env: dict[str, Any] = {"env_vars": env_vars}
         if pool.ray_address:
@@ -281,6 +273,16 @@ class Executor:
                 del self._pending[ref]
                 events.append(self._failed(p, "timeout", f"exceeded --trial-timeout {limit:g} s"))
         return events
+
+    def cancel(self, key: Any) -> None:
+        """Stop the work of one key (its training is killed, freeing the worker; a latency result is dropped)."""
+        for ref, p in list(self._pending.items()):
+            if p.key == key:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=p.job is not None)
+                if p.job is not None:
+                    self.gate.leave.remote(p.tag)
+                del self._pending[ref]
 
     def cancel_all(self) -> list[Any]:
         """Stop everything in flight; returns the keys that were running."""

@@ -1,14 +1,16 @@
 """``python -m search.export --study NAME [--storage URL]``: the Pareto front of a study as files, at any time.
 
 Writes into ``<out>/<study>/``: ``pareto/*.yaml`` (one Ultralytics YAML per Pareto trial, provenance header),
-``pareto.csv``, ``pareto.png`` (mAP vs latency, front highlighted, base marked), ``hypervolume.csv`` and
-``hypervolume.png`` (hypervolume after each completed trial) and ``summary.json``.
+``pareto.csv`` (a column per objective), ``pareto.png`` (front highlighted, base marked; with more than two
+objectives one ``pareto-A-vs-B.png`` per pair), ``hypervolume.csv`` and ``hypervolume.png`` (hypervolume after each
+completed trial) and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import sys
@@ -16,72 +18,85 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from . import confirm
+from . import objectives as obj
 from . import study as st
 from .errors import SearchError
 
 
-def export_study(study: optuna.Study, study_dir: Path) -> Path:
-    """Write the front files for ``study`` into ``study_dir``; returns the directory."""
+def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.BaseStorage) -> Path:
+    """Write the front files for ``study`` (held in ``storage``) into ``study_dir``; returns the directory."""
+    objectives = st.objectives_of(study)
     study_dir.mkdir(parents=True, exist_ok=True)
     done = st.completed_trials(study)
-    front = st.pareto_trials(study)
+    # With confirmation runs, the exported front is the one on the seed means (search/confirm.py).
+    confirmed = confirm.confirmed_front(objectives, confirm.confirmed(study, objectives))
+    front = [c.trial for c in confirmed] or st.pareto_trials(study, objectives)
+    stats = {c.trial.number: c.row(objectives) for c in confirmed}
     pareto_dir = study_dir / "pareto"
     pareto_dir.mkdir(exist_ok=True)
     for old in pareto_dir.glob("*.yaml"):  # the front moves between exports
         old.unlink()
-    yamls = {t.number: _write_pareto_yaml(study, t, pareto_dir) for t in front}
-    _write_csv(front, yamls, study_dir / "pareto.csv")
-    ref = reference_point(done)
-    history = hypervolume_history(study, ref)
+    yamls = {t.number: _write_pareto_yaml(study, storage, objectives, t, pareto_dir) for t in front}
+    _write_csv(objectives, front, yamls, stats, study_dir / "pareto.csv")
+    ref = obj.reference_point(objectives, [t.values for t in done])
+    history = hypervolume_history(study, objectives, ref)
     with open(study_dir / "hypervolume.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["trial", "hypervolume"])
         w.writerows(history)
-    _plot_front(study, done, front, study_dir / "pareto.png")
-    _plot_hypervolume(history, ref, study_dir / "hypervolume.png")
+    plots = _plot_fronts(study, objectives, done, front, study_dir)
+    _plot_hypervolume(study, ref, study_dir / "hypervolume.png")
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     base = _base_trial(done)
     summary = {
         "study": study.study_name,
-        "objectives": dict(zip(st.OBJECTIVES, st.DIRECTIONS)),
+        "objectives": [{"name": o.name, "direction": o.direction, "unit": o.unit} for o in objectives],
         "trials": {k: v for k, v in states.items() if v},
-        "settings": {k: v for k, v in study.user_attrs.get(st.SETTINGS_ATTR, {}).items() if k != "args"},
+        "settings": study.user_attrs.get(st.SETTINGS_ATTR, {}),
         "versions": study.user_attrs.get(st.VERSIONS_ATTR, {}),
-        "base_trial": _row(base) if base else None,
-        "pareto": [{**_row(t), "yaml": str(yamls[t.number].relative_to(study_dir))} for t in front],
-        "hypervolume": {"reference_point": {"mAP50-95": ref[0], "latency_ms": ref[1]},
+        "base_trial": _row(objectives, base) if base else None,
+        "pareto": [{**_row(objectives, t), **stats.get(t.number, {}),
+                    "yaml": str(yamls[t.number].relative_to(study_dir))} for t in front],
+        "pareto_on": "seed means of the confirmed trials" if confirmed else "single proxy runs at the top rung",
+        "fidelity": study.user_attrs.get("attnas_fidelity"),
+        "plots": plots + ["hypervolume.png"],
+        "hypervolume": {"reference_point": dict(zip(obj.names(objectives), ref)),
                         "final": history[-1][1] if history else 0.0, "history": "hypervolume.csv"},
     }
     (study_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return study_dir
 
 
-def _row(t: FrozenTrial) -> dict[str, Any]:
-    a = t.user_attrs
-    return {"trial": t.number, "mAP50-95": t.values[0], "mAP50": a.get("map50"), "latency_ms": t.values[1],
-            "latency_p90_ms": a.get("latency_p90_ms"), "n_params": a.get("n_params"), "gflops": a.get("gflops"),
-            "candidate_hash": a.get("candidate_hash"), "placements": a.get("placements"),
-            "reused_from": a.get("reused_from")}
+_ATTR_COLUMNS = ("map50", "latency_p90_ms", "n_params", "gflops", "candidate_hash", "placements", "reused_from")
+
+
+def _row(objectives: tuple[obj.Objective, ...], t: FrozenTrial) -> dict[str, Any]:
+    """One trial as a CSV/summary row: its objective values, then what else it recorded."""
+    return {"trial": t.number, **dict(zip(obj.names(objectives), t.values)),
+            **{k: t.user_attrs.get(k) for k in _ATTR_COLUMNS}}
 
 
 def _base_trial(done: list[FrozenTrial]) -> FrozenTrial | None:
     return next((t for t in done if t.params.get("placement") == "none"), None)
 
 
-def _write_pareto_yaml(study: optuna.Study, t: FrozenTrial, pareto_dir: Path) -> Path:
+def _write_pareto_yaml(study: optuna.Study, storage: optuna.storages.BaseStorage, objectives: tuple[obj.Objective, ...],
+                       t: FrozenTrial, pareto_dir: Path) -> Path:
     """The trial's candidate YAML (its uploaded artifact, else rebuilt from its parameters) with the result."""
-    body = _artifact_yaml(study, t) or _rebuilt_yaml(study, t)
+    body = _artifact_yaml(study, storage, t) or _rebuilt_yaml(study, t)
     a = t.user_attrs
     settings = study.user_attrs.get(st.SETTINGS_ATTR, {})
+    lat = settings.get("latency", {})
     header = {
         "attnas pareto trial": f"{t.number} of study {study.study_name}",
-        "mAP50-95": f"{t.values[0]:.5f} (mAP50 {a.get('map50')}) on {settings.get('data', {}).get('identity')}",
-        "latency": f"{t.values[1]:.3f} ms median (p90 {a.get('latency_p90_ms')} ms, n={a.get('latency_n')}) on "
-                   f"{settings.get('latency', {}).get('device')} at {settings.get('latency', {}).get('imgsz')} px",
+        **{o.name: f"{o.show(v)} {o.unit}" for o, v in zip(objectives, t.values)},
+        "data": settings.get("facts", {}).get("data", {}).get("identity"),
+        "latency": f"{a.get('latency_ms')} ms median (p90 {a.get('latency_p90_ms')} ms, n={a.get('latency_n')}) on "
+                   f"{lat.get('device')} at {lat.get('imgsz')} px",
         "params": a.get("n_params"), f"GFLOPs@{a.get('gflops_imgsz')}": a.get("gflops"),
         "proxy": json.dumps(settings.get("proxy", a.get("proxy")), sort_keys=True),
     }
@@ -91,7 +106,7 @@ def _write_pareto_yaml(study: optuna.Study, t: FrozenTrial, pareto_dir: Path) ->
     return path
 
 
-def _artifact_yaml(study: optuna.Study, t: FrozenTrial) -> str | None:
+def _artifact_yaml(study: optuna.Study, storage: optuna.storages.BaseStorage, t: FrozenTrial) -> str | None:
     paths = study.user_attrs.get(st.PATHS_ATTR, {})
     artifact_dir = paths.get("artifact_dir")
     source = t
@@ -100,7 +115,7 @@ def _artifact_yaml(study: optuna.Study, t: FrozenTrial) -> str | None:
     if not artifact_dir or not Path(artifact_dir).is_dir():
         return None
     store = optuna.artifacts.FileSystemArtifactStore(artifact_dir)
-    metas = optuna.artifacts.get_all_artifact_meta(source, storage=study._storage)
+    metas = optuna.artifacts.get_all_artifact_meta(source, storage=storage)
     if not metas:
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,10 +125,12 @@ def _artifact_yaml(study: optuna.Study, t: FrozenTrial) -> str | None:
 
 
 def _rebuilt_yaml(study: optuna.Study, t: FrozenTrial) -> str:
-    from space import SpaceConfig, build_space, load_base, to_yaml
+    from space import build_space, load_base, to_yaml
 
-    args = study.user_attrs[st.SETTINGS_ATTR]["args"]
-    space = build_space(load_base(args["base"]), SpaceConfig.load(args["space"]))
+    from .settings import StudySettings
+
+    settings = StudySettings.from_dict(study.user_attrs[st.SETTINGS_ATTR])
+    space = build_space(load_base(settings.base), settings.space)
     candidate = space.suggest(optuna.trial.FixedTrial(t.params, t.number))
     if candidate.hash != t.user_attrs.get("candidate_hash"):
         raise SearchError(f"trial {t.number}: rebuilding its candidate gives hash {candidate.hash}, the study "
@@ -121,84 +138,73 @@ def _rebuilt_yaml(study: optuna.Study, t: FrozenTrial) -> str:
     return to_yaml(candidate, {"study": study.study_name, "trial": t.number})
 
 
-def _write_csv(front: list[FrozenTrial], yamls: dict[int, Path], path: Path) -> None:
+def _write_csv(objectives: tuple[obj.Objective, ...], front: list[FrozenTrial], yamls: dict[int, Path],
+               stats: dict[int, dict[str, Any]], path: Path) -> None:
+    """One row per front trial; with confirmation, also each objective's seed mean, sd and n, and whether its mAP
+    is above the base's by more than two standard errors."""
+    confirmed = [f"{o.name}_{k}" for o in objectives for k in ("mean", "sd", "n")] + ["above_base_2se"] if stats else []
     with open(path, "w", newline="") as f:
-        fields = ["trial", "mAP50-95", "mAP50", "latency_ms", "latency_p90_ms", "n_params", "gflops", "candidate_hash",
-                  "placements", "reused_from", "yaml"]
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=["trial", *obj.names(objectives), *confirmed, *_ATTR_COLUMNS, "yaml"])
         w.writeheader()
         for t in front:
-            w.writerow({**_row(t), "yaml": yamls[t.number].name})
+            w.writerow({**_row(objectives, t), **stats.get(t.number, {}), "yaml": yamls[t.number].name})
 
 
-def reference_point(done: list[FrozenTrial]) -> tuple[float, float]:
-    """Hypervolume reference: mAP 0 and 10 % beyond the slowest completed trial."""
-    worst = max((t.values[1] for t in done), default=1.0)
-    return 0.0, float(worst * 1.1)
-
-
-def hypervolume_history(study: optuna.Study, ref: tuple[float, float]) -> list[tuple[int, float]]:
-    """Hypervolume of the front after each completed trial, in trial order.
-
-    Uses Optuna's own hypervolume routine (``optuna._hypervolume``, the one its samplers and its hypervolume
-    plot use; Optuna exports no public numeric API for it) on (−mAP, latency), both minimised.
-    """
-    from optuna._hypervolume import compute_hypervolume
-
-    points: list[list[float]] = []
+def hypervolume_history(study: optuna.Study, objectives: tuple[obj.Objective, ...],
+                        ref: list[float]) -> list[tuple[int, float]]:
+    """Hypervolume of the front after each completed trial, in trial order."""
+    points: list[tuple[float, ...]] = []
     history = []
     for t in sorted(st.completed_trials(study), key=lambda t: t.number):
-        if t.values[0] >= ref[0] and t.values[1] <= ref[1]:
-            points.append([-t.values[0], t.values[1]])
-        hv = compute_hypervolume(np.array(points), np.array([-ref[0], ref[1]])) if points else 0.0
-        history.append((t.number, float(hv)))
+        points.append(tuple(t.values))
+        history.append((t.number, st.hypervolume(points, ref, objectives)))
     return history
 
 
-def _plot_front(study: optuna.Study, done: list[FrozenTrial], front: list[FrozenTrial], path: Path) -> None:
+def _plot_fronts(study: optuna.Study, objectives: tuple[obj.Objective, ...], done: list[FrozenTrial],
+                 front: list[FrozenTrial], study_dir: Path) -> list[str]:
+    """Optuna's Pareto-front plot for every pair of objectives (the whole front projected on the pair; one plot,
+    ``pareto.png``, for two objectives), with the front's trial numbers and the base model marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_pareto_front
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    others = [t for t in done if t not in front]
-    ax.scatter([t.values[1] for t in others], [t.values[0] for t in others], s=18, c="0.7", label="trials")
-    ax.plot([t.values[1] for t in front], [t.values[0] for t in front], "-o", c="tab:red", ms=5, label="Pareto front",
-            drawstyle="steps-post")
-    for t in front:
-        ax.annotate(str(t.number), (t.values[1], t.values[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    base = _base_trial(done)
-    if base is not None:
-        ax.scatter([base.values[1]], [base.values[0]], marker="*", s=160, c="tab:blue", zorder=5,
-                   label=f"base (trial {base.number})")
-    settings = study.user_attrs.get(st.SETTINGS_ATTR, {})
-    lat = settings.get("latency", {})
-    ax.set_xlabel(f"latency, ms (median, {lat.get('device', '?')}, {lat.get('imgsz', '?')} px, batch 1)")
-    ax.set_ylabel("mAP50-95 (proxy)")
-    ax.set_title(f"{study.study_name}: {len(done)} trials, {len(front)} on the front", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    written = []
+    for i, j in itertools.combinations(range(len(objectives)), 2):
+        y, x = objectives[i], objectives[j]  # the first objective (mAP by default) up the page
+        ax = plot_pareto_front(study, target_names=[x.label(), y.label()],
+                               targets=lambda t, i=i, j=j: (t.values[j], t.values[i]))
+        for t in front:
+            ax.annotate(str(t.number), (t.values[j], t.values[i]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        base = _base_trial(done)
+        if base is not None:
+            ax.scatter([base.values[j]], [base.values[i]], marker="*", s=160, c="tab:green", zorder=5,
+                       label=f"base (trial {base.number})")
+            ax.legend(fontsize=8)
+        ax.set_title(f"{study.study_name}: {len(done)} trials, {len(front)} on the front", fontsize=10)
+        name = "pareto.png" if len(objectives) == 2 else f"pareto-{y.name}-vs-{x.name}.png"
+        ax.figure.tight_layout()
+        ax.figure.savefig(study_dir / name, dpi=120)
+        plt.close(ax.figure)
+        written.append(name)
+    return written
 
 
-def _plot_hypervolume(history: list[tuple[int, float]], ref: tuple[float, float], path: Path) -> None:
+def _plot_hypervolume(study: optuna.Study, ref: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_hypervolume_history
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([n for n, _ in history], [hv for _, hv in history], "-o", ms=3)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("hypervolume")
-    ax.set_title(f"hypervolume (reference mAP {ref[0]:g}, latency {ref[1]:.1f} ms)", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax = plot_hypervolume_history(study, reference_point=ref)
+    ax.set_title(f"hypervolume (reference {', '.join(f'{v:g}' for v in ref)})", fontsize=10)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
+    plt.close(ax.figure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.storage and not (out / args.study / "study.db").is_file():
             raise SearchError(f"no study database at {out / args.study / 'study.db'}; pass --storage or --out")
-        study = st.find_study(st.open_storage(url), args.study)
+        storage = st.open_storage(url)
+        study = st.find_study(storage, args.study)
         if study is None:
             raise SearchError(f"no study {args.study!r} in {url}")
         if not st.completed_trials(study):
@@ -222,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    target = export_study(study, out / args.study)
-    n = len(st.pareto_trials(study))
-    print(f"{n} Pareto trial(s) of {args.study!r} -> {target}/pareto/, pareto.csv, pareto.png, hypervolume.csv, "
+    target = export_study(study, out / args.study, storage)
+    n = len(st.pareto_trials(study, st.objectives_of(study)))
+    print(f"{n} Pareto trial(s) of {args.study!r} -> {target}/pareto/, pareto.csv, pareto*.png, hypervolume.csv, "
           "hypervolume.png, summary.json")
     return 0
 

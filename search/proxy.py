@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from space import first_line
+
 # Arguments the engine sets itself; --train-arg may not override them.
 RESERVED_ARGS = frozenset({"model", "data", "epochs", "imgsz", "batch", "fraction", "seed", "device", "project",
                            "name", "exist_ok", "plots", "save", "val", "workers", "verbose", "resume", "mode", "task",
@@ -35,6 +37,13 @@ class ProxySchedule:
         d["fraction"] = list(self.fraction) if isinstance(self.fraction, tuple) else self.fraction
         d["train_args"] = dict(self.train_args)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProxySchedule":
+        """The inverse of :meth:`as_dict` (as a study stores it)."""
+        fraction = tuple(d["fraction"]) if isinstance(d["fraction"], list) else d["fraction"]
+        return cls(epochs=d["epochs"], imgsz=d["imgsz"], batch=d["batch"], fraction=fraction, seed=d["seed"],
+                   train_args=tuple(sorted(d["train_args"].items())))
 
     def key(self) -> str:
         """Short stable id of this fidelity: trials with equal keys (and equal candidates) are interchangeable."""
@@ -65,11 +74,16 @@ class TrainJob:
     weights: str | None = None  # base state dict to inherit (search/weights.py), None = from scratch
     base_layers: tuple[tuple[int, int], ...] = ()  # Candidate.base_layers: base index -> candidate index
     skip_keys: tuple[str, ...] = ()  # base tensors not to inherit (class branch of another class count)
+    # Multi-fidelity rungs: the schedule's epochs are the top rung's, so every rung follows the top rung's learning
+    # rate schedule; ``stop_at`` ends this training after that many epochs (validated, checkpoint kept), and
+    # ``resume`` continues a stopped one from its checkpoint (weights, EMA, optimizer, epoch).
+    stop_at: int | None = None
+    resume: str | None = None
 
     @property
     def tag(self) -> str:
         """This attempt's name at the latency gate."""
-        return f"{self.trial}.{self.attempt}"
+        return f"{self.trial}.{self.attempt}.{self.schedule.seed}"  # confirmation runs differ by seed only
 
 
 @dataclass
@@ -114,7 +128,7 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
         return _failure("diverged", str(err), start)
     except Exception as err:  # a failing trial is recorded, never fatal to the study
         kind = "oom" if _is_oom(err) else "exception"
-        return _failure(kind, f"{type(err).__name__}: {_first_line(err)}", start, traceback.format_exc())
+        return _failure(kind, f"{type(err).__name__}: {first_line(err)[:500]}", start, traceback.format_exc())
     finally:
         logging.getLogger("ultralytics").removeHandler(log)
         log.close()
@@ -123,19 +137,50 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
 def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) -> tuple[dict, dict]:
     yaml_path = run_dir / f"candidate-{job.candidate_hash}.yaml"
     yaml_path.write_text(job.yaml_text)
+    stops_early = job.stop_at is not None and job.stop_at < job.schedule.epochs
     # The trainer is used directly (Ultralytics' documented DetectionTrainer(overrides=...).train()): YOLO.train()
     # insists on reloading a saved checkpoint afterwards, and weights are off by default.
-    trainer_cls = _proxy_trainer(checkpoint, job.save_weights, job.fault, _inheritor(job))
-    args = {"model": str(yaml_path), "data": job.data, "device": job.device, "project": str(run_dir.parent),
-            "name": run_dir.name, "exist_ok": True, "plots": False, "val": False, "save": job.save_weights,
-            "workers": 0, "verbose": False, "pretrained": False, **job.schedule.ultralytics_args()}
+    trainer_cls = _proxy_trainer(checkpoint, job.save_weights or stops_early, job.fault,
+                                 None if job.resume else _inheritor(job), job.stop_at)
+    if job.resume:
+        # Ultralytics' own resume: the checkpoint's train arguments (schedule, data, seed) with its weights, EMA,
+        # optimizer and epoch; only where it writes and what it runs on may change.
+        args = {"resume": job.resume, "save_dir": str(run_dir), "device": job.device, "workers": 0, "val": False,
+                "plots": False}
+    else:
+        args = {"model": str(yaml_path), "data": job.data, "device": job.device, "project": str(run_dir.parent),
+                "name": run_dir.name, "exist_ok": True, "plots": False, "val": False,
+                "save": job.save_weights or stops_early, "workers": 0, "verbose": False, "pretrained": False,
+                **job.schedule.ultralytics_args()}
     trainer = trainer_cls(overrides=args)
     trainer.train()
     metrics = dict(trainer.metrics or {})
     if not all(map(_finite, (metrics.get("metrics/mAP50-95(B)"), metrics.get("metrics/mAP50(B)")))):
         raise Diverged(f"validation metrics are not finite: {metrics}")
     inherited = getattr(trainer, "inheritance", None)
-    return metrics, (inherited.as_dict() if inherited is not None else {})
+    extra = inherited.as_dict() if inherited is not None else {}
+    if job.stop_at is not None or job.resume:
+        extra.update({"epochs_done": trainer.epoch + 1, "start_epoch": trainer.start_epoch, "lr": trainer.lr_log,
+                      "state_at_start": trainer.state_at_start, "state_at_end": state_digest(trainer)})
+        if stops_early:
+            extra["checkpoint"] = str(trainer.last)
+    return metrics, extra
+
+
+def state_digest(trainer) -> dict[str, str]:
+    """Short content hashes of what a continued training must restore: weights, EMA, optimizer state."""
+    import torch
+
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    opt = trainer.optimizer.state_dict()["state"]
+    return {"model": digest(trainer.model.state_dict().values()), "ema": digest(trainer.ema.ema.state_dict().values()),
+            "optimizer": digest(v for k in sorted(opt) for v in opt[k].values())}
 
 
 def _inheritor(job: TrainJob) -> Callable | None:
@@ -155,7 +200,7 @@ def _inheritor(job: TrainJob) -> Callable | None:
 
 
 def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fault: str | None,
-                   inheritor: Callable | None = None) -> type:
+                   inheritor: Callable | None = None, stop_at: int | None = None) -> type:
     """Ultralytics' DetectionTrainer with the proxy's differences, as a subclass (the API Ultralytics offers)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import callbacks as ucallbacks
@@ -171,6 +216,12 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
                 self.add_callback("on_val_batch_start", lambda validator: checkpoint())
             if fault == "nan":
                 self.add_callback("on_train_batch_start", _poison_weights)
+            self.lr_log: list[list[float]] = []  # each parameter group's learning rate at the end of each epoch
+            self.state_at_start: dict[str, str] = {}
+            self.add_callback("on_train_start", _record_start)
+            self.add_callback("on_train_epoch_end", lambda t: t.lr_log.append([g["lr"] for g in t.optimizer.param_groups]))
+            if stop_at is not None:
+                self.add_callback("on_train_epoch_end", lambda t: _stop_after(t, stop_at))
 
         def get_model(self, cfg=None, weights=None, verbose=True):
             model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
@@ -187,6 +238,17 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
             return None
 
     return ProxyTrainer
+
+
+def _record_start(trainer) -> None:
+    """The state training starts from (after a resume: what the checkpoint restored)."""
+    trainer.state_at_start = state_digest(trainer)
+
+
+def _stop_after(trainer, epochs: int) -> None:
+    # Set before Ultralytics' end-of-epoch step, so this epoch is validated and saved (last.pt) before it stops.
+    if trainer.epoch + 1 >= epochs:
+        trainer.stop = True
 
 
 def _stop_on_nan(trainer) -> None:
@@ -225,10 +287,6 @@ def _is_oom(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _first_line(err: BaseException) -> str:
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:500]
 
 
 def _finite(value: Any) -> bool:

@@ -9,44 +9,30 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # a search never downloads weights, fonts or datasets
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-from space import SpaceConfig, SpaceError, build_space, canonical_hash, load_base  # noqa: E402
+from space import SearchSpace, SpaceError, build_space, canonical_hash, load_base  # noqa: E402
 
+from . import objectives as obj  # noqa: E402
 from . import study as st  # noqa: E402
-from .data import check_data, parse_fraction, safe_batch  # noqa: E402
+from .data import DataInfo, check_data, safe_batch  # noqa: E402
 from .driver import SAMPLERS  # noqa: E402
 from .errors import SearchError  # noqa: E402
-from .latency import LatencySettings  # noqa: E402
-from .proxy import FAULTS, RESERVED_ARGS, ProxySchedule  # noqa: E402
-from .weights import WeightsPlan, check_user_checkpoint  # noqa: E402
+from .settings import RunSettings, Settings, StudySettings, default, differences, run_settings, study_settings  # noqa: E402
+from .weights import check_user_checkpoint  # noqa: E402
 
-# Ultralytics train arguments. Training from scratch (the base for --weights auto, or every candidate with
-# --weights none): AdamW at 0.003 with the usual warm-up; measured on the built-in data, 20 epochs reach mAP50-95
-# 0.12 with optimizer=auto, 0.15 at lr0 0.001, 0.10 with SGD 0.01, 0.25 at 0.003, and 40 epochs at 0.003 reach 0.57.
-SCRATCH_TRAIN_ARGS = ["optimizer=AdamW", "lr0=0.003", "warmup_epochs=3"]
-# Fine-tuning inherited weights: a third of that rate and no bias warm-up (Ultralytics starts bias learning rates at
-# 0.1, which kicks a trained network off its optimum at step 0). Measured: the same candidate's 3-epoch proxy mAP
-# varies with the seed by sd 0.005 this way, 0.018 with the scratch arguments.
-FINETUNE_TRAIN_ARGS = ["optimizer=AdamW", "lr0=0.001", "warmup_epochs=3", "warmup_bias_lr=0.0"]
 
-# Settings that define a study: on resume they come from the study unless given, and must not differ.
-IDENTITY_DEFAULTS: dict[str, Any] = {
-    # Candidates fine-tune the inherited base for a few epochs (3 epochs carry signal once the base is trained;
-    # from scratch they rank noise: see the README). train_arg None: FINETUNE_TRAIN_ARGS, or SCRATCH_TRAIN_ARGS
-    # with --weights none.
-    "base": "yolov8n.yaml", "data": None, "space": None, "epochs": 3, "imgsz": 128, "batch": 16, "fraction": "1.0",
-    "seed": 0, "train_arg": None, "base_train_arg": SCRATCH_TRAIN_ARGS,
-    "latency_device": "cpu", "latency_imgsz": 640, "latency_warmup": 3, "latency_runs": 15, "latency_threads": 0,
-    "weights": "auto", "base_epochs": 40, "max_latency_ms": None, "max_params": None,
-}
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one path component, no '..', no hidden directory
+RAY_CONNECT_S = 10.0  # a --ray-address whose port does not accept a TCP connection within this is refused
+RAY_START_S = 120.0  # starting or joining Ray takes longer than this: refused (see search.session)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,207 +43,206 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m search.run", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--budget", type=int, default=50, help="completed trials the study should hold, all runs together [50]")
-    p.add_argument("--study-name", help="default: <base>-<data> (re-running the same command continues it)")
+    run = RunSettings()
+    p.add_argument("--budget", type=int, default=run.budget,
+                   help=f"completed trials the study should hold, all runs together [{run.budget}]")
+    p.add_argument("--study-name", help="default: <base>-<data> (re-running the same command continues it); a new "
+                                        "study's name is a directory under --out: letters, digits, '.', '_', '-'")
     p.add_argument("--storage", help="Optuna RDB URL (sqlite:///…, postgresql://…, mysql://…) or a journal file "
                                      "path; default sqlite:///<out>/<study>/study.db")
     p.add_argument("--out", default="runs", help="directory for everything a study writes [runs]")
     p.add_argument("--resume", action="store_true", help="continue an existing study, taking every setting not "
                                                          "given here from it")
     g = p.add_argument_group("what is searched (fixed for a study)")
-    g.add_argument("--base", help=f"base model YAML of the space, bundled name or path [{IDENTITY_DEFAULTS['base']}]")
+    g.add_argument("--objectives", help=f"2-4 of {', '.join(obj.OBJECTIVES)}, comma-separated "
+                                        f"[{default('objectives')}]")
+    g.add_argument("--base", help=f"base model YAML of the space, bundled name or path [{default('base')}]")
     g.add_argument("--space", help="space YAML restricting slots/modules/values (see space/)")
     g.add_argument("--data", help="Ultralytics dataset YAML [built-in shapes-v2 set, generated on first use]")
     g = p.add_argument_group("proxy training (fixed for a study)")
-    g.add_argument("--epochs", type=int, help=f"[{IDENTITY_DEFAULTS['epochs']}]")
-    g.add_argument("--imgsz", type=int, help=f"training image size, a multiple of 32 [{IDENTITY_DEFAULTS['imgsz']}]")
-    g.add_argument("--batch", type=int, help=f"[{IDENTITY_DEFAULTS['batch']}]")
-    g.add_argument("--fraction", help="train images used: ratio (0.5), count (8) or train,val (8,16) [1.0]")
-    g.add_argument("--seed", type=int, help="training and sampler seed [0]")
+    g.add_argument("--rungs", help="epochs at each rung of asynchronous successive halving, e.g. 1,3,9: every "
+                   "candidate trains to the first; the best 1/--eta of a rung by Pareto rank continue from their "
+                   f"checkpoint to the next; one value = every candidate trains that long [{default('rungs')}]")
+    g.add_argument("--eta", type=int, help=f"promote the best 1/eta of each rung [{default('eta')}]")
+    g.add_argument("--epochs", type=int, help="same as --rungs N: every candidate trains N epochs")
+    g.add_argument("--confirm-seeds", type=int, help="after the budget, train the top-rung front and the base again "
+                   f"with this many more seeds; the exported front uses the seed means [{default('confirm_seeds')}]")
+    g.add_argument("--imgsz", type=int, help=f"training image size, a multiple of 32 [{default('imgsz')}]")
+    g.add_argument("--batch", type=int, help=f"[{default('batch')}]")
+    g.add_argument("--fraction", help="train images used: ratio (0.5), count (8) or train,val (8,16) "
+                                      f"[{default('fraction')}]")
+    g.add_argument("--seed", type=int, help=f"training and sampler seed [{default('seed')}]")
     g.add_argument("--train-arg", action="append", metavar="KEY=VALUE",
                    help="further Ultralytics train argument of every candidate, repeatable [inheriting: "
-                        f"{' '.join(FINETUNE_TRAIN_ARGS)}; --weights none: {' '.join(SCRATCH_TRAIN_ARGS)}]")
+                        f"{default('train_arg')}; --weights none: {default('base_train_arg')}]")
     g.add_argument("--weights", help="what every candidate starts from: 'auto' (the base trained once by the driver "
                    "for --base-epochs, stored with the study), a checkpoint .pt of the base, or 'none' (from "
-                   f"scratch; then give more --epochs) [{IDENTITY_DEFAULTS['weights']}]")
+                   f"scratch; then give more --epochs) [{default('weights')}]")
     g.add_argument("--base-epochs", type=int, help=f"epochs of the base training for --weights auto "
-                   f"[{IDENTITY_DEFAULTS['base_epochs']}]")
+                   f"[{default('base_epochs')}]")
     g.add_argument("--base-train-arg", action="append", metavar="KEY=VALUE",
-                   help=f"Ultralytics train argument of the base training, repeatable [{' '.join(SCRATCH_TRAIN_ARGS)}]")
+                   help=f"Ultralytics train argument of the base training, repeatable [{default('base_train_arg')}]")
     g = p.add_argument_group("constraints, checked before training (fixed for a study)")
     g.add_argument("--max-latency-ms", type=float, help="candidates slower than this are recorded infeasible, untrained")
     g.add_argument("--max-params", type=int, help="candidates with more parameters are recorded infeasible, untrained")
     g = p.add_argument_group("latency (fixed for a study)")
-    g.add_argument("--latency-device", choices=("cpu", "cuda"), help="[cpu]")
-    g.add_argument("--latency-imgsz", type=int, help="[640]")
-    g.add_argument("--latency-warmup", type=int, help="[3]")
-    g.add_argument("--latency-runs", type=int, help="timed runs; the median is the objective [15]")
-    g.add_argument("--latency-threads", type=int, help="CPU threads for timing, 0 = all cores [0]")
+    g.add_argument("--latency-device", choices=("cpu", "cuda"), help=f"[{default('latency_device')}]")
+    g.add_argument("--latency-imgsz", type=int, help=f"[{default('latency_imgsz')}]")
+    g.add_argument("--latency-warmup", type=int, help=f"[{default('latency_warmup')}]")
+    g.add_argument("--latency-runs", type=int, help=f"timed runs; the median is the objective [{default('latency_runs')}]")
+    g.add_argument("--latency-threads", type=int, help=f"CPU threads for timing, 0 = all cores [{default('latency_threads')}]")
     g = p.add_argument_group("execution (may change between runs)")
-    g.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="[tpe]; see the README for the choice")
-    g.add_argument("--workers", type=int, default=2, help="trials in flight at once [2]")
+    g.add_argument("--sampler", choices=SAMPLERS, default=run.sampler, help=f"[{run.sampler}]; see the README for the choice")
+    g.add_argument("--workers", type=int, default=run.workers, help=f"trials in flight at once [{run.workers}]")
     g.add_argument("--cpus-per-trial", type=float, help="default: the cluster's CPUs / --workers")
-    g.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractional allowed; needs a GPU [0]")
-    g.add_argument("--ray-address", help="join an existing cluster: auto or ray://host:port (default: local Ray)")
+    g.add_argument("--gpus-per-trial", type=float, default=run.gpus_per_trial, help="fractional allowed; needs a GPU [0]")
+    g.add_argument("--ray-address", help="join an existing cluster: auto, host:port or ray://host:port (default: "
+                                         f"local Ray); an address that does not answer within {RAY_CONNECT_S:g} s "
+                                         f"is refused, and joining is given up after {RAY_START_S:g} s")
     g.add_argument("--trial-timeout", type=float, help="seconds; a training running longer is FAIL")
     g.add_argument("--save-weights", action="store_true", help="keep each trial's last.pt in its run directory")
-    g.add_argument("--max-failures-in-a-row", type=int, default=5, help="stop the search after this many [5]")
+    g.add_argument("--max-failures-in-a-row", type=int, default=run.max_failures_in_a_row,
+                   help=f"stop the search after this many [{run.max_failures_in_a_row}]")
     g.add_argument("--no-export", action="store_true", help="skip writing pareto/ and the plots at the end")
     p.add_argument("--inject-fault", action="append", default=[], help=argparse.SUPPRESS)  # tests: KIND@TRIAL
     return p
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
-    """Checked inputs, ready to open a study with."""
+    """The checked settings and what they resolve to, ready to open a study with."""
 
-    args: argparse.Namespace
-    study_name: str
-    storage_url: str
-    out: Path
-    settings: dict[str, Any]  # recorded identity
-    schedule: ProxySchedule
-    latency: LatencySettings
-    space: Any
-    data: Any
-    faults: dict[int, str]
-    weights: WeightsPlan
+    settings: Settings
+    space: SearchSpace
+    data: DataInfo
+    objectives: tuple[obj.Objective, ...]
     checkpoint: tuple[dict, tuple[str, ...]] | None = None  # --weights PATH, loaded and checked
-
-
-def resolve(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
-    """Identity values: given on the command line, else stored in the study (with --resume), else defaults.
-    ``--train-arg`` and ``--base-train-arg`` add to (and override keys of) the stored or default list instead of
-    replacing it; the default candidate arguments depend on whether candidates inherit weights."""
-    base = {**IDENTITY_DEFAULTS, **(stored or {})}
-    values = {k: (getattr(args, k) if getattr(args, k) is not None else base[k]) for k in IDENTITY_DEFAULTS}
-    if base["train_arg"] is None:
-        base["train_arg"] = SCRATCH_TRAIN_ARGS if str(values["weights"]) == "none" else FINETUNE_TRAIN_ARGS
-    for key in ("train_arg", "base_train_arg"):
-        values[key] = list(base[key]) + list(getattr(args, key) or [])
-    return values
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.budget <= 0:
-        raise SearchError(f"--budget must be at least 1, got {args.budget}")
-    if args.workers < 1:
-        raise SearchError(f"--workers must be at least 1, got {args.workers}")
-    if args.gpus_per_trial < 0 or (args.cpus_per_trial is not None and args.cpus_per_trial <= 0):
-        raise SearchError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
-    if args.gpus_per_trial > 0 and not args.ray_address:
-        import torch
-
-        if torch.cuda.device_count() == 0:
-            raise SearchError(f"--gpus-per-trial {args.gpus_per_trial:g} but this machine has no GPU; "
-                              "leave it at 0 for CPU trials")
-    if args.sampler == "gp":
-        import importlib.util
-
-        if importlib.util.find_spec("scipy") is None:  # Optuna's GPSampler fits its kernel with scipy
-            raise SearchError("--sampler gp needs scipy, which is not installed (pip install scipy)")
-    if args.trial_timeout is not None and args.trial_timeout <= 0:
-        raise SearchError(f"--trial-timeout must be positive, got {args.trial_timeout}")
-
-
-def check_identity(v: dict[str, Any]) -> None:
-    for name in ("imgsz", "latency_imgsz"):
-        if v[name] <= 0 or v[name] % 32:
-            raise SearchError(f"--{name.replace('_', '-')} must be a positive multiple of 32 (the largest stride), "
-                              f"got {v[name]}")
-    for name in ("epochs", "latency_runs"):
-        if v[name] < 1:
-            raise SearchError(f"--{name.replace('_', '-')} must be at least 1, got {v[name]}")
-    if v["batch"] < 2:
-        raise SearchError(f"--batch must be at least 2 (BatchNorm needs two images per batch), got {v['batch']}")
-    if v["latency_warmup"] < 0 or v["latency_threads"] < 0:
-        raise SearchError("--latency-warmup and --latency-threads must be >= 0")
-
-
-def parse_train_args(items: list[str]) -> tuple[tuple[str, Any], ...]:
-    import yaml
-    from ultralytics.cfg import DEFAULT_CFG_DICT
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SearchError(f"--train-arg {item!r}: expected KEY=VALUE, e.g. warmup_epochs=1")
-        if key not in DEFAULT_CFG_DICT:
-            raise SearchError(f"--train-arg {key}: not an Ultralytics train argument")
-        if key in RESERVED_ARGS:
-            raise SearchError(f"--train-arg {key}: set by the search itself (use its own flag if there is one)")
-        out[key] = yaml.safe_load(raw)
-    return tuple(sorted(out.items()))
-
-
-def parse_faults(items: list[str]) -> dict[int, str]:
-    faults = {}
-    for item in items:
-        kind, _, number = item.partition("@")
-        if kind not in FAULTS or not number.isdigit():
-            raise SearchError(f"--inject-fault {item!r}: expected KIND@TRIAL with KIND in {FAULTS}")
-        faults[int(number)] = kind
-    return faults
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Check everything the run needs, reading (never writing) an existing study's settings."""
-    check_args(args)
+    run = run_settings(args)
+    _check_devices(run)
     out = Path(args.out).expanduser().resolve()
-    study_name = args.study_name or _default_name(resolve(args, None))
+    check_out(out)
+    study_name = args.study_name or _default_name(args)
     if args.resume and not args.study_name:
         study_name = _study_to_resume(args, out, study_name)
+    if args.storage is None:
+        check_study_name(study_name)  # the default storage is <out>/<name>/study.db
     storage_url = args.storage or st.default_storage(out, study_name)
-    stored_raw = None
-    if args.resume:  # the study must exist; its recorded arguments fill in what is not given here
-        stored_raw = _recorded(_existing(storage_url, study_name, required=True), storage_url)["args"]
-    values = resolve(args, stored_raw if args.resume else None)
-    check_identity(values)
-    base = load_base(values["base"])
-    space_config = SpaceConfig.load(values["space"])
-    space = build_space(base, space_config)
-    fraction = parse_fraction(values["fraction"])
-    data = check_data(values["data"], out / ".data", fraction)
-    batch = safe_batch(data.train_used, values["batch"])
-    schedule = ProxySchedule(epochs=values["epochs"], imgsz=values["imgsz"], batch=batch,
-                             fraction=tuple(fraction) if isinstance(fraction, list) else fraction, seed=values["seed"],
-                             train_args=parse_train_args(values["train_arg"]))
-    latency = LatencySettings(device=values["latency_device"], imgsz=values["latency_imgsz"],
-                              warmup=values["latency_warmup"], runs=values["latency_runs"],
-                              threads=values["latency_threads"])
-    weights = WeightsPlan.parse(str(values["weights"]), values["base_epochs"],
-                                parse_train_args(values["base_train_arg"]))
-    for name in ("max_latency_ms", "max_params"):
-        if values[name] is not None and values[name] <= 0:
-            raise SearchError(f"--{name.replace('_', '-')} must be positive, got {values[name]}")
-    # A mismatched checkpoint is refused before anything is written; the checked state is kept for the run.
-    checkpoint = check_user_checkpoint(weights, base, data.nc) if weights.mode == "path" else None
-    settings = {
-        "base": {"name": base.name, "scale": base.scale, "hash": canonical_hash(base.yaml)},
-        "weights": weights.identity(),
-        "constraints": {"max_latency_ms": values["max_latency_ms"], "max_params": values["max_params"]},
-        "space": _space_identity(space_config),
-        "data": {"identity": data.identity, "fingerprint": data.fingerprint, "nc": data.nc,
-                 "train_images": data.n_train, "val_images": data.n_val},
-        "proxy": schedule.as_dict(),
-        "latency": latency.as_dict(),
-    }
     existing = _existing(storage_url, study_name, required=args.resume)
+    if existing is None or not recorded_study_dir(existing):
+        # A new study's files go to <out>/<name>/; a study renamed in optuna-dashboard keeps its recorded directory.
+        check_study_name(study_name)
+    stored = StudySettings.from_dict(_recorded(existing, storage_url)) if existing is not None else None
+    s = study_settings(args, stored if args.resume else None)
+    _check_latency_device(s, run)
+    if run.ray_address:
+        check_ray_address(run.ray_address)
+    base = load_base(s.base)
+    space = build_space(base, s.space)
+    _check_space_at_proxy_size(base, s)
+    data = check_data(s.data, out / ".data", list(s.proxy.fraction) if isinstance(s.proxy.fraction, tuple)
+                      else s.proxy.fraction)
+    s = replace(s, proxy=replace(s.proxy, batch=safe_batch(data.train_used, s.proxy.batch)),
+                facts={"base": {"scale": base.scale, "hash": canonical_hash(base.yaml)},
+                       "data": {"identity": data.identity, "fingerprint": data.fingerprint, "nc": data.nc,
+                                "train_images": data.n_train, "val_images": data.n_val}})
+    # A mismatched checkpoint is refused before anything is written; the checked state is kept for the run.
+    checkpoint = check_user_checkpoint(s.weights, base, data.nc) if s.weights.mode == "path" else None
     if existing is not None:
-        _recorded(existing, storage_url)
-        diffs = st.settings_differences({k: v for k, v in existing.user_attrs[st.SETTINGS_ATTR].items() if k != "args"},
-                                        settings)
+        diffs = differences(existing.user_attrs[st.SETTINGS_ATTR], s.as_dict())
         if diffs:
             hint = "" if args.resume else "; pass --resume to take the study's settings, or a new --study-name"
             raise SearchError(f"study {study_name!r} was run with other settings: " + "; ".join(diffs) + hint)
-    settings["args"] = values
-    return Prepared(args, study_name, storage_url, out, settings, schedule, latency, space, data,
-                    parse_faults(args.inject_fault), weights, checkpoint)
+    settings = Settings(s, run, study_name, storage_url, out, args.resume)
+    return Prepared(settings, space, data, s.objective_table(), checkpoint)
 
 
-def _study_to_resume(args: argparse.Namespace, out: Path, default: str) -> str:
+def check_study_name(name: str) -> None:
+    """A study name is a directory under ``--out``: one safe path component, so nothing is written outside it."""
+    if not SAFE_NAME.fullmatch(name) or name.strip(".") == "":
+        raise SearchError(f"study name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter "
+                          "or digit (it is a directory under --out)")
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a directory that exists or can be made, and be writable; checked without creating it."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise SearchError(f"--out {out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SearchError(f"--out {out}: {probe} is not writable")
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse a cluster address whose port does not answer, within RAY_CONNECT_S (Ray itself retries for minutes).
+
+    ``auto`` is resolved by Ray from RAY_ADDRESS or the local session file; when neither names a cluster, ray.init
+    fails at once, so only explicit host:port addresses need this check."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address or address == "auto":
+            return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SearchError(f"--ray-address {address}: expected auto, host:port or ray://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_S):
+            pass
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise SearchError(f"--ray-address {address}: cannot reach a Ray cluster there ({reason} within "
+                          f"{RAY_CONNECT_S:g} s); start one with `ray start --head` or drop --ray-address") from None
+
+
+def recorded_study_dir(study) -> Path | None:
+    """The directory a study's files were written to when it was created (kept when the study is renamed)."""
+    where = (study.user_attrs.get(st.PATHS_ATTR) or {}).get("study_dir")
+    return Path(where) if where else None
+
+
+def _check_space_at_proxy_size(base, s: StudySettings) -> None:
+    """Values that fit the deployment size (the space's ``imgsz``) may fit no feature map at the proxy's --imgsz,
+    where every candidate is built and trained: such a space has no candidate to train."""
+    if s.proxy.imgsz >= s.space.imgsz:
+        return
+    try:
+        build_space(base, replace(s.space, imgsz=s.proxy.imgsz))
+    except SpaceError as err:
+        raise SearchError(f"the space is empty at --imgsz {s.proxy.imgsz} (candidates train at that size): "
+                          f"{str(err).removeprefix('space: ')}") from None
+
+
+def _check_latency_device(s: StudySettings, run: RunSettings) -> None:
+    if s.latency.device == "cuda" and not run.ray_address:  # a cluster is checked once Ray is up, before any study
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise SearchError("--latency-device cuda but this machine has no GPU; use --latency-device cpu")
+
+
+def _check_devices(run: RunSettings) -> None:
+    if run.gpus_per_trial > 0 and not run.ray_address:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise SearchError(f"--gpus-per-trial {run.gpus_per_trial:g} but this machine has no GPU; "
+                              "leave it at 0 for CPU trials")
+    if run.sampler == "gp":
+        import importlib.util
+
+        if importlib.util.find_spec("scipy") is None:  # Optuna's GPSampler fits its kernel with scipy
+            raise SearchError("--sampler gp needs scipy, which is not installed (pip install scipy)")
+
+
+def _study_to_resume(args: argparse.Namespace, out: Path, fallback: str) -> str:
     """``--resume`` without ``--study-name``: the default-named study if it exists, else the only one there is."""
     if args.storage:
         names = st.study_names(args.storage) if st.may_hold_studies(args.storage) else []
@@ -265,8 +250,8 @@ def _study_to_resume(args: argparse.Namespace, out: Path, default: str) -> str:
     else:
         names = [p.parent.name for p in sorted(out.glob("*/study.db"))]
         where = f"{out}/*/study.db"
-    if default in names:
-        return default
+    if fallback in names:
+        return fallback
     if len(names) == 1:
         return names[0]
     listed = ", ".join(names) if names else "none"
@@ -291,29 +276,18 @@ def _recorded(study, storage_url: str) -> dict[str, Any]:
     return stored
 
 
-def _default_name(values: dict[str, Any]) -> str:
-    data = "shapes-v2" if values["data"] is None else Path(values["data"]).stem
-    return f"{Path(str(values['base'])).stem}-{data}"
-
-
-def _space_identity(config: SpaceConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return json_ready(asdict(config))
-
-
-def json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
+def _default_name(args: argparse.Namespace) -> str:
+    data = "shapes-v2" if args.data is None else Path(args.data).stem
+    return f"{Path(str(args.base or default('base'))).stem}-{data}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         prep = prepare(args)
+    except KeyboardInterrupt:  # Ctrl-C while checking: nothing was written
+        print("interrupted before anything was written", file=sys.stderr)
+        return 130
     except (SearchError, SpaceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

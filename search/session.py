@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
 import signal
 import sys
 import time
 import warnings
+from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
@@ -14,21 +19,27 @@ from tqdm import tqdm
 
 from space.cli import table
 
+from . import confirm
+from . import objectives as obj
 from . import study as st
-from .driver import Driver, SearchAborted, SearchConfig, front_rows, make_sampler
+from .driver import Driver, SearchAborted, SearchConfig, StudyGone, front_rows, make_sampler
 from .errors import SearchError
 from .executor import Executor, PoolSettings
-from .weights import base_training_job, prepare_base_weights, stored_base_weights
+from .weights import BaseCache, base_cache_key, base_training_job, prepare_base_weights, stored_base_weights
 
 if TYPE_CHECKING:
     from .run import Prepared
 
 
 class Progress:
-    """tqdm bar of completed trials / budget with best mAP and Pareto size; one line per finished trial."""
+    """tqdm bar of completed trials / budget with the best value of each objective and the Pareto size; one line
+    per finished trial."""
 
-    def __init__(self, study: optuna.Study, budget: int) -> None:
+    def __init__(self, study: optuna.Study, objectives: tuple[obj.Objective, ...], budget: int,
+                 on_update=None) -> None:
+        self.on_update = on_update  # called after each finished trial (the study's dashboard note)
         self.study = study
+        self.objectives = objectives
         self.budget = budget
         done = len(st.counted_trials(study))
         # disable=None: a bar on a terminal; in logs (no TTY) only the one-line-per-trial records below.
@@ -39,19 +50,25 @@ class Progress:
 
     def _refresh(self) -> None:
         done = st.counted_trials(self.study)
-        if done:
-            self.bar.set_postfix_str(f"best mAP50-95 {max(t.values[0] for t in done):.4f}, "
-                                     f"Pareto {len(st.pareto_trials(self.study))}")
+        told = [t for t in done if t.values]  # candidates stopped below the top rung have no values
+        if told:
+            best = []
+            for i, o in enumerate(self.objectives):
+                pick = max if o.maximize else min
+                best.append(f"{o.name} {o.show(pick(t.values[i] for t in told))}")
+            self.bar.set_postfix_str(f"best {', '.join(best)}; Pareto {len(st.pareto_trials(self.study, self.objectives))}")
         self.bar.n = min(len(done), self.budget)
         self.bar.refresh()
+        if self.on_update is not None:
+            self.on_update()
 
     def note(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
 
     def completed(self, number: int, text: str) -> None:
         t = self.study.get_trials(deepcopy=False)[number]
-        self.note(f"{self._count()} trial {number:>3}  ok    mAP50-95 {t.values[0]:.4f}  "
-                  f"latency {t.values[1]:8.2f} ms  {text}")
+        values = "  ".join(f"{o.name} {o.show(v)}" for o, v in zip(self.objectives, t.values))
+        self.note(f"{self._count()} trial {number:>3}  ok    {values}  {text}")
         self._refresh()
 
     def failed(self, number: int, text: str) -> None:
@@ -66,93 +83,176 @@ class Progress:
 
 
 def run_session(prep: "Prepared") -> int:
-    """Start Ray, open or create the study, run the driver to the budget, print the front and export."""
-    args = prep.args
+    """Start Ray, open or create the study, run the driver to the budget, print the front and export.
+
+    Nothing is written to the storage before Ray is up: a run refused at start leaves no study behind."""
+    s, run = prep.settings, prep.settings.run
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = st.open_storage(prep.storage_url)
-    existing = st.find_study(storage, prep.study_name)
-    if existing is not None:
-        try:
-            st.check_driver_lock(existing)
-        except SearchError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        unfinished = existing.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-        if len(st.counted_trials(existing)) >= args.budget and not unfinished:  # nothing to run: no Ray needed
-            print(f"study {prep.study_name!r} already holds {args.budget} completed trial(s); raise --budget to "
-                  "continue it", file=sys.stderr)
-            _finish(existing, prep, 0.0)
-            return 0
-    pool = PoolSettings(workers=args.workers, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                        trial_timeout_s=args.trial_timeout, ray_address=args.ray_address)
+    # SIGTERM (a scheduler stopping the job) gets the same orderly stop as Ctrl-C, at every stage.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        executor = Executor(pool, prep.latency)
+        storage, existing = None, None
+        if st.may_hold_studies(s.storage_url):  # opening a SQLite/journal file that is not there would create it
+            storage = st.open_storage(s.storage_url)
+            existing = st.find_study(storage, s.study_name)
+        if existing is not None:
+            st.check_driver_lock(existing)
+            unfinished = existing.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            unconfirmed = confirm.todo(existing, prep.objectives, s.study.fidelity.confirm_seeds)
+            if len(st.counted_trials(existing)) >= run.budget and not unfinished and not unconfirmed:
+                # nothing to run: no Ray needed
+                print(f"study {s.study_name!r} already holds {run.budget} completed trial(s); raise --budget to "
+                      "continue it", file=sys.stderr)
+                _finish(existing, storage, prep, 0.0, study_dir_of(prep, existing))
+                return 0
+        executor = start_executor(prep)
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while starting; no study was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
+        if storage is None:
+            storage = st.open_storage(s.storage_url)
         return _run(prep, storage, existing, executor)
+    except SearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         executor.shutdown()
 
 
+def start_executor(prep: "Prepared") -> Executor:
+    """Start or join Ray within RAY_START_S; SIGTERM and Ctrl-C stop it (Ray's own retries run for minutes).
+
+    A handler that cannot run (Ray blocked in native code) is backed by a watchdog that ends the process: nothing
+    has been written to any study yet, so a hard exit loses nothing."""
+    import threading
+
+    from .run import RAY_START_S
+
+    run = prep.settings.run
+    pool = PoolSettings(workers=run.workers, cpus_per_trial=run.cpus_per_trial, gpus_per_trial=run.gpus_per_trial,
+                        trial_timeout_s=run.trial_timeout, ray_address=run.ray_address)
+    where = run.ray_address or "local Ray"
+    starting = threading.Event()
+    starting.set()
+
+    def hard_exit(message: str, status: int) -> None:
+        if starting.is_set():
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            os._exit(status)
+
+    def on_signal(signum, frame) -> None:
+        threading.Timer(5.0, hard_exit, ("interrupted while starting Ray; no study was written", 130)).start()
+        raise KeyboardInterrupt
+
+    def on_alarm(signum, frame) -> None:
+        raise SearchError(f"Ray at {where} did not start within {RAY_START_S:g} s; no study was written")
+
+    watchdog = threading.Timer(RAY_START_S + 10.0, hard_exit,
+                               (f"Ray at {where} did not start within {RAY_START_S:g} s; no study was written", 2))
+    watchdog.daemon = True
+    handlers = {sig: signal.signal(sig, h) for sig, h in
+                ((signal.SIGTERM, on_signal), (signal.SIGINT, on_signal), (signal.SIGALRM, on_alarm))}
+    signal.setitimer(signal.ITIMER_REAL, RAY_START_S)
+    watchdog.start()
+    try:
+        return Executor(pool, prep.settings.study.latency)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        starting.clear()
+        watchdog.cancel()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def study_dir_of(prep: "Prepared", study: optuna.Study | None) -> Path:
+    """Where the study's files are: the directory recorded when it was created (a study renamed in the dashboard
+    keeps it), else ``<out>/<study name>``."""
+    from .run import recorded_study_dir
+
+    recorded = recorded_study_dir(study) if study is not None else None
+    return recorded or prep.settings.study_dir
+
+
 def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
-    args = prep.args
-    study_dir = prep.out / prep.study_name
+    s, run, study_settings = prep.settings, prep.settings.run, prep.settings.study
+    study_dir = study_dir_of(prep, existing)
     artifact_dir = study_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
+    schedule = study_settings.proxy
     # Offset by the trials already there: a resumed run must not replay the first run's random draws.
-    sampler = make_sampler(args.sampler, prep.schedule.seed + (len(existing.trials) if existing else 0), args.budget)
-    study = optuna.create_study(study_name=prep.study_name, storage=storage, sampler=sampler,
-                                directions=list(st.DIRECTIONS), load_if_exists=True)
+    sampler = make_sampler(run.sampler, schedule.seed + (len(existing.trials) if existing else 0), run.budget)
+    study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=sampler,
+                                directions=obj.directions(prep.objectives), load_if_exists=True)
     started = time.time()
     st.heartbeat(study, started)
     if existing is None:
-        study.set_metric_names(list(st.OBJECTIVES))
-        study.set_user_attr(st.SETTINGS_ATTR, prep.settings)
-        study.set_user_attr(st.PATHS_ATTR, {"out": str(prep.out), "study_dir": str(study_dir),
-                                            "artifact_dir": str(artifact_dir), "storage": prep.storage_url})
+        study.set_metric_names(obj.names(prep.objectives))
+        study.set_user_attr(st.SETTINGS_ATTR, study_settings.as_dict())
+        study.set_user_attr(st.PATHS_ATTR, {"out": str(s.out), "study_dir": str(study_dir),
+                                            "artifact_dir": str(artifact_dir), "storage": s.storage_url})
         if "none" in prep.space.placements:  # the base itself first: the reference point of every front
             study.enqueue_trial({"placement": "none"}, user_attrs={"role": "base"})
+    if study.metric_names is None:  # optuna-dashboard's rename copies trials and user attributes, not these
+        study.set_metric_names(obj.names(prep.objectives))
     study.set_user_attr(st.VERSIONS_ATTR, st.versions())
-    study.set_user_attr("attnas_last_run", {"sampler": args.sampler, "workers": args.workers, "budget": args.budget,
-                                            "resources": executor.describe(), "started": started})
-    requeued = st.recover_stale_trials(study)
+    study.set_user_attr("attnas_last_run", {**asdict(run), "resources": executor.describe(), "started": started})
+    requeued = st.recover_stale_trials(study, storage)
     stale = (f"; re-queued {len(requeued)} trial(s) a stopped driver left running "
              f"({', '.join(str(n) for n, _ in requeued)})" if requeued else "")
-    print(f"study {prep.study_name!r} in {prep.storage_url}: {len(st.completed_trials(study))} completed trial(s), "
-          f"budget {args.budget}{stale}", file=sys.stderr)
+    print(f"study {s.study_name!r} in {s.storage_url}: {len(st.completed_trials(study))} completed trial(s), "
+          f"budget {run.budget}{stale}", file=sys.stderr)
+    print(f"objectives: {', '.join(f'{o.name} ({o.direction})' for o in prep.objectives)}", file=sys.stderr)
     print(f"data: {prep.data.describe()}", file=sys.stderr)
-    print(f"proxy: {prep.schedule.epochs} epochs at {prep.schedule.imgsz} px, batch {prep.schedule.batch}, "
-          f"fraction {prep.settings['proxy']['fraction']}, {dict(prep.schedule.train_args)}; latency on "
-          f"{prep.latency.device} at {prep.latency.imgsz} px (median of {prep.latency.runs})", file=sys.stderr)
-    print(f"resources: {executor.describe()}; sampler {args.sampler}", file=sys.stderr)
-    train_device = "0" if args.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
+    for note in prep.data.notes:  # images the label check found unusable: trials skip them too
+        print(f"data: {note}", file=sys.stderr)
+    lat = study_settings.latency
+    print(f"proxy: {schedule.epochs} epochs at {schedule.imgsz} px, batch {schedule.batch}, "
+          f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; latency on "
+          f"{lat.device} at {lat.imgsz} px (median of {lat.runs})", file=sys.stderr)
+    print(f"resources: {executor.describe()}; sampler {run.sampler}", file=sys.stderr)
+    train_device = "0" if run.gpus_per_trial > 0 else "cpu"  # the first GPU Ray gives a trial
     threads = max(1, int(executor.cpus_per_trial))
-    base_job = None
+    plan = study_settings.weights
+    base_job, cache, cache_key = None, None, None
     try:
-        if prep.weights.mode == "auto":
-            weights = stored_base_weights(study_dir)  # resume: an earlier run trained it
+        if plan.mode == "auto":
+            job = base_training_job(plan, prep.space.base, str(prep.data.yaml), schedule, study_dir, threads,
+                                    train_device)
+            cache, cache_key = BaseCache(s.out / ".cache" / "base-weights"), base_cache_key(job, prep.data.fingerprint)
+            # Resume: an earlier run of this study trained it; else another study under --out trained the same base.
+            weights = stored_base_weights(study_dir, cache, cache_key)
             if weights is None:  # trained in the pool, on one worker slot, while the meter times candidates
-                base_job = base_training_job(prep.weights, prep.space.base, str(prep.data.yaml), prep.schedule,
-                                             study_dir, threads, train_device)
+                base_job = job
+                print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate "
+                      "inherits it", file=sys.stderr)
+            elif weights.info.get("source") == "cache":
+                print(f"--weights auto: the same base was trained by an earlier study under --out (cache "
+                      f"{cache_key}); reusing it", file=sys.stderr)
+                study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
         else:
-            weights = prepare_base_weights(prep.weights, prep.space.base, prep.data.nc, str(prep.data.yaml),
-                                           prep.schedule, study_dir, threads, checked=prep.checkpoint)
+            weights = prepare_base_weights(plan, prep.space.base, prep.data.nc, str(prep.data.yaml),
+                                           schedule, study_dir, threads, checked=prep.checkpoint)
             if weights is not None:
                 study.set_user_attr("attnas_base_weights", {"path": weights.state_path, **weights.info})
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    constraints = prep.settings["constraints"]
-    config = SearchConfig(budget=args.budget, schedule=prep.schedule, data_yaml=str(prep.data.yaml),
-                          study_dir=study_dir, latency_imgsz=prep.latency.imgsz, train_device=train_device,
-                          threads_per_trial=threads, save_weights=args.save_weights,
-                          faults=prep.faults, max_failures_in_a_row=args.max_failures_in_a_row, weights=weights,
-                          base_job=base_job, lookahead=args.workers,
-                          max_latency_ms=constraints["max_latency_ms"], max_params=constraints["max_params"])
-    progress = Progress(study, args.budget)
+    config = SearchConfig(budget=run.budget, schedule=schedule, objectives=prep.objectives,
+                          data_yaml=str(prep.data.yaml), study_dir=study_dir, latency_imgsz=lat.imgsz,
+                          train_device=train_device, threads_per_trial=threads, save_weights=run.save_weights,
+                          faults=dict(run.faults), max_failures_in_a_row=run.max_failures_in_a_row, weights=weights,
+                          base_job=base_job, lookahead=run.workers, constraints=study_settings.constraints,
+                          rungs=study_settings.fidelity.rungs, eta=study_settings.fidelity.eta,
+                          base_cache=cache, base_cache_key=cache_key)
+    notes = StudyNotes(study, prep, study_dir, executor.describe())
+    progress = Progress(study, prep.objectives, run.budget, on_update=notes.update)
     store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
     driver = Driver(study, prep.space, executor, config, store, progress)
     t0 = time.time()
@@ -161,6 +261,18 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         driver.run()
+        driver.confirm(study_settings.fidelity.confirm_seeds)
+    except StudyGone as err:
+        progress.close()
+        if err.renamed_to is None:
+            print(f"search stopped: {err}", file=sys.stderr)
+            return 1
+        renamed = optuna.load_study(study_name=err.renamed_to, storage=storage)
+        command = resume_command(prep, err.renamed_to)
+        with contextlib.suppress(Exception):
+            StudyNotes(renamed, prep, study_dir, executor.describe()).update(status="stopped: renamed")
+        print(f"search stopped: {err}; continue it with: {command}", file=sys.stderr)
+        return 1
     except SearchAborted as err:
         progress.note(f"search stopped: {err}")
         status = 1
@@ -170,7 +282,9 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
-    _finish(study, prep, time.time() - t0)
+    with contextlib.suppress(Exception):
+        notes.update(status={0: "finished", 1: "stopped", 130: "interrupted"}.get(status, "stopped"))
+    _finish(study, storage, prep, time.time() - t0, study_dir)
     return status
 
 
@@ -178,24 +292,102 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _finish(study: optuna.Study, prep: "Prepared", wall: float) -> None:
-    study_dir = prep.out / prep.study_name
+def _finish(study: optuna.Study, storage, prep: "Prepared", wall: float, study_dir: Path) -> None:
     report(study, prep, study_dir / "artifacts", wall)
-    if not prep.args.no_export and st.completed_trials(study):
+    if prep.settings.run.export and st.completed_trials(study):
         from .export import export_study
 
-        written = export_study(study, study_dir)
+        written = export_study(study, study_dir, storage)
         print(f"exported the front to {written}", file=sys.stderr)
 
 
 def report(study: optuna.Study, prep: "Prepared", artifact_dir, wall: float) -> None:
-    """Print the Pareto front as a table and the dashboard command."""
+    """Print the Pareto front as a table, the confirmed front, the study's fidelity and the dashboard command."""
     done = st.completed_trials(study)
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    stopped = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if st.RUNG_RESULTS in t.user_attrs]
     took = f"; this run took {wall:.0f} s" if wall else ""
-    print(f"\n{len(done)} completed, {len(failed)} failed trial(s) in the study{took}")
-    rows = front_rows(study) if done else []
+    below = f", {len(stopped)} stopped below the top rung" if stopped else ""
+    print(f"\n{len(done)} completed{below}, {len(failed)} failed trial(s) in the study{took}")
+    rows = front_rows(study, prep.objectives) if done else []
+    directions = ", ".join(f"{o.name} {'up' if o.maximize else 'down'}" for o in prep.objectives)
     if rows:
-        print(f"Pareto front ({len(rows)} trial(s); mAP50-95 up, latency down):")
+        print(f"Pareto front ({len(rows)} trial(s) at the top rung; {directions}):")
         print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
-    print(f"\nDashboard: {st.dashboard_command(prep.storage_url, artifact_dir)}")
+    confirmed = confirm.confirmed_front(prep.objectives, confirm.confirmed(study, prep.objectives))
+    if confirmed:
+        print(f"\nConfirmed front on seed means ({len(confirmed)} trial(s)):")
+        crow = [{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in c.row(prep.objectives).items()}
+                for c in confirmed]
+        print(table(crow, list(crow[0])))
+    fidelity = confirm.fidelity_report(study, prep.objectives, prep.settings.study.fidelity.rungs)
+    with contextlib.suppress(Exception):
+        study.set_user_attr("attnas_fidelity", fidelity)
+    print("\n" + "\n".join(confirm.describe(fidelity)))
+    print(f"\nDashboard: {st.dashboard_command(prep.settings.storage_url, artifact_dir)}")
+
+
+def resume_command(prep: "Prepared", study_name: str, budget: int | None = None) -> str:
+    """The exact command that continues (or, with a larger ``budget``, extends) the study: its settings come from
+    the study (``--resume``); this run's execution flags are repeated."""
+    s, run = prep.settings, prep.settings.run
+    argv = ["python", "-m", "search.run", "--resume", "--study-name", study_name, "--out", str(s.out),
+            "--storage", s.storage_url, "--budget", str(budget or run.budget), "--workers", str(run.workers),
+            "--sampler", run.sampler]
+    for flag, value in (("--cpus-per-trial", run.cpus_per_trial), ("--ray-address", run.ray_address),
+                        ("--trial-timeout", run.trial_timeout),
+                        ("--gpus-per-trial", run.gpus_per_trial or None)):
+        if value is not None:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    argv += ["--save-weights"] * run.save_weights + ["--no-export"] * (not run.export)
+    argv += [f"--max-failures-in-a-row={run.max_failures_in_a_row}"]
+    return shlex.join(argv)
+
+
+class StudyNotes:
+    """The study's optuna-dashboard note (markdown on the study page): settings, the commands that resume or
+    extend the study, progress and the current front, rewritten after every finished trial."""
+
+    def __init__(self, study: optuna.Study, prep: "Prepared", study_dir: Path, resources: str) -> None:
+        self.study, self.prep, self.study_dir, self.resources = study, prep, study_dir, resources
+
+    def update(self, status: str = "running") -> None:
+        try:
+            st.save_note(self.study, self.body(status))
+        except Exception:  # a note is a convenience: never stop a search for it (e.g. the study was just renamed)
+            pass
+
+    def body(self, status: str) -> str:
+        study, prep = self.study, self.prep
+        run = prep.settings.run
+        counted = len(st.counted_trials(study))
+        by_state = {state: len(study.get_trials(deepcopy=False, states=(state,)))
+                    for state in (TrialState.FAIL, TrialState.RUNNING)}
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        lines = [f"## attnas study `{study.study_name}`", "",
+                 f"**{status}** at {stamp}: {counted}/{run.budget} completed trial(s) counted, "
+                 f"{by_state[TrialState.FAIL]} failed, {by_state[TrialState.RUNNING]} running "
+                 f"(driver pid {os.getpid()}; {self.resources}).", "",
+                 "Resume after a stop (settings come from the study):", "",
+                 f"```\n{resume_command(prep, study.study_name)}\n```", "",
+                 f"Extend to {2 * run.budget} completed trials:", "",
+                 f"```\n{resume_command(prep, study.study_name, 2 * run.budget)}\n```", "",
+                 f"Files: `{self.study_dir}` (trials, artifacts, pareto/).", "", "### Pareto front", ""]
+        rows = front_rows(study, prep.objectives) if st.completed_trials(study) else []
+        if rows:
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+        else:
+            lines.append("(no completed trial yet)")
+        recorded = prep.settings.study.as_dict()
+        lines += ["", "### Settings (the study's identity)", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | `{_short_json(v)}` |" for k, v in recorded.items() if k != "layout"]
+        return "\n".join(lines) + "\n"
+
+
+def _short_json(value) -> str:
+    import json
+
+    text = json.dumps(value, sort_keys=True, default=str).replace("|", "\\|")
+    return text if len(text) <= 300 else text[:297] + "..."

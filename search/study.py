@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from . import objectives as obj
 from .errors import SearchError
 
 SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
 VERSIONS_ATTR = "attnas_versions"
 PATHS_ATTR = "attnas_paths"  # where its files are: out dir, artifact dir, storage URL as given
+RUNG_RESULTS = "rung_results"  # trial attr: {epochs: objective values} at each rung the candidate finished
+CONFIRM_ATTR = "attnas_confirmation"  # study attr: {trial: {"seeds": [...], "values": [[...], ...]}}
 DRIVER_ATTR = "attnas_driver"  # the driver running it now: host, pid, heartbeat
-OBJECTIVES = ("mAP50-95", "latency_ms")
-DIRECTIONS = ("maximize", "minimize")
+OUTSIDE_ATTR = "attnas_outside_changes"  # trial number -> what another writer (the dashboard) did to it while it ran
 HEARTBEAT_S = 20.0
 STALE_S = 90.0  # a driver not heard of for this long is gone, wherever it ran
 
@@ -80,27 +82,6 @@ def find_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study 
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def settings_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two settings trees, e.g. ``proxy.epochs: study has 10, this run 3``."""
-    diffs = []
-    for key in sorted(set(stored) | set(current)):
-        a, b = stored.get(key, "<unset>"), current.get(key, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += settings_differences(a, b, f"{prefix}{key}.")
-        elif _canon(a) != _canon(b):
-            diffs.append(f"{prefix}{key}: study has {_show(a)}, this run {_show(b)}")
-    return diffs
-
-
-def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _show(value: Any) -> str:
-    text = _canon(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def check_driver_lock(study: optuna.Study) -> None:
     """Refuse to run a study another live driver is running (two drivers would fail each other's trials)."""
     info = study.user_attrs.get(DRIVER_ATTR)
@@ -135,7 +116,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_stale_trials(study: optuna.Study) -> list[tuple[int, dict]]:
+def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[tuple[int, dict]]:
     """Trials a stopped driver left RUNNING: mark them FAIL (saying why) and queue their parameters again.
 
     Optuna's own route (heartbeats + ``fail_stale_trials`` + ``RetryFailedTrialCallback``) needs heartbeats that
@@ -143,18 +124,81 @@ def recover_stale_trials(study: optuna.Study) -> list[tuple[int, dict]]:
     """
     requeued = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while this trial ran; "
-                                           "its parameters were queued again on resume")
-        study._storage.set_trial_user_attr(t._trial_id, "fail_kind", "driver-stopped")
+        if RUNG_RESULTS in t.user_attrs:  # a candidate between rungs: the driver adopts it with its checkpoint
+            continue
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while this trial ran; "
+                                    "its parameters were queued again on resume")
+        storage.set_trial_user_attr(t._trial_id, "fail_kind", "driver-stopped")
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
         requeued.append((t.number, t.params))
     return requeued
 
 
-def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """``study.best_trials`` without the copies dedup made (they share their source's values), fastest first."""
-    return sorted((t for t in study.best_trials if "reused_from" not in t.user_attrs), key=lambda t: t.values[1])
+def objectives_of(study: optuna.Study) -> tuple[obj.Objective, ...]:
+    """The study's objective table, from its metric names (set when the study was created)."""
+    return obj.parse(study.metric_names)
+
+
+def pareto_trials(study: optuna.Study, objectives: Sequence[obj.Objective],
+                  include_by_hand: bool = False) -> list[FrozenTrial]:
+    """``study.best_trials`` without the copies dedup made (they share their source's values) and, unless
+    ``include_by_hand``, without trials completed by hand in the dashboard (their values were typed, not measured),
+    listed by :func:`search.objectives.sort_key` (fastest first by default)."""
+    by_hand = set() if include_by_hand else {
+        int(n) for n, kind in outside_changes(study).items() if kind == "completed-by-hand"}
+    if by_hand:  # the front of the measured trials only: a typed value must not hide a real one
+        kept = [t for t in completed_trials(study) if t.number not in by_hand]
+        front = _nondominated(kept, study.directions)
+    else:
+        front = study.best_trials
+    return sorted((t for t in front if "reused_from" not in t.user_attrs), key=obj.sort_key(objectives))
+
+
+def _nondominated(trials: list[FrozenTrial], directions) -> list[FrozenTrial]:
+    """Optuna's rule for ``best_trials`` (feasible trials only, then non-dominated) over a subset of trials."""
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
+    return _get_pareto_front_trials_by_trials(trials, directions, consider_constraint=True)
+
+
+def outside_changes(study: optuna.Study) -> dict[str, str]:
+    """Trials another writer finished while the driver ran them: number (str) -> "stopped-from-dashboard" or
+    "completed-by-hand"."""
+    return dict(study.user_attrs.get(OUTSIDE_ATTR) or {})
+
+
+def record_outside_change(study: optuna.Study, number: int, kind: str) -> None:
+    """Mark a trial another writer finished (a finished trial takes no attributes, so the study keeps the mark)."""
+    study.set_user_attr(OUTSIDE_ATTR, {**outside_changes(study), str(number): kind})
+
+
+def find_renamed(storage: optuna.storages.BaseStorage) -> optuna.Study | None:
+    """The study this driver runs, under another name: optuna-dashboard's rename copies the study (trials, user
+    attributes, our driver lock included) into a new one and deletes the old one."""
+    for frozen in storage.get_all_studies():
+        info = frozen.user_attrs.get(DRIVER_ATTR) or {}
+        if info.get("host") == socket.gethostname() and info.get("pid") == os.getpid():
+            return optuna.load_study(study_name=frozen.study_name, storage=storage)
+    return None
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float],
+                objectives: Sequence[obj.Objective]) -> float:
+    """Hypervolume that ``points`` (objective values in the objectives' own directions) dominate up to
+    ``reference``; points not better than the reference in every objective add nothing.
+
+    Optuna's samplers and hypervolume plot compute it with ``optuna._hypervolume.compute_hypervolume`` (exact, any
+    number of objectives), which Optuna does not export publicly; this is the project's one use of it, and
+    tests/test_objectives.py checks it against an independent formula so an Optuna change fails loudly there.
+    """
+    from optuna._hypervolume import compute_hypervolume
+
+    sign = np.array([-1.0 if o.maximize else 1.0 for o in objectives])
+    ref = np.asarray(reference, dtype=float) * sign
+    pts = np.asarray(points, dtype=float).reshape(-1, len(objectives)) * sign
+    pts = pts[np.all(pts < ref, axis=1)]
+    return float(compute_hypervolume(pts, ref)) if len(pts) else 0.0
 
 
 def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -162,8 +206,25 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed trials that count toward ``--budget``: infeasible candidates (never trained) do not."""
-    return [t for t in completed_trials(study) if "infeasible" not in t.user_attrs]
+    """Trials that count toward ``--budget``: completed ones (infeasible candidates, never trained, do not) and
+    candidates that stopped below the top rung of successive halving (PRUNED with rung results)."""
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    return ([t for t in completed_trials(study) if "infeasible" not in t.user_attrs]
+            + [t for t in pruned if RUNG_RESULTS in t.user_attrs])
+
+
+def rung_results(trial: FrozenTrial) -> dict[int, list[float]]:
+    """A candidate's objective values at each rung it finished: {epochs: values}, in rung order."""
+    return {int(k): v for k, v in sorted((trial.user_attrs.get(RUNG_RESULTS) or {}).items(), key=lambda kv: int(kv[0]))}
+
+
+def best_available_values(trial: FrozenTrial) -> list[float] | None:
+    """What a search strategy learns from: a completed trial's values, else its values at the highest rung it
+    finished (a candidate stopped or paused below the top rung), else None."""
+    if trial.state == TrialState.COMPLETE:
+        return list(trial.values)
+    results = rung_results(trial)
+    return list(results[max(results)]) if results else None
 
 
 def versions() -> dict[str, str]:
@@ -174,3 +235,21 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[pkg] = "not installed" if pkg != "attnas" else "source checkout"
     return found
+
+
+def save_note(study_or_trial, body: str) -> None:
+    """optuna-dashboard's markdown note of a study or a trial (its public API; shown on the study/trial page)."""
+    from optuna_dashboard import save_note as _save
+
+    _save(study_or_trial, body)
+
+
+def trial_note(trial: optuna.Trial, describe: str, yaml_path: Path, artifact_id: str | None) -> str:
+    """A trial's note: its candidate and a link to its YAML artifact (served by the dashboard)."""
+    lines = [f"**Candidate**: `{describe}`", ""]
+    if artifact_id:
+        url = f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
+        lines.append(f"YAML: [{yaml_path.name}]({url}) (`{yaml_path}`)")
+    else:
+        lines.append(f"YAML: `{yaml_path}`")
+    return "\n".join(lines) + "\n"

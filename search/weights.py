@@ -9,6 +9,9 @@ The checked base state dict is stored with the study (``<study>/base-weights.pt`
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +33,7 @@ class WeightsPlan:
     path: str | None = None
     base_epochs: int = 40
     train_args: tuple[tuple[str, Any], ...] = ()  # Ultralytics arguments of the base training (auto)
+    sha256: str | None = None  # content of the checkpoint (path)
 
     @classmethod
     def parse(cls, value: str, base_epochs: int, train_args: tuple[tuple[str, Any], ...] = ()) -> "WeightsPlan":
@@ -40,15 +44,16 @@ class WeightsPlan:
         path = Path(value).expanduser()
         if not path.is_file():
             raise SearchError(f"--weights {value}: no such checkpoint (give a .pt file, 'auto' or 'none')")
-        return cls("path", str(path.resolve()), base_epochs, train_args)
+        return cls("path", str(path.resolve()), base_epochs, train_args, _sha256(path)[:16])
 
-    def identity(self) -> dict[str, Any]:
-        """What makes two studies' inherited starts equal (part of the study's settings and of the fidelity)."""
-        if self.mode == "path":
-            return {"mode": "path", "sha256": _sha256(Path(self.path))[:16]}
-        if self.mode == "auto":
-            return {"mode": "auto", "base_epochs": self.base_epochs, "train_args": dict(self.train_args)}
-        return {"mode": "none"}
+    def as_dict(self) -> dict[str, Any]:
+        """As recorded in the study's settings (what makes two studies' inherited starts equal)."""
+        return {"mode": self.mode, "path": self.path, "sha256": self.sha256, "base_epochs": self.base_epochs,
+                "train_args": dict(self.train_args)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WeightsPlan":
+        return cls(d["mode"], d["path"], d["base_epochs"], tuple(sorted(d["train_args"].items())), d["sha256"])
 
 
 @dataclass(frozen=True)
@@ -108,20 +113,58 @@ def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str,
     if stored is not None:
         return stored
     job = base_training_job(plan, base, data_yaml, schedule, study_dir, threads, device)
+    _stderr(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it")
     return store_base_weights(job, run_training(job), study_dir)
 
 
-def stored_base_weights(study_dir: Path) -> BaseWeights | None:
-    """``--weights auto`` on resume: the base an earlier run of this study trained, if it got that far."""
+def stored_base_weights(study_dir: Path, cache: "BaseCache | None" = None, key: str | None = None) -> BaseWeights | None:
+    """``--weights auto``: the base an earlier run of this study trained, else the same base trained by another
+    study (``cache`` hit on ``key``, copied into this study), else None (it must be trained)."""
     target = study_dir / STATE_FILE
-    return BaseWeights(str(target), (), {"source": "auto", "reused": str(target)}) if target.is_file() else None
+    if target.is_file():
+        return BaseWeights(str(target), (), {"source": "auto", "reused": str(target)})
+    hit = cache.get(key) if cache is not None and key else None
+    if hit is None:
+        return None
+    study_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(hit[0], target)
+    return BaseWeights(str(target), (), {**hit[1], "source": "cache", "cache_key": key})
+
+
+class BaseCache:
+    """Trained bases shared by the studies under one ``--out``, addressed by what makes two base trainings equal
+    (:func:`base_cache_key`): a second study on the same base, data and base-training arguments starts training
+    candidates at once. Entries are written whole (temporary file, then rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def get(self, key: str) -> tuple[Path, dict[str, Any]] | None:
+        state, info = self.root / f"{key}.pt", self.root / f"{key}.json"
+        if not (state.is_file() and info.is_file()):
+            return None
+        return state, json.loads(info.read_text())
+
+    def put(self, key: str, state_path: str | Path, info: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for suffix, write in ((".pt", lambda f: shutil.copyfile(state_path, f)),
+                              (".json", lambda f: Path(f).write_text(json.dumps(info, default=str)))):
+            tmp = self.root / f".{key}{suffix}.tmp-{os.getpid()}"
+            write(tmp)
+            os.replace(tmp, self.root / f"{key}{suffix}")
+
+
+def base_cache_key(job: TrainJob, data_fingerprint: str) -> str:
+    """Content address of a base training: the base network, the data's content and the whole schedule (epochs,
+    size, batch, fraction, seed, train arguments)."""
+    blob = json.dumps({"base": hashlib.sha256(job.yaml_text.encode()).hexdigest(), "data": data_fingerprint,
+                       "schedule": job.schedule.as_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def base_training_job(plan: WeightsPlan, base: Base, data_yaml: str, schedule: ProxySchedule, study_dir: Path,
                       threads: int, device: str = "cpu") -> TrainJob:
     """The one training of the base for ``--weights auto``: ``--base-epochs`` with the base's train arguments."""
-    print(f"--weights auto: training the base model once ({plan.base_epochs} epochs); every candidate inherits it",
-          file=sys.stderr)
     candidate = make_candidate(base)
     return TrainJob(trial=-1, candidate_hash=candidate.hash, yaml_text=to_yaml(candidate), data=data_yaml,
                     schedule=replace(schedule, epochs=plan.base_epochs, train_args=plan.train_args),
@@ -129,9 +172,10 @@ def base_training_job(plan: WeightsPlan, base: Base, data_yaml: str, schedule: P
 
 
 def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path,
-                       say: Callable[[str], None] | None = None) -> BaseWeights:
-    """Keep the trained base's float state dict with the study; SearchError if its training failed. ``say``
-    reports it (default: a line on stderr)."""
+                       say: Callable[[str], None] | None = None, cache: BaseCache | None = None,
+                       key: str | None = None) -> BaseWeights:
+    """Keep the trained base's float state dict with the study (and in ``cache`` under ``key``); SearchError if its
+    training failed. ``say`` reports it (default: a line on stderr)."""
     import torch
 
     if result.error:
@@ -142,8 +186,11 @@ def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path,
     torch.save(state, target)
     (say or _stderr)(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {job.schedule.epochs} epochs "
                      f"({result.train_s:.0f} s); stored {target}")
-    return BaseWeights(str(target), (), {"source": "auto", "base_map50_95": result.map50_95,
-                                         "base_map50": result.map50, "train_s": round(result.train_s, 1)})
+    info = {"source": "auto", "base_map50_95": result.map50_95, "base_map50": result.map50,
+            "train_s": round(result.train_s, 1)}
+    if cache is not None and key:
+        cache.put(key, target, info)
+    return BaseWeights(str(target), (), info)
 
 
 def _stderr(text: str) -> None:

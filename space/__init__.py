@@ -11,13 +11,13 @@ Pure YAML-graph work plus validation: no Ray, no study storage, no training.
 from .base import Base, LayerInfo, load_base
 from .candidate import (Candidate, Stats, build_model, canonical_hash, count_gflops, make_candidate, to_yaml, validate,
                         validated_model, write_yaml)
-from .errors import SpaceError
+from .errors import SpaceError, first_line
 from .graph import Placement, Slot, find_slots, mutate
 from .inherit import Inheritance, check_checkpoint, inherit
 from .search_space import NONE, SearchSpace, SpaceConfig, build_space
 
 __all__ = [
     "Base", "Candidate", "Inheritance", "LayerInfo", "NONE", "Placement", "SearchSpace", "Slot", "SpaceConfig", "SpaceError", "Stats",
-    "build_model", "build_space", "canonical_hash", "check_checkpoint", "inherit", "count_gflops", "find_slots", "load_base", "make_candidate",
+    "build_model", "build_space", "canonical_hash", "check_checkpoint", "inherit", "count_gflops", "find_slots", "first_line", "load_base", "make_candidate",
     "mutate", "to_yaml", "validate", "validated_model", "write_yaml",
 ]

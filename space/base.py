@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from .errors import SpaceError
+from .errors import SpaceError, first_line
 
 # Ultralytics names a scaled bundled model by its family file plus a letter: yolov8s.yaml -> yolov8.yaml @ s.
 _SCALED_NAME = re.compile(r"^(yolo(?:v)?\d+)([nslmx])((?:-[\w-]+)?)\.ya?ml$")
@@ -99,7 +99,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise SpaceError(f"{path}: not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise SpaceError(f"{path}: a model YAML must be a mapping with 'backbone' and 'head' lists")
     return data

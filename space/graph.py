@@ -59,7 +59,7 @@ def find_slots(base: Base) -> tuple[Slot, ...]:
     """
     layers = base.layers
     detect_row = base.rows()[-1]
-    feeds_head = {_absolute(len(layers) - 1, f) for f in _as_list(detect_row[0])}
+    feeds_head = {_absolute(len(layers) - 1, f) for f in as_list(detect_row[0])}
     slots: list[Slot] = []
     taken: set[str] = set()
     for info in layers[:-1]:
@@ -125,7 +125,7 @@ def mutate(base: Base, placements: Mapping[str, Placement],
     kept: dict[int, int] = {}  # old layer -> its own new position
     n_backbone = 0
     for i, (f, n, m, args) in enumerate(rows):
-        targets = [_remap(new_index, _absolute(i, x)) for x in _as_list(f)]
+        targets = [_remap(new_index, _absolute(i, x)) for x in as_list(f)]
         here = len(new_rows)
         hit = by_layer.get(i)
         if hit and hit[1].mode == "replace":
@@ -161,13 +161,14 @@ def _absolute(i: int, f: int) -> int:
     return i + f if f < 0 else f
 
 
-def _as_list(f: int | list[int]) -> list[int]:
-    return list(f) if isinstance(f, list) else [f]
+def as_list(value: Any) -> list:
+    """One value or a list/tuple of them as a list: a YAML ``from`` field (``-1`` or ``[-1, 6]``), a setting."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _reference(original: int | list[int], targets: list[int], here: int) -> int | list[int]:
     """Write new targets in the style of the original: negative stays relative, non-negative stays absolute."""
-    styled = [t - here if o < 0 else t for o, t in zip(_as_list(original), targets)]
+    styled = [t - here if o < 0 else t for o, t in zip(as_list(original), targets)]
     return styled if isinstance(original, list) else styled[0]
 
 

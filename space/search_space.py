@@ -12,11 +12,12 @@ import optuna
 import yaml
 
 import modules
+from modules.registry import freeze
 
 from .base import Base
 from .candidate import Candidate, make_candidate
-from .errors import SpaceError
-from .graph import MODES, Placement, Slot, find_slots
+from .errors import SpaceError, first_line
+from .graph import MODES, Placement, Slot, as_list, find_slots
 
 NONE = "none"  # the placement with no attention layer: the base itself
 
@@ -46,7 +47,7 @@ class SpaceConfig:
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise SpaceError(f"space file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise SpaceError(f"space file {path}: not valid YAML ({first_line(err)})") from None
         if not isinstance(raw, dict):
             raise SpaceError(f"space file {path}: expected a mapping of settings")
         return cls.from_dict(raw, where=str(path))
@@ -68,14 +69,13 @@ class SpaceConfig:
             for name, hps in mods.items():
                 if not isinstance(hps, dict | None):
                     raise SpaceError(f"{where}: modules.{name} must map hyper-parameters to lists of values")
-                parsed_mods[name] = {k: tuple(tuple(x) if isinstance(x, list) else x for x in _as_list(v))
-                                     for k, v in (hps or {}).items()}
-        modes = tuple(_as_list(raw.get("modes", MODES)))
+                parsed_mods[name] = {k: freeze(as_list(v)) for k, v in (hps or {}).items()}
+        modes = tuple(as_list(raw.get("modes", MODES)))
         bad_modes = set(modes) - set(MODES)
         if bad_modes or not modes:
             raise SpaceError(f"{where}: modes must be a non-empty subset of {list(MODES)}, got {list(modes)}")
         config = cls(
-            slots=tuple(_as_list(raw["slots"])) if raw.get("slots") is not None else None,
+            slots=tuple(as_list(raw["slots"])) if raw.get("slots") is not None else None,
             modules=parsed_mods,
             modes=modes,
             min_layers=int(raw.get("min_layers", 0)),
@@ -189,6 +189,3 @@ def encode(value: Any) -> Any:
     """Optuna categorical choices must be plain scalars: tuples become "5-5-5-5"."""
     return "-".join(str(v) for v in value) if isinstance(value, tuple) else value
 
-
-def _as_list(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]

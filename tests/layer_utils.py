@@ -35,3 +35,16 @@ def randomize_(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Modul
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
     return module
+
+
+def fitting_hparams(spec, c1: int, hw: tuple[int, int]) -> tuple[tuple[str, object], ...]:
+    """Hyper-parameters for a layer of ``spec`` on an ``hw`` map: the default where the spec accepts it there,
+    else its first accepted choice (e.g. a smaller semantic grid on a 2x2 map). Only non-defaults are listed, as
+    sorted ``(name, value)`` pairs (the form of ``Placement.hparams``)."""
+    fitting = {}
+    for name, values in spec.choices_for(c1, hw).items():
+        default = spec.hparam(name).default
+        if spec.reject(c1, hw, name, default) is not None:
+            assert values, f"{spec.name}: no {name} fits a {hw} map at c1={c1}"
+            fitting[name] = values[0]
+    return tuple(sorted(fitting.items()))

@@ -1,5 +1,7 @@
 """A real search study served by the real optuna-dashboard on localhost, read back over its HTTP API."""
 
+import csv
+import json
 import os
 import signal
 import socket
@@ -23,13 +25,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, coco128):
-    """A two-trial study of the base model alone: one trained trial and one that reuses its result."""
+    """A two-trial, three-objective study of the base model alone: one trained trial and one that reuses its
+    result, exported as a user would."""
     out = tmp_path_factory.mktemp("dash")
     space = out / "base-only.yaml"
     space.write_text("max_layers: 0\n")
     cmd = [sys.executable, "-m", "search.run", "--out", str(out), "--study-name", "dash", "--budget", "2",
-           "--space", str(space), "--data", str(coco128 / "coco128.yaml"), "--imgsz", "64", "--epochs", "1",
-           "--fraction", "8,8", "--batch", "4", "--latency-imgsz", "64", "--latency-runs", "3", "--no-export"]
+           "--space", str(space), "--data", str(coco128 / "coco128.yaml"), "--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0",
+           "--fraction", "8,8", "--batch", "4", "--latency-imgsz", "64", "--latency-runs", "3",
+           "--objectives", "mAP50-95,latency_ms,params"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -70,13 +74,32 @@ def dashboard(study):
         server.wait(timeout=10)
 
 
+def test_three_objective_exports_have_a_column_and_a_pairwise_plot_per_objective(study):
+    out, _ = study
+    study_dir = out / "dash"
+    with open(study_dir / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:4] == ["trial", "mAP50-95", "latency_ms", "params"]
+    assert [int(r["trial"]) for r in rows] == [0] and float(rows[0]["params"]) == 3_157_200
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert [o["name"] for o in summary["objectives"]] == ["mAP50-95", "latency_ms", "params"]
+    assert set(summary["hypervolume"]["reference_point"]) == {"mAP50-95", "latency_ms", "params"}
+    pairs = ["pareto-mAP50-95-vs-latency_ms.png", "pareto-mAP50-95-vs-params.png", "pareto-latency_ms-vs-params.png"]
+    assert summary["plots"] == [*pairs, "hypervolume.png"]
+    for name in summary["plots"]:
+        assert (study_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (yaml_file,) = (study_dir / "pareto").glob("*.yaml")
+    header = yaml_file.read_text().splitlines()[:4]
+    assert header[1].startswith("# mAP50-95: ") and header[3] == "# params: 3157200 parameters"
+
+
 def test_dashboard_serves_the_study_and_its_trials(dashboard):
     studies = requests.get(f"{dashboard}/api/studies", timeout=10).json()["study_summaries"]
     (summary,) = [s for s in studies if s["study_name"] == "dash"]
-    assert summary["directions"] == ["maximize", "minimize"]
+    assert summary["directions"] == ["maximize", "minimize", "minimize"]
     assert "attnas_settings" in {a["key"] for a in summary["user_attrs"]}
     detail = requests.get(f"{dashboard}/api/studies/{summary['study_id']}", timeout=10).json()
-    assert detail["objective_names"] == ["mAP50-95", "latency_ms"]
+    assert detail["objective_names"] == ["mAP50-95", "latency_ms", "params"]
     trials = detail["trials"]
     assert [t["state"] for t in trials] == ["Complete", "Complete"]
     attrs = [{a["key"]: a["value"] for a in t["user_attrs"]} for t in trials]

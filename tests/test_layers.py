@@ -1,4 +1,4 @@
-"""Properties every YOLO attention layer must have, checked for all five families.
+"""Properties every YOLO attention layer must have, checked for every registered family (``modules.names()``).
 
 Module-specific numerics live in test_<family>.py; here: shapes at every YOLO feature size and width,
 gradients, dtype/device round trips, AMP, batch-1 training, ONNX export, and that the registry spec agrees
@@ -7,7 +7,6 @@ with the constructor.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import io
 import pickle
@@ -16,13 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import modules
 from layer_utils import YOLO_CHANNELS, YOLO_SIZES, randomize_
 
-FAMILIES = {"STA": "sta", "CoT": "cot", "CGA": "cga", "DualViT": "dualvit", "GMA": "gma"}
-
-
-def spec_of(name: str):
-    return importlib.import_module(f"modules.{FAMILIES[name]}").SPEC
+FAMILIES = modules.names()
+spec_of = modules.get_spec
 
 
 def make(name: str, c1: int = 64, **kwargs) -> torch.nn.Module:

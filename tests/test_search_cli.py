@@ -69,25 +69,78 @@ def test_argparse_errors_are_one_line_too(capsys):
 
 def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
-    assert prep.study_name == "yolov8n-shapes-v2"
-    assert prep.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v2' / 'study.db'}"
+    s = prep.settings
+    assert s.study_name == "yolov8n-shapes-v2"
+    assert s.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v2' / 'study.db'}"
     assert prep.data.identity == "builtin:shapes-v2" and prep.data.yaml.is_file()
-    assert prep.settings["proxy"]["imgsz"] == 128 and prep.settings["latency"]["imgsz"] == 640
-    assert prep.settings["proxy"]["train_args"] == {"lr0": 0.001, "optimizer": "AdamW", "warmup_epochs": 3,
-                                                    "warmup_bias_lr": 0.0}
-    assert prep.settings["weights"] == {"mode": "auto", "base_epochs": 40,
-                                        "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
+    assert s.study.proxy.imgsz == 128 and s.study.latency.imgsz == 640
+    assert [o.name for o in prep.objectives] == ["mAP50-95", "latency_ms"]
+    recorded = s.study.as_dict()
+    assert recorded["objectives"] == ["mAP50-95", "latency_ms"]
+    assert recorded["proxy"]["train_args"] == {"lr0": 0.001, "optimizer": "AdamW", "warmup_epochs": 3,
+                                               "warmup_bias_lr": 0.0}
+    assert recorded["weights"] == {"mode": "auto", "path": None, "sha256": None, "base_epochs": 40,
+                                   "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
+    assert recorded["facts"]["data"]["identity"] == "builtin:shapes-v2"
+    assert recorded["fidelity"] == {"rungs": [1, 3, 9], "eta": 3, "confirm_seeds": 1}
+    assert s.study.proxy.epochs == 9, "every rung follows the top rung's schedule"
     assert not (tmp_path / "yolov8n-shapes-v2").exists(), "checking writes no study"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rungs", "3,1"], "strictly increasing"),
+    (["--rungs", "1,3", "--epochs", "3"], "give --rungs or --epochs, not both"),
+    (["--eta", "1"], "--eta must be at least 2"),
+    (["--confirm-seeds", "-1"], "--confirm-seeds must be >= 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_bad_fidelity_settings_are_one_line_exit_2(argv, message, tmp_path, capsys):
+    assert search_run.main(["--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_candidates_fine_tune_when_they_inherit_and_train_like_the_base_from_scratch(tmp_path):
     def prepared(*argv: str):
         return search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path), *argv]))
 
-    scratch = prepared("--weights", "none", "--epochs", "10")
-    assert scratch.settings["proxy"]["train_args"] == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}
-    tuned = prepared("--train-arg", "lr0=0.0005", "--base-train-arg", "lr0=0.004", "--base-epochs", "5")
-    assert tuned.settings["proxy"]["train_args"]["lr0"] == 0.0005
-    assert tuned.settings["proxy"]["train_args"]["warmup_bias_lr"] == 0.0, "--train-arg adds to the defaults"
+    scratch = prepared("--weights", "none", "--epochs", "10").settings.study
+    assert dict(scratch.proxy.train_args) == {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}
+    tuned = prepared("--train-arg", "lr0=0.0005", "--base-train-arg", "lr0=0.004", "--base-epochs", "5").settings.study
+    assert dict(tuned.proxy.train_args)["lr0"] == 0.0005
+    assert dict(tuned.proxy.train_args)["warmup_bias_lr"] == 0.0, "--train-arg adds to the defaults"
     assert tuned.weights.train_args == (("lr0", 0.004), ("optimizer", "AdamW"), ("warmup_epochs", 3))
-    assert tuned.settings["weights"]["base_epochs"] == 5
+    assert tuned.weights.base_epochs == 5
+
+
+def test_recorded_settings_round_trip_through_json(tmp_path):
+    """The recorded identity is the settings object's serialised form: rebuilding it from the stored JSON gives
+    the same settings, so a resumed study is checked against exactly what was recorded."""
+    import json
+
+    from search.settings import StudySettings
+
+    space = tmp_path / "space.yaml"
+    space.write_text("slots: [P4, N5]\nmodules:\n  CGA: {kernels: [[5, 5, 5, 5]]}\n  STA: {}\nmax_layers: 2\n")
+    prep = search_run.prepare(search_run.build_parser().parse_args(
+        ["--out", str(tmp_path), "--space", str(space), "--objectives", "mAP50,latency_ms,params",
+         "--max-params", "4000000", "--fraction", "16,8"]))
+    recorded = json.loads(json.dumps(prep.settings.study.as_dict()))
+    again = StudySettings.from_dict(recorded)
+    assert again == prep.settings.study and again.as_dict() == recorded
+    assert again.space.modules["CGA"]["kernels"] == ((5, 5, 5, 5),)
+    assert again.objectives == ("mAP50", "latency_ms", "params") and again.proxy.fraction == (16, 8)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("mAP50-95", "choose 2-4 objectives, got 1"),
+    ("mAP50-95,latency_ms,params,gflops,mAP50", "choose 2-4 objectives, got 5"),
+    ("mAP50-95,speed", "unknown objective(s) speed"),
+    ("latency_ms,latency_ms", "names an objective twice"),
+    ("latency_ms,params", "needs no training"),
+])
+def test_bad_objectives_are_one_line_exit_2(value, message, tmp_path, capsys):
+    assert search_run.main(["--out", str(tmp_path / "out"), "--objectives", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.db"))

@@ -23,7 +23,7 @@ from search import export as search_export
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--imgsz", "64", "--epochs", "1", "--fraction", "8,8", "--batch", "4",
+TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4",
         "--latency-imgsz", "64", "--latency-runs", "3", "--latency-warmup", "1", "--base-epochs", "1"]
 
 
@@ -75,7 +75,8 @@ def test_end_to_end_study_is_complete_and_documented(e2e):
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     settings = study.user_attrs["attnas_settings"]
     assert settings["proxy"]["epochs"] == 1 and settings["latency"]["imgsz"] == 64
-    assert settings["data"]["identity"].endswith("coco128.yaml") and settings["base"]["name"] == "yolov8n.yaml"
+    assert settings["facts"]["data"]["identity"].endswith("coco128.yaml") and settings["base"] == "yolov8n.yaml"
+    assert settings["objectives"] == ["mAP50-95", "latency_ms"]
     assert {"torch", "ultralytics", "optuna", "ray"} <= set(study.user_attrs["attnas_versions"])
     assert done[0].params == {"placement": "none"}, "the base model is evaluated first, as the reference"
     # Pipelining: a trial beyond the two workers is sampled (and timed) before either training finishes.
@@ -139,6 +140,18 @@ def test_other_settings_are_refused_naming_the_difference(e2e, coco128, capsys):
     assert search_run.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "proxy.epochs: study has 1, this run 2" in err
+    assert len(load(out, "e2e").trials) == before, "nothing written to the study"
+
+
+def test_resume_with_other_objectives_is_refused_naming_them(e2e, coco128, capsys):
+    out, _ = e2e
+    before = len(load(out, "e2e").trials)
+    argv = ["--out", str(out), "--resume", "--study-name", "e2e", "--budget", "4",
+            "--objectives", "mAP50-95,latency_ms,params"]
+    assert search_run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert 'objectives: study has ["mAP50-95", "latency_ms"], this run ["mAP50-95", "latency_ms", "params"]' in err
     assert len(load(out, "e2e").trials) == before, "nothing written to the study"
 
 

@@ -33,7 +33,8 @@ def test_auto_weights_are_inherited_and_reused_on_resume_and_constraints_skip_tr
     stamp = state_file.stat().st_mtime_ns
     study = load(tmp_path, "w")
     assert study.user_attrs["attnas_settings"]["weights"] == {
-        "mode": "auto", "base_epochs": 1, "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
+        "mode": "auto", "path": None, "sha256": None, "base_epochs": 1,
+        "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
     assert study.user_attrs["attnas_base_weights"]["base_map50_95"] >= 0
     base_trial = study.trials[0]
     assert base_trial.user_attrs["inherited_tensors"] > 300 and base_trial.user_attrs["fresh_layers"] == []

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import modules
-from space import Placement, build_model, load_base, make_candidate, write_yaml
+from layer_utils import fitting_hparams
+from space import Placement, build_model, find_slots, load_base, make_candidate, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BASES = ("yolov8n.yaml", "yolo11n.yaml")
@@ -37,7 +38,7 @@ def coco_batch(coco128):
 
 
 @pytest.mark.parametrize("base_name", BASES)
-@pytest.mark.parametrize("module", ["STA", "CoT", "CGA", "DualViT", "GMA"])
+@pytest.mark.parametrize("module", modules.names())
 def test_module_in_yolo_builds_runs_and_trains_a_step(base_name, module, coco_batch):
     cfg, batch = coco_batch
     torch.manual_seed(0)
@@ -68,14 +69,20 @@ def test_module_in_yolo_builds_runs_and_trains_a_step(base_name, module, coco_ba
 
 
 def test_trainer_run_and_checkpoint_reload_in_a_fresh_process(coco128, tmp_path):
-    """The real Ultralytics trainer (unfreezing, EMA, AMP checks, validation) with all five modules in one
-    model, then the checkpoint loads in another process that only calls modules.register()."""
+    """The real Ultralytics trainer (unfreezing, EMA, AMP checks, validation) with every registered module in one
+    model (one per slot, the P5 one replacing its block), then the checkpoint loads in another process that only
+    calls modules.register()."""
     base = load_base("yolov8n.yaml")
+    slots = ("P3", "P4", "P5", "N4", "N5", "N3", "P5_sppf")
+    names = modules.names()
+    assert len(names) <= len(slots), "more families than yolov8n has slots: split this test over two models"
+    by_name = {s.name: s for s in find_slots(base)}
     cand = make_candidate(base, {
-        "P3": Placement("P3", "CoT"), "P4": Placement("P4", "CGA"), "P5": Placement("P5", "STA", "replace"),
-        "N4": Placement("N4", "GMA"), "N5": Placement("N5", "DualViT", hparams=(("semantic_grid", 2),)),
+        slot: Placement(slot, name, "replace" if slot == "P5" else "insert",
+                        fitting_hparams(modules.get_spec(name), by_name[slot].channels, by_name[slot].feature_hw(64)))
+        for slot, name in zip(slots, names)
     })
-    path = write_yaml(cand, tmp_path / "all5.yaml")
+    path = write_yaml(cand, tmp_path / "all.yaml")
     modules.register()
     from ultralytics import YOLO
 
@@ -97,10 +104,11 @@ def test_trainer_run_and_checkpoint_reload_in_a_fresh_process(coco128, tmp_path)
                          env={"PATH": "/usr/bin:/bin", "YOLO_OFFLINE": "1", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-2] == "CoT,CGA,STA,GMA,DualViT" and lines[-1] == "1"
+    in_model_order = [row[2] for row in cand.yaml["backbone"] + cand.yaml["head"] if row[2] in names]
+    assert lines[-2] == ",".join(in_model_order) and lines[-1] == "1"
 
 
-@pytest.mark.parametrize("module", ["STA", "CoT", "CGA", "DualViT", "GMA"])
+@pytest.mark.parametrize("module", modules.names())
 def test_onnx_export_of_a_yolo_model(module, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = build_model(with_module("yolov8n.yaml", module, slots=("N4",))).model.eval()

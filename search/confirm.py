@@ -1,0 +1,163 @@
+"""Confirmation of the front, and the study's report on its own fidelity.
+
+After the budget, every member of the top-rung front and the base are trained again at the top rung with
+``--confirm-seeds`` more seeds. Each result is kept in the study's ``attnas_confirmation`` attribute as it arrives
+(a finished trial takes no more attributes; a resumed run trains only what is missing). The exported front is then
+recomputed on the seed means, with mean, sd and n per objective, and a candidate whose mAP is not above the base's
+by more than two standard errors is marked. Objectives measured before training (latency, size) do not depend on
+the seed: their n is 1 and their sd 0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial
+
+from . import objectives as obj
+from . import study as st
+from .fidelity import rung_taus
+from .rungs import pareto_ranks
+
+
+def base_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The study's reference: the completed trial of the base itself (placement none)."""
+    return next((t for t in st.completed_trials(study) if t.params.get("placement") == "none"
+                 and "reused_from" not in t.user_attrs), None)
+
+
+def targets(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[FrozenTrial]:
+    """What confirmation retrains: the top-rung front and the base."""
+    chosen = st.pareto_trials(study, objectives)
+    base = base_trial(study)
+    if base is not None and base.number not in {t.number for t in chosen}:
+        chosen.append(base)
+    return chosen
+
+
+def recorded(study: optuna.Study) -> dict[str, dict[str, list]]:
+    return dict(study.user_attrs.get(st.CONFIRM_ATTR) or {})
+
+
+def todo(study: optuna.Study, objectives: Sequence[obj.Objective], seeds: int) -> list[tuple[FrozenTrial, int]]:
+    """(trial, k) pairs still to train: seed offsets 1..``seeds`` not recorded yet (failed ones are not retried)."""
+    done = recorded(study)
+    return [(t, k) for t in targets(study, objectives) for k in range(1, seeds + 1)
+            if k not in done.get(str(t.number), {}).get("offsets", [])]
+
+
+def record(study: optuna.Study, number: int, offset: int, values: list[float] | None, error: str | None = None) -> None:
+    entry = recorded(study).get(str(number), {"offsets": [], "values": [], "errors": []})
+    entry["offsets"] = [*entry["offsets"], offset]
+    if values is not None:
+        entry["values"] = [*entry["values"], values]
+    if error:
+        entry["errors"] = [*entry.get("errors", []), error]
+    study.set_user_attr(st.CONFIRM_ATTR, {**recorded(study), str(number): entry})
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """One confirmed trial: per objective the mean, sd and n over its seeds, and whether it beats the base."""
+
+    trial: FrozenTrial
+    mean: tuple[float, ...]
+    sd: tuple[float, ...]
+    n: tuple[int, ...]
+    above_base: bool | None  # mAP above the base's by more than 2 standard errors (None: no base / is the base)
+
+    def row(self, objectives: Sequence[obj.Objective]) -> dict[str, Any]:
+        out: dict[str, Any] = {"trial": self.trial.number}
+        for o, m, s, n in zip(objectives, self.mean, self.sd, self.n):
+            out.update({f"{o.name}_mean": m, f"{o.name}_sd": s, f"{o.name}_n": n})
+        out["above_base_2se"] = self.above_base
+        return out
+
+
+def confirmed(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[Confirmed]:
+    """Every confirmed trial with its seed statistics (the trial's own run counts as one seed)."""
+    records = recorded(study)
+    trials = {t.number: t for t in st.completed_trials(study)}
+    main = next(i for i, o in enumerate(objectives) if o.needs_training)
+    stats = {}
+    for key, entry in records.items():
+        t = trials.get(int(key))
+        if t is None:
+            continue
+        runs = [list(t.values), *entry.get("values", [])]
+        mean, sd, n = [], [], []
+        for i, o in enumerate(objectives):
+            column = [r[i] for r in runs] if o.needs_training else [t.values[i]]
+            mean.append(statistics.fmean(column))
+            sd.append(statistics.stdev(column) if len(column) > 1 else 0.0)
+            n.append(len(column))
+        stats[t.number] = (tuple(mean), tuple(sd), tuple(n))
+    base = base_trial(study)
+    out = []
+    for number, (mean, sd, n) in stats.items():
+        above = None
+        if base is not None and base.number in stats and number != base.number:
+            bm, bs, bn = (v[main] for v in stats[base.number])
+            se = math.sqrt(sd[main] ** 2 / n[main] + bs ** 2 / bn)
+            above = bool(mean[main] - bm > 2 * se) if (se > 0 or mean[main] != bm) else False
+        out.append(Confirmed(trials[number], mean, sd, n, above))
+    return out
+
+
+def confirmed_front(objectives: Sequence[obj.Objective], rows: list[Confirmed]) -> list[Confirmed]:
+    """The non-dominated confirmed trials on their seed means, listed as fronts are (fastest first by default)."""
+    if not rows:
+        return []
+    sign = np.array([-1.0 if o.maximize else 1.0 for o in objectives])
+    ranks = pareto_ranks(np.array([r.mean for r in rows]) * sign)
+    front = [r for r, rank in zip(rows, ranks) if rank == 0]
+    key = obj.sort_key(objectives)
+    return sorted(front, key=lambda r: key(_Values(r.mean)))
+
+
+@dataclass(frozen=True)
+class _Values:
+    values: tuple[float, ...]
+
+
+def fidelity_report(study: optuna.Study, objectives: Sequence[obj.Objective],
+                    rungs: Sequence[int]) -> dict[str, Any]:
+    """Kendall tau of the main (first training) objective between consecutive rungs, over the candidates that
+    reached both; the seed sd of that objective pooled over the confirmed trials; epochs spent vs. every candidate
+    at the top rung."""
+    main = next(i for i, o in enumerate(objectives) if o.needs_training)
+    per_candidate = {t.number: {e: v[main] for e, v in st.rung_results(t).items()}
+                     for t in study.get_trials(deepcopy=False) if st.rung_results(t)}
+    sds = [c.sd[main] for c in confirmed(study, objectives) if c.n[main] > 1]
+    candidates = len(per_candidate) if len(rungs) > 1 else len(st.counted_trials(study))
+    spent = (sum(max(r) for r in per_candidate.values()) if len(rungs) > 1
+             else candidates * rungs[-1])
+    seeds = sum(len(e.get("offsets", [])) for e in recorded(study).values())
+    return {
+        "objective": objectives[main].name,
+        "rung_kendall_tau": rung_taus(rungs, per_candidate) if len(rungs) > 1 else [],
+        "seed_sd": math.sqrt(statistics.fmean(s * s for s in sds)) if sds else None,
+        "seed_sd_from": len(sds),
+        "epochs": {"candidates": candidates, "spent_on_candidates": spent, "confirmation": seeds * rungs[-1],
+                   "all_at_top_rung": candidates * rungs[-1]},
+    }
+
+
+def describe(report: dict[str, Any]) -> list[str]:
+    """The fidelity report as lines for the console."""
+    lines = []
+    for row in report["rung_kendall_tau"]:
+        lines.append(f"Kendall tau of {report['objective']} between rungs {row['from_epochs']} and "
+                     f"{row['to_epochs']} epochs: {row['kendall_tau']:+.3f} over {row['candidates']} candidates")
+    if report["seed_sd"] is not None:
+        lines.append(f"seed sd of {report['objective']}: {report['seed_sd']:.4f} (pooled over "
+                     f"{report['seed_sd_from']} confirmed trials)")
+    e = report["epochs"]
+    lines.append(f"epochs: {e['spent_on_candidates']} on {e['candidates']} candidates + {e['confirmation']} confirming, "
+                 f"vs {e['all_at_top_rung']} to train every candidate to the top rung")
+    return lines

@@ -1,0 +1,326 @@
+"""One typed settings object for a search, built once from the command line (or the stored study).
+
+:class:`StudySettings` is what defines a study: what is searched, how candidates are trained and timed, the
+objectives and constraints. Its :meth:`~StudySettings.as_dict` *is* the identity recorded in the study; resuming
+rebuilds it with :meth:`~StudySettings.from_dict`, applies what the command line gives, and refuses any
+difference by name. A new setting is a new field here: it is recorded and checked on resume with no other edit.
+:class:`RunSettings` is how this run executes (workers, Ray, timeouts): it may change between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from space import SpaceConfig
+
+from . import objectives as obj
+from .errors import SearchError
+from .latency import LatencySettings
+from .proxy import ProxySchedule
+from .weights import WeightsPlan
+
+# Ultralytics train arguments. Training from scratch (the base for --weights auto, or every candidate with
+# --weights none): AdamW at 0.003 with the usual warm-up; measured on the built-in data, 20 epochs reach mAP50-95
+# 0.12 with optimizer=auto, 0.15 at lr0 0.001, 0.10 with SGD 0.01, 0.25 at 0.003, and 40 epochs at 0.003 reach 0.57.
+SCRATCH_TRAIN_ARGS = (("lr0", 0.003), ("optimizer", "AdamW"), ("warmup_epochs", 3))
+# Fine-tuning inherited weights: a third of that rate and no bias warm-up (Ultralytics starts bias learning rates at
+# 0.1, which kicks a trained network off its optimum at step 0). Measured: the same candidate's 3-epoch proxy mAP
+# varies with the seed by sd 0.005 this way, 0.018 with the scratch arguments.
+FINETUNE_TRAIN_ARGS = (("lr0", 0.001), ("optimizer", "AdamW"), ("warmup_bias_lr", 0.0), ("warmup_epochs", 3))
+SETTINGS_LAYOUT = 2  # bumped when the recorded form changes incompatibly
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits checked before training: a candidate that breaks one is recorded infeasible and never trained."""
+
+    max_latency_ms: float | None = None
+    max_params: int | None = None
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How long candidates train. ``rungs``: epochs at each rung of asynchronous successive halving (one value:
+    every candidate trains that long); a candidate is promoted to the next rung when it is in the best 1/``eta``
+    of its rung by Pareto rank. ``confirm_seeds``: after the budget, the top-rung front and the base are trained
+    again with this many more seeds, and the exported front is recomputed on the seed means."""
+
+    # 1, 3, 9 epochs: 50 candidates cost about as many epochs as 3 epochs each, but the front is decided at 9.
+    rungs: tuple[int, ...] = (1, 3, 9)
+    eta: int = 3
+    confirm_seeds: int = 1
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything that defines a study; fixed for its life. ``facts`` are content fingerprints resolved from the
+    inputs (the base's hash, the dataset's fingerprint and counts), so a changed file is caught on resume."""
+
+    objectives: tuple[str, ...] = obj.DEFAULT
+    base: str = "yolov8n.yaml"
+    space: SpaceConfig = SpaceConfig()
+    data: str | None = None  # an Ultralytics dataset YAML; None: the built-in shapes set
+    # Candidates fine-tune the inherited base for a few epochs (3 epochs carry signal once the base is trained;
+    # from scratch they rank noise: see the README).
+    # The schedule's epochs are the top rung's: every rung follows the top rung's learning-rate schedule.
+    proxy: ProxySchedule = ProxySchedule(epochs=9, imgsz=128, batch=16, train_args=FINETUNE_TRAIN_ARGS)
+    fidelity: Fidelity = Fidelity()
+    weights: WeightsPlan = WeightsPlan("auto", None, 40, SCRATCH_TRAIN_ARGS)
+    latency: LatencySettings = LatencySettings()
+    constraints: Constraints = Constraints()
+    facts: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recorded identity (JSON-ready)."""
+        return json_ready({"layout": SETTINGS_LAYOUT, "objectives": list(self.objectives), "base": self.base,
+                           "space": asdict(self.space), "data": self.data, "proxy": self.proxy.as_dict(),
+                           "fidelity": asdict(self.fidelity),
+                           "weights": self.weights.as_dict(), "latency": self.latency.as_dict(),
+                           "constraints": asdict(self.constraints), "facts": self.facts})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudySettings":
+        if d.get("layout") != SETTINGS_LAYOUT:
+            raise SearchError("the study was made by an older attnas (its recorded settings have another layout); "
+                              "start a new study with another --study-name")
+        return cls(objectives=tuple(d["objectives"]), base=d["base"], space=SpaceConfig.from_dict(_space_raw(d)),
+                   data=d["data"], proxy=ProxySchedule.from_dict(d["proxy"]),
+                   fidelity=Fidelity(**{**d["fidelity"], "rungs": tuple(d["fidelity"]["rungs"])}),
+                   weights=WeightsPlan.from_dict(d["weights"]), latency=LatencySettings(**d["latency"]),
+                   constraints=Constraints(**d["constraints"]), facts=dict(d.get("facts", {})))
+
+    def objective_table(self) -> tuple[obj.Objective, ...]:
+        return obj.parse(self.objectives)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How this run executes; may change between runs of a study."""
+
+    budget: int = 50
+    workers: int = 2
+    sampler: str = "tpe"
+    cpus_per_trial: float | None = None  # None: the cluster's CPUs / workers
+    gpus_per_trial: float = 0.0
+    ray_address: str | None = None
+    trial_timeout: float | None = None
+    save_weights: bool = False
+    max_failures_in_a_row: int = 5
+    export: bool = True
+    faults: tuple[tuple[int, str], ...] = ()  # test hook: (trial number, fault kind)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A whole search: the study's identity, this run's execution, and where the study lives."""
+
+    study: StudySettings
+    run: RunSettings
+    study_name: str
+    storage_url: str
+    out: Path
+    resume: bool = False
+
+    @property
+    def study_dir(self) -> Path:
+        return self.out / self.study_name
+
+
+# -- from the command line --------------------------------------------------------------------------------------
+# Flags that set one field of a part of StudySettings: CLI dest -> (part, field).
+_FIELD_FLAGS = {
+    "imgsz": ("proxy", "imgsz"), "batch": ("proxy", "batch"), "seed": ("proxy", "seed"),
+    "base_epochs": ("weights", "base_epochs"), "eta": ("fidelity", "eta"), "confirm_seeds": ("fidelity", "confirm_seeds"),
+    "latency_device": ("latency", "device"), "latency_imgsz": ("latency", "imgsz"),
+    "latency_warmup": ("latency", "warmup"), "latency_runs": ("latency", "runs"),
+    "latency_threads": ("latency", "threads"),
+    "max_latency_ms": ("constraints", "max_latency_ms"), "max_params": ("constraints", "max_params"),
+}
+
+
+def default(dest: str) -> Any:
+    """The default of an identity flag, for ``--help`` (read from :class:`StudySettings`, the one place)."""
+    d = StudySettings()
+    if dest in _FIELD_FLAGS:
+        part, name = _FIELD_FLAGS[dest]
+        return getattr(getattr(d, part), name)
+    return {"objectives": ",".join(d.objectives), "base": d.base, "weights": d.weights.mode,
+            "rungs": ",".join(map(str, d.fidelity.rungs)),
+            "train_arg": _show_args(d.proxy.train_args), "base_train_arg": _show_args(d.weights.train_args),
+            "fraction": d.proxy.fraction}[dest]
+
+
+def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> StudySettings:
+    """The study's settings: each flag given on the command line, else the stored study's value (``--resume``),
+    else the default. ``--train-arg`` / ``--base-train-arg`` add to (and override keys of) the stored or default
+    list. Inputs are parsed and checked here; files are resolved later (:func:`search.run.prepare`)."""
+    s = stored or StudySettings()
+    if args.objectives is not None:
+        s = replace(s, objectives=tuple(o.name for o in obj.parse(args.objectives)))
+    for dest in ("base", "data"):
+        if getattr(args, dest) is not None:
+            s = replace(s, **{dest: getattr(args, dest)})
+    if args.space is not None:
+        s = replace(s, space=SpaceConfig.load(args.space))
+    parts = {name: getattr(s, name) for name in ("proxy", "weights", "latency", "constraints", "fidelity")}
+    for dest, (part, name) in _FIELD_FLAGS.items():
+        if getattr(args, dest) is not None:
+            parts[part] = replace(parts[part], **{name: getattr(args, dest)})
+    rungs = _rungs(args)
+    if rungs is not None:
+        parts["fidelity"] = replace(parts["fidelity"], rungs=rungs)
+    parts["proxy"] = replace(parts["proxy"], epochs=parts["fidelity"].rungs[-1])
+    if args.fraction is not None:
+        from .data import parse_fraction
+
+        fraction = parse_fraction(args.fraction)
+        parts["proxy"] = replace(parts["proxy"], fraction=tuple(fraction) if isinstance(fraction, list) else fraction)
+    if args.weights is not None:
+        plan = WeightsPlan.parse(args.weights, parts["weights"].base_epochs, parts["weights"].train_args)
+        if stored is None and plan.mode == "none":  # from scratch: candidates train like the base
+            parts["proxy"] = replace(parts["proxy"], train_args=SCRATCH_TRAIN_ARGS)
+        parts["weights"] = plan
+    parts["proxy"] = replace(parts["proxy"], train_args=_merge(parts["proxy"].train_args, args.train_arg))
+    parts["weights"] = replace(parts["weights"], train_args=_merge(parts["weights"].train_args, args.base_train_arg))
+    s = replace(s, **parts)
+    check(s)
+    return s
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    run = RunSettings(budget=args.budget, workers=args.workers, sampler=args.sampler,
+                      cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                      ray_address=args.ray_address, trial_timeout=args.trial_timeout, save_weights=args.save_weights,
+                      max_failures_in_a_row=args.max_failures_in_a_row, export=not args.no_export,
+                      faults=parse_faults(args.inject_fault))
+    if run.budget <= 0:
+        raise SearchError(f"--budget must be at least 1, got {run.budget}")
+    if run.workers < 1:
+        raise SearchError(f"--workers must be at least 1, got {run.workers}")
+    if run.gpus_per_trial < 0 or (run.cpus_per_trial is not None and run.cpus_per_trial <= 0):
+        raise SearchError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
+    if run.trial_timeout is not None and run.trial_timeout <= 0:
+        raise SearchError(f"--trial-timeout must be positive, got {run.trial_timeout}")
+    if run.max_failures_in_a_row < 1:
+        raise SearchError(f"--max-failures-in-a-row must be at least 1, got {run.max_failures_in_a_row}")
+    return run
+
+
+def check(s: StudySettings) -> None:
+    """Values that are impossible whatever the files say."""
+    for flag, value in (("--imgsz", s.proxy.imgsz), ("--latency-imgsz", s.latency.imgsz)):
+        if value <= 0 or value % 32:
+            raise SearchError(f"{flag} must be a positive multiple of 32 (the largest stride), got {value}")
+    for flag, value in (("--latency-runs", s.latency.runs), ("--base-epochs", s.weights.base_epochs)):
+        if value < 1:
+            raise SearchError(f"{flag} must be at least 1, got {value}")
+    if s.fidelity.eta < 2:
+        raise SearchError(f"--eta must be at least 2, got {s.fidelity.eta}")
+    if s.fidelity.confirm_seeds < 0:
+        raise SearchError(f"--confirm-seeds must be >= 0, got {s.fidelity.confirm_seeds}")
+    if s.proxy.batch < 2:
+        raise SearchError(f"--batch must be at least 2 (BatchNorm needs two images per batch), got {s.proxy.batch}")
+    if s.latency.warmup < 0 or s.latency.threads < 0:
+        raise SearchError("--latency-warmup and --latency-threads must be >= 0")
+    for flag, value in (("--max-latency-ms", s.constraints.max_latency_ms), ("--max-params", s.constraints.max_params)):
+        if value is not None and value <= 0:
+            raise SearchError(f"{flag} must be positive, got {value:g}")
+
+
+def parse_train_args(items: list[str] | tuple[str, ...], flag: str = "--train-arg") -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE`` items -> sorted (key, value) pairs, each key an Ultralytics train argument the search does not
+    set itself."""
+    import yaml
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    from .proxy import RESERVED_ARGS
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SearchError(f"{flag} {item!r}: expected KEY=VALUE, e.g. warmup_epochs=1")
+        if key not in DEFAULT_CFG_DICT:
+            raise SearchError(f"{flag} {key}: not an Ultralytics train argument")
+        if key in RESERVED_ARGS:
+            raise SearchError(f"{flag} {key}: set by the search itself (use its own flag if there is one)")
+        out[key] = yaml.safe_load(raw)
+    return tuple(sorted(out.items()))
+
+
+def parse_faults(items: list[str]) -> tuple[tuple[int, str], ...]:
+    from .proxy import FAULTS
+
+    faults = []
+    for item in items:
+        kind, _, number = item.partition("@")
+        if kind not in FAULTS or not number.isdigit():
+            raise SearchError(f"--inject-fault {item!r}: expected KIND@TRIAL with KIND in {FAULTS}")
+        faults.append((int(number), kind))
+    return tuple(faults)
+
+
+def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two recorded settings, e.g. ``proxy.epochs: study has 10, this run 3``."""
+    import json
+
+    def show(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True, default=str)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    diffs = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += differences(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            diffs.append(f"{prefix}{key}: study has {show(a)}, this run {show(b)}")
+    return diffs
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples to lists and keys to strings, recursively (what JSON storage gives back)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def _rungs(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--rungs 1,3,9``, or ``--epochs N`` (one rung: every candidate trains N epochs); None when neither is given."""
+    from .rungs import parse_rungs
+
+    if args.epochs is not None and args.rungs is not None:
+        raise SearchError("give --rungs or --epochs, not both (--epochs N is --rungs N)")
+    if args.epochs is not None and args.epochs < 1:
+        raise SearchError(f"--epochs must be at least 1, got {args.epochs}")
+    try:
+        return parse_rungs(str(args.epochs)) if args.epochs is not None else (
+            parse_rungs(args.rungs) if args.rungs is not None else None)
+    except ValueError as err:
+        raise SearchError(str(err)) from None
+
+
+def _merge(current: tuple[tuple[str, Any], ...], items: list[str] | None) -> tuple[tuple[str, Any], ...]:
+    if not items:
+        return current
+    return tuple(sorted({**dict(current), **dict(parse_train_args(items))}.items()))
+
+
+def _show_args(pairs: tuple[tuple[str, Any], ...]) -> str:
+    return " ".join(f"{k}={v}" for k, v in pairs)
+
+
+def _space_raw(d: dict[str, Any]) -> dict[str, Any]:
+    """The recorded space in the form a space file has (None entries mean "everything")."""
+    return {k: v for k, v in d["space"].items() if v is not None}
+
+
+__all__ = ["Constraints", "Fidelity", "RunSettings", "Settings", "StudySettings", "FINETUNE_TRAIN_ARGS", "SCRATCH_TRAIN_ARGS",
+           "default", "differences", "json_ready", "parse_faults", "parse_train_args", "run_settings",
+           "study_settings"]

@@ -1,0 +1,78 @@
+"""What the driver hands work to: the :class:`WorkPool` interface, its :class:`Event`, and :class:`InProcessPool`.
+
+The driver only submits latency measurements and trainings and polls for finished ones, so any pool with these
+four methods runs a search: :class:`search.executor.Executor` on Ray (the real one), or :class:`InProcessPool`,
+which runs the same real functions synchronously in this process (driver tests and debugging, no Ray).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .latency import LatencySettings, measure_latency
+from .proxy import TrainJob, run_training
+
+
+@dataclass
+class Event:
+    """A finished piece of work: ``kind`` is "latency" (``result`` a LatencyResult), "train" or "base" (a
+    TrainResult), or "retry" (a worker died and its training was submitted again)."""
+
+    key: Any
+    kind: str
+    result: Any
+    info: dict = field(default_factory=dict)
+
+
+class WorkPool(Protocol):
+    """Where the driver's work runs. ``workers`` trainings may run at once."""
+
+    workers: int
+
+    def submit_latency(self, key: Any, candidate, proxy_imgsz: int) -> None: ...
+
+    def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None: ...
+
+    def wait(self, timeout_s: float) -> list[Event]: ...
+
+    def cancel(self, key: Any) -> None: ...
+
+    def cancel_all(self) -> list[Any]: ...
+
+
+class InProcessPool:
+    """Runs each submitted piece of work in this process, one per :meth:`wait`, in submission order.
+
+    The functions are the real ones (``measure_latency``, ``run_training``), so a driver test exercises real
+    candidates and trainings; only the parallelism of Ray is missing, which makes the order deterministic."""
+
+    def __init__(self, latency: LatencySettings, workers: int = 1) -> None:
+        self.workers = workers
+        self._latency = latency
+        self._queue: deque[tuple[Any, str, Callable[[], Any]]] = deque()
+        self.log: list[tuple[str, Any]] = []  # (kind, key) in the order the work ran
+        self.jobs: dict[Any, list[TrainJob]] = {}  # every training submitted, by key
+
+    def submit_latency(self, key: Any, candidate, proxy_imgsz: int) -> None:
+        self._queue.append((key, "latency", lambda: measure_latency(candidate, self._latency, proxy_imgsz)))
+
+    def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None:
+        self.jobs.setdefault(key, []).append(job)
+        self._queue.append((key, kind, lambda: run_training(job)))
+
+    def wait(self, timeout_s: float) -> list[Event]:
+        if not self._queue:
+            return []
+        key, kind, work = self._queue.popleft()
+        self.log.append((kind, key))
+        return [Event(key, kind, work())]
+
+    def cancel(self, key: Any) -> None:
+        self._queue = deque(item for item in self._queue if item[0] != key)
+
+    def cancel_all(self) -> list[Any]:
+        keys = [key for key, _, _ in self._queue]
+        self._queue.clear()
+        return keys

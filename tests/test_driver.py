@@ -1,0 +1,198 @@
+"""The driver's bookkeeping without Ray: real candidates, real latency and real (tiny) trainings, run one at a time
+in this process by search.work.InProcessPool, on a real SQLite study."""
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import objectives as obj
+from search import study as st
+from search.driver import Driver, SearchAborted, SearchConfig
+from search.latency import LatencySettings
+from search.proxy import ProxySchedule
+from search.rungs import pareto_ranks
+from search.session import Progress
+from search.settings import Constraints
+from search.weights import WeightsPlan, base_training_job
+from search.work import InProcessPool
+from space import SpaceConfig, build_space, load_base
+
+SCHEDULE = ProxySchedule(epochs=1, imgsz=64, batch=4, fraction=(8, 8), train_args=(("warmup_epochs", 0),))
+LATENCY = LatencySettings(imgsz=64, warmup=0, runs=2, threads=1)
+TABLE = obj.parse("mAP50-95,latency_ms,params")
+
+
+@pytest.fixture(scope="module")
+def base_only():
+    return build_space(load_base("yolov8n.yaml"), SpaceConfig(max_layers=0))
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+    return build_space(load_base("yolov8n.yaml"), SpaceConfig(slots=("N5",), modules={"CGA": {}}, modes=("insert",),
+                                                              min_layers=1, max_layers=1))
+
+
+def new_study(tmp_path, enqueue_base: bool = True) -> optuna.Study:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="d",
+                                directions=obj.directions(TABLE), sampler=optuna.samplers.RandomSampler(seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(obj.names(TABLE))
+    if enqueue_base:
+        study.enqueue_trial({"placement": "none"}, user_attrs={"role": "base"})
+    return study
+
+
+def drive(study, space, tmp_path, coco128, budget: int, **config) -> InProcessPool:
+    pool = InProcessPool(LATENCY, workers=1)
+    cfg = SearchConfig(budget=budget, schedule=SCHEDULE, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
+                       study_dir=tmp_path, latency_imgsz=LATENCY.imgsz, **config)
+    Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget)).run()
+    return pool
+
+
+def test_base_trains_before_any_candidate_and_the_same_network_trains_once(tmp_path, coco128, base_only):
+    study = new_study(tmp_path)
+    plan = WeightsPlan("auto", None, 1, (("warmup_epochs", 0),))
+    job = base_training_job(plan, base_only.base, str(coco128 / "coco128.yaml"), SCHEDULE, tmp_path, threads=1)
+    pool = drive(study, base_only, tmp_path, coco128, budget=2, base_job=job, lookahead=1)
+    kinds = [kind for kind, _ in pool.log]
+    assert kinds.index("base") < kinds.index("train"), pool.log
+    assert kinds.count("train") == 1, "the second trial is the same network: it reuses the first one's result"
+    t0, t1 = study.get_trials()
+    assert t0.state == t1.state == TrialState.COMPLETE and t1.user_attrs["reused_from"] == 0
+    assert t1.values == t0.values and t0.values[2] == 3_157_200
+    assert t0.user_attrs["inherited_tensors"] > 300, "the candidate inherited the base the pool trained first"
+    assert (tmp_path / "base-weights.pt").is_file()
+
+
+def test_failures_are_recorded_and_too_many_in_a_row_stop_the_search(tmp_path, coco128, one_layer):
+    study = new_study(tmp_path, enqueue_base=False)
+    with pytest.raises(SearchAborted, match="2 trials in a row failed; last: exception: RuntimeError"):
+        drive(study, one_layer, tmp_path, coco128, budget=3, faults={0: "raise", 1: "raise"},
+              max_failures_in_a_row=2, lookahead=0)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in failed] == [0, 1]
+    assert all(t.user_attrs["fail_kind"] == "exception" for t in failed)
+    assert "injected fault in trial 0" in failed[0].user_attrs["fail_reason"]
+
+
+def test_infeasible_candidates_are_told_untrained_with_floor_values(tmp_path, coco128, one_layer):
+    study = new_study(tmp_path, enqueue_base=False)
+    with pytest.raises(SearchAborted, match="2 infeasible candidates in a row"):  # infeasible ones do not count
+        drive(study, one_layer, tmp_path, coco128, budget=1, constraints=Constraints(max_params=1_000_000),
+              max_pruned_in_a_row=2)
+    assert not (tmp_path / "trials" / "0" / "train.log").exists(), "nothing infeasible is trained"
+    infeasible = study.get_trials(states=(TrialState.COMPLETE,))
+    assert infeasible and all("params" in t.user_attrs["infeasible"] for t in infeasible)
+    assert all(t.values[0] == 0.0 and t.values[2] > 1_000_000 for t in infeasible)
+    assert st.pareto_trials(study, TABLE) == [], "infeasible trials never enter the front"
+
+
+def test_resume_requeues_what_a_stopped_driver_left_running_and_reuses_what_finished(tmp_path, coco128, base_only):
+    study = new_study(tmp_path)
+    drive(study, base_only, tmp_path, coco128, budget=1)
+    left_running = study.ask()  # a driver killed while this trial trained
+    left_running.suggest_categorical("placement", base_only.placements)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    resumed = optuna.load_study(study_name="d", storage=storage)
+    assert st.recover_stale_trials(resumed, storage) == [(1, {"placement": "none"})]
+    pool = drive(resumed, base_only, tmp_path, coco128, budget=2)
+    assert [k for k, _ in pool.log] == [], "the requeued trial is the same network as trial 0: reused, not rerun"
+    states = {t.number: t.state for t in resumed.get_trials()}
+    assert states == {0: TrialState.COMPLETE, 1: TrialState.FAIL, 2: TrialState.COMPLETE}
+    assert resumed.trials[1].user_attrs["fail_kind"] == "driver-stopped"
+    assert resumed.trials[2].user_attrs["requeued_from"] == 1 and resumed.trials[2].user_attrs["reused_from"] == 0
+
+
+# -- successive halving, confirmation ---------------------------------------------------------------------------
+RUNGS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def two_slots():
+    """CGA at N5 only, always placed (no base in the space): promotions are decided by the ladder alone."""
+    return build_space(load_base("yolov8n.yaml"), SpaceConfig(slots=("N5",), modules={"CGA": {}}, modes=("insert",),
+                                                               min_layers=1, max_layers=1))
+
+
+def rung_driver(study, space, tmp_path, coco128, budget: int, pool=None, **config) -> Driver:
+    pool = pool or InProcessPool(LATENCY, workers=1)
+    schedule = replace(SCHEDULE, epochs=RUNGS[-1])
+    cfg = SearchConfig(budget=budget, schedule=schedule, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
+                       study_dir=tmp_path, latency_imgsz=LATENCY.imgsz, rungs=RUNGS, eta=2, lookahead=0, **config)
+    return Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget))
+
+
+def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_at_the_top_rung(
+        tmp_path, coco128, two_slots):
+    study = new_study(tmp_path, enqueue_base=False)
+    driver = rung_driver(study, two_slots, tmp_path, coco128, budget=4)
+    driver.run()
+    trials = [t for t in study.get_trials() if "reused_from" not in t.user_attrs]
+    counted = st.counted_trials(study)
+    assert len(counted) == 4, "the budget counts candidates, whichever rung they stopped at"
+    top = [t for t in trials if t.state == TrialState.COMPLETE]
+    stopped = [t for t in trials if t.state == TrialState.PRUNED and st.RUNG_RESULTS in t.user_attrs]
+    assert len(top) == 2 and len(stopped) == 2, "4 results at rung 0, eta 2: the best 2 are promoted"
+    for t in top:
+        assert sorted(st.rung_results(t)) == [1, 2] and t.values == st.rung_results(t)[2]
+    for t in stopped:
+        assert sorted(st.rung_results(t)) == [1] and t.user_attrs["stopped_at_rung"] == 1
+        assert not Path(t.user_attrs["rung_checkpoint"]).exists(), "a stopped candidate's checkpoint is deleted"
+    assert {t.number for t in study.best_trials} <= {t.number for t in top}, "fronts compare top-rung results only"
+    for t in top:  # each promotion continued from the rung checkpoint, on the top rung's schedule
+        rung0, rung1 = driver.executor.jobs[t.number]
+        assert rung0.stop_at == 1 and rung0.resume is None and rung1.stop_at == 2 and rung1.resume
+        assert rung0.schedule.epochs == rung1.schedule.epochs == 2
+    # The first promotion happened when rung 0 held two results: the better of the two by Pareto rank went on.
+    first_two = sorted(t.number for t in counted)[:2]
+    pair = np.array([[-v[0], v[1], v[2]] for v in (st.rung_results(study.trials[n])[1] for n in first_two)])
+    ranks = pareto_ranks(pair)
+    if ranks[0] != ranks[1]:
+        assert first_two[int(np.argmin(ranks))] in {t.number for t in top}
+
+
+def test_a_killed_driver_between_rungs_is_resumed_without_retraining(tmp_path, coco128, two_slots):
+    study = new_study(tmp_path, enqueue_base=False)
+    first = rung_driver(study, two_slots, tmp_path, coco128, budget=4)
+    while not first.paused:  # run until a candidate waits between rungs ...
+        first._step()
+    waiting = {n: st.rung_results(study.trials[n]) for n in first.paused}
+    # ... then the process dies (kill -9): nothing is cleaned up, the storage holds RUNNING trials.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    resumed = optuna.load_study(study_name="d", storage=storage)
+    requeued = dict(st.recover_stale_trials(resumed, storage))
+    assert not set(waiting) & set(requeued), "candidates between rungs are adopted, not re-queued"
+    second = rung_driver(resumed, two_slots, tmp_path, coco128, budget=4)
+    assert set(second.paused) | {n for n, r in second.running.items() if r.rung > 0} >= set(waiting)
+    second.run()
+    for n, results in waiting.items():
+        t = resumed.trials[n]
+        assert st.rung_results(t)[1] == results[1], "rung 0 was not trained again"
+        assert all(job.resume for job in second.executor.jobs.get(n, [])), "only a continuation, from its checkpoint"
+    assert len(st.counted_trials(resumed)) == 4
+
+
+def test_confirmation_retrains_the_front_and_the_base_with_more_seeds(tmp_path, coco128, base_only):
+    from search import confirm
+
+    study = new_study(tmp_path)
+    driver = rung_driver(study, base_only, tmp_path, coco128, budget=1)
+    driver.run()
+    driver.confirm(seeds=2)
+    record = study.user_attrs[st.CONFIRM_ATTR]
+    assert list(record) == ["0"] and record["0"]["offsets"] == [1, 2] and len(record["0"]["values"]) == 2
+    seeds = {job.schedule.seed for job in driver.executor.jobs[("confirm", 0, 1)] + driver.executor.jobs[("confirm", 0, 2)]}
+    assert seeds == {1, 2}
+    (row,) = confirm.confirmed(study, TABLE)
+    runs = [study.trials[0].values[0], *(v[0] for v in record["0"]["values"])]
+    assert row.n == (3, 1, 1) and row.mean[0] == pytest.approx(np.mean(runs))
+    assert row.sd[0] == pytest.approx(np.std(runs, ddof=1)) and row.above_base is None
+    assert confirm.todo(study, TABLE, 2) == [], "a resumed run trains nothing more"
