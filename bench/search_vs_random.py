@@ -29,6 +29,7 @@ samplers is a day of compute. Run ``python -m search.run --sampler X`` per seed 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -160,17 +161,34 @@ def trials_to_reach(run: list[tuple[float, float]], target: float, box) -> int |
     return None
 
 
-def compare(space: SearchSpace, label: str, samplers: list[str], seeds: int, n_trials: int, workers: int) -> dict:
+def cached_run(space: SearchSpace, which: str, name: str, seed: int, n_trials: int, workers: int,
+               cache: Path | None) -> tuple[list[tuple[float, float]], float]:
+    """One sampler's run on one seed's objective and its seconds, read from ``cache`` when it holds it (the
+    baselines do not change while the default strategy is developed, so only its runs need computing again)."""
+    path = cache / f"{which}-{name}-seed{seed}-t{n_trials}-w{workers}.json" if cache else None
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+        return [tuple(v) for v in stored["run"]], stored["seconds"]
+    t0 = time.perf_counter()
+    run = run_search(space, make_sampler(name, space, seed, n_trials), KnownObjective(seed), n_trials, workers)
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run": run, "seconds": seconds}))
+    return run, seconds
+
+
+def compare(space: SearchSpace, label: str, samplers: list[str], seed_list: list[int], n_trials: int, workers: int,
+            which: str = "", cache: Path | None = None) -> dict:
     """Run every sampler on every seed's objective; print and return the table."""
     runs: dict[str, list[list[tuple[float, float]]]] = {s: [] for s in samplers}
     seconds = {s: 0.0 for s in samplers}
-    for seed in range(seeds):
-        objective = KnownObjective(seed)
+    seeds = len(seed_list)
+    for seed in seed_list:
         for name in samplers:
-            t0 = time.perf_counter()
-            runs[name].append(run_search(space, make_sampler(name, space, seed, n_trials), objective, n_trials,
-                                         workers))
-            seconds[name] += time.perf_counter() - t0
+            run, spent = cached_run(space, which, name, seed, n_trials, workers, cache)
+            runs[name].append(run)
+            seconds[name] += spent
     boxes = [union_box([runs[s][seed] for s in samplers]) for seed in range(seeds)]
     hv = {s: {k: [front_hv(runs[s][i][:k], boxes[i]) for i in range(seeds)] for k in CHECKPOINTS if k <= n_trials}
           for s in samplers}
@@ -208,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objective", choices=["known"], default="known",
                    help="known-answer objective (proxy trainings are not implemented; see the module docstring)")
     p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... first-seed+seeds-1 (tune on others)")
+    p.add_argument("--cache", type=Path, help="folder that keeps each run (sampler, seed, space) for later tables")
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--workers", type=int, default=1, help="trials in flight")
     p.add_argument("--samplers", nargs="+", default=["evolution", "tpe", "nsga2", "random"])
@@ -216,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for which in args.bases:
         space, label = load_space(which)
-        compare(space, label, args.samplers, args.seeds, args.trials, args.workers)
+        seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
+        compare(space, label, args.samplers, seed_list, args.trials, args.workers, which, args.cache)
     return 0
 
 

@@ -145,3 +145,36 @@ def test_beats_random_on_a_tiny_known_answer_space(space):
                 hv[name].append(front_hv(run, box))
     assert np.median(hv["evolution"]) > np.median(hv["random"]), hv
     assert sum(e >= r for e, r in zip(hv["evolution"], hv["random"])) >= 4, hv
+
+
+def test_lower_rung_results_are_data_and_never_proposed_again(space):
+    """Successive halving: candidates stopped (PRUNED) or waiting (RUNNING) below the top rung teach the sampler
+    their highest rung's values; with only such trials the surrogate already proposes, and never one of them."""
+    objective = KnownObjective(4)
+    study = _study(space, seed=2, n_startup_trials=4)
+    rng = np.random.default_rng(1)
+    stopped = set()
+    while len(stopped) < 6:
+        study.enqueue_trial(params_from_genome(space, random_genome(space, rng)))
+        trial = study.ask()
+        try:
+            candidate = space.suggest(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)  # refused by the layers: no rung results, no data
+            continue
+        mAP, latency = objective(candidate)
+        trial.set_user_attr("candidate_hash", candidate.hash)
+        trial.set_user_attr("rung_results", {"1": [mAP - 0.1, latency], "3": [mAP - 0.05, latency]})
+        if len(stopped) < 5:
+            study.tell(trial, state=TrialState.PRUNED)
+        stopped.add(candidate.hash)  # the sixth stays RUNNING, waiting between rungs
+    origins, proposed = [], set()
+    for _ in range(4):
+        trial = study.ask()
+        candidate = space.suggest(trial)
+        origins.append(study.trials[trial.number].system_attrs["attnas:origin"])
+        proposed.add(candidate.hash)
+        trial.set_user_attr("candidate_hash", candidate.hash)
+        study.tell(trial, list(objective(candidate)))
+    assert not proposed & stopped
+    assert all(origin != "random" for origin in origins), origins
