@@ -6,12 +6,17 @@ a candidate uses nor that ``P4.module`` means the same thing in "P4" and "P3+P4"
 structure from :class:`space.SearchSpace` instead:
 
 * a candidate is a *genome*: slot -> :class:`Gene` (module, mode, hyper-parameters);
-* children come from per-slot mutations of Pareto-good parents (add, remove or move a layer; change one slot's
-  module, mode or one hyper-parameter) and from per-slot crossover of two parents;
-* a linear-kernel Gaussian process over one-hot slot features (slot placed, slot×module, slot×mode,
-  slot×module×value, slot pairs) predicts every objective and constraint of each child; the child with the
-  largest optimistic hypervolume improvement over the front (in-flight trials counted at their predicted
-  values, so a batch spreads out) is proposed, children predicted to break a constraint last.
+* a Bayesian linear model (a linear-kernel Gaussian process) over one-hot slot features (slot placed, slot×module,
+  slot×mode, slot×module×mode, slot×module×value, slot pairs) predicts every objective and constraint; it learns
+  from every candidate's best available values (:func:`search.study.best_available_values`: a candidate stopped
+  or waiting below the top rung of successive halving counts, with one learned offset per rung);
+* each proposal draws one function from the model's posterior (Thompson sampling) and proposes the candidate
+  that adds the most hypervolume to the front under that draw (in-flight trials counted at their drawn values,
+  so a batch spreads out), candidates predicted to break a constraint last. The candidates scored: because the
+  model is a sum of per-slot terms plus terms of the placement alone, the drawn model's exact optimum for each
+  placement and each weighting of the objectives; per-slot mutations of every front member and of Pareto-ranked
+  parents (add, remove or move a layer; change one slot's module, mode or one hyper-parameter); per-slot
+  crossovers; random draws; then mutations of the best scored.
 
 The proposal for a trial depends only on (seed, trial number) and the study's trials, so a new sampler on a
 stored study proposes exactly what an uninterrupted run would. Every proposal differs (canonical hash) from
@@ -396,7 +401,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     weightings of the objectives, the genome that minimises the drawn linear model exactly.
     """
 
-    def __init__(self, space: SearchSpace, seed: int = 0, n_startup_trials: int = 8, n_children: int = 48,
+    def __init__(self, space: SearchSpace, seed: int = 0, n_startup_trials: int = 4, n_children: int = 48,
                  n_random: int = 48, refine_rounds: int = 2, refine_top: int = 6, beta: float = 0.5,
                  crossover_prob: float = 0.3, tournament: int = 2, acquisition: str = "thompson",
                  n_directions: int = 8, front_mutations: int = 4) -> None:
@@ -487,7 +492,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             h = t.user_attrs.get("candidate_hash") or self._hash(genome)
             if h is not None:
                 seen.hashes.add(h)
-            values = best_available_values(t) if t.state != TrialState.FAIL else None
+            values = best_available_values(t)
             if values is None or len(values) != len(directions):
                 if t.state in (TrialState.RUNNING, TrialState.WAITING):
                     seen.pending.append(genome)
