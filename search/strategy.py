@@ -462,7 +462,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             thompson = self.acquisition == "thompson" or (self.acquisition == "alternate" and number % 2 == 0)
             scorer = _Scorer(self, study, seen, rng, thompson)
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
-            pool = self._children(seen, rng) + randoms + scorer.optimal_genomes(self.n_directions)
+            pool = self._children(seen, rng) + randoms + scorer.optimal_genomes(self.n_directions, rng)
             children = self._screen(scorer, seen, pool, rng)
         fallback = ((random_genome(self.space, rng), "random") for _ in range(64))  # drawn only when needed
         for genome, origin in itertools.chain(children, fallback):
@@ -623,13 +623,17 @@ class _Scorer:
             values -= self.beta * np.column_stack([gp.predict(_padded(x, gp))[1] for gp in self.objectives])
         return values
 
-    def optimal_genomes(self, n_directions: int) -> list[tuple[Genome, str]]:
+    def optimal_genomes(self, n_directions: int, rng: np.random.Generator) -> list[tuple[Genome, str]]:
         """Per placement and per weighting of the (normalised) objectives, the genome that minimises the model's
-        weighted sum: its layers are the per-slot best genes, as the model is additive over slots."""
+        weighted sum: its layers are the per-slot best genes, as the model is additive over slots. Two objectives
+        take evenly spread weightings, more take random ones."""
+        if len(self.weights) == 2:
+            angles = np.linspace(0.0, np.pi / 2, n_directions)
+            directions = np.column_stack([np.cos(angles), np.sin(angles)])
+        else:
+            directions = np.abs(rng.normal(size=(n_directions, len(self.weights))))
         found = []
-        for angle in np.linspace(0.0, np.pi / 2, n_directions) if len(self.weights) == 2 else [None]:
-            direction = (np.array([np.cos(angle), np.sin(angle)]) if angle is not None
-                         else np.full(len(self.weights), 1.0 / len(self.weights)))
+        for direction in directions:
             coef = sum(d / s * w for d, s, w in zip(direction, self.span, self.weights))
             best = self.features.best_genes(coef)
             for placement in self.space.placements:
