@@ -335,12 +335,14 @@ class LinearGP:
         w = self.weights * (self.x.T @ self.alpha)
         return w[:-1] * self.scale, float(w[-1] * self.scale + self.mean)
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    def sample(self, rng: np.random.Generator, spread: float = 1.0) -> tuple[np.ndarray, float]:
         """One draw of the weights from the posterior (Matheron's rule: a prior draw corrected by the data), as
-        (per-feature weights, offset) in the target's units: the drawn function is ``x @ weights + offset``."""
+        (per-feature weights, offset) in the target's units: the drawn function is ``x @ weights + offset``.
+        ``spread`` < 1 draws closer to the posterior mean (its deviation scaled)."""
         prior = rng.normal(size=len(self.weights)) * np.sqrt(self.weights)
         noise = rng.normal(size=len(self.z)) * np.sqrt(self.noise)
         w = prior + self.weights * (self.x.T @ (self.k_inverse @ (self.z - self.x @ prior - noise)))
+        w = spread * w + (1.0 - spread) * self.weights * (self.x.T @ self.alpha)
         return w[:-1] * self.scale, float(w[-1] * self.scale + self.mean)
 
 
@@ -404,7 +406,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def __init__(self, space: SearchSpace, seed: int = 0, n_startup_trials: int = 4, n_children: int = 48,
                  n_random: int = 48, refine_rounds: int = 2, refine_top: int = 6, beta: float = 0.5,
                  crossover_prob: float = 0.3, tournament: int = 2, acquisition: str = "thompson",
-                 n_directions: int = 8, front_mutations: int = 4) -> None:
+                 n_directions: int = 8, front_mutations: int = 4, spread: float = 1.0) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
         if acquisition not in ACQUISITIONS:
@@ -422,6 +424,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.acquisition = acquisition
         self.n_directions = n_directions
         self.front_mutations = front_mutations
+        self.spread = spread
         self.features = Features(space)
         self._hash_cache: dict[tuple, str | None] = {}
         self._proposals: dict[int, dict[str, Any]] = {}  # trial id -> params (also stored on the trial)
@@ -604,7 +607,7 @@ class _Scorer:
         self.objectives = [fits[f"objective:{i}"] for i in range(len(study.directions))]
         self.constraints = [gp for name, gp in fits.items() if name.startswith("constraint:")]
         if thompson:
-            draws = [gp.sample(rng) for gp in self.objectives]
+            draws = [gp.sample(rng, sampler.spread) for gp in self.objectives]
         else:  # the posterior mean's weights (for the per-placement optima); scoring subtracts beta * sd
             draws = [gp.mean_weights() for gp in self.objectives]
         self.weights = [w[:n_features] for w, _ in draws]  # the top rung: lower rungs' offsets left out
