@@ -1,0 +1,180 @@
+"""The default search strategy (search/strategy.py): determinism, resume from a stored study, batch proposals
+without duplicates, infeasible candidates never proposed again, and better fronts than random on a tiny
+known-answer space (real Optuna studies, real SQLite, the real yolov8n search space)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.strategy import EvolutionSampler, genome_from_params, params_from_genome, random_genome
+from space import SpaceConfig, build_space, load_base
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from search_vs_random import KnownObjective, front_hv, run_search, union_box  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def space():
+    """Three slots, two modules, every value: small enough to run tens of trials in a second."""
+    config = SpaceConfig.from_dict({"slots": ["P4", "P5_sppf", "N4"], "modules": {"CGA": {}, "CoT": {}}})
+    return build_space(load_base("yolov8n.yaml"), config)
+
+
+def _study(space, storage=None, name="s", seed=0, **kwargs) -> optuna.Study:
+    return optuna.create_study(directions=["maximize", "minimize"], storage=storage, study_name=name,
+                               sampler=EvolutionSampler(space, seed=seed, **kwargs), load_if_exists=True)
+
+
+def _step(study: optuna.Study, space, objective) -> dict:
+    """One ask → suggest → tell, as the driver does it; returns the trial's parameters."""
+    trial = study.ask()
+    candidate = space.suggest(trial)
+    trial.set_user_attr("candidate_hash", candidate.hash)
+    study.tell(trial, list(objective(candidate)))
+    return dict(trial.params)
+
+
+def test_genome_round_trip(space):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        genome = random_genome(space, rng)
+        assert genome_from_params(space, params_from_genome(space, genome)) == genome
+
+
+def test_same_seed_same_proposals_other_seed_others(space):
+    objective = KnownObjective(0)
+    runs = []
+    for seed in (3, 3, 4):
+        study = _study(space, seed=seed, n_startup_trials=3)
+        runs.append([_step(study, space, objective) for _ in range(9)])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_resume_from_storage_proposes_what_an_uninterrupted_run_would(space, tmp_path):
+    objective = KnownObjective(1)
+    straight = _study(space, seed=7, n_startup_trials=3)
+    expected = [_step(straight, space, objective) for _ in range(11)]
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = _study(space, storage=url, seed=7, n_startup_trials=3)
+    got = [_step(first, space, objective) for _ in range(6)]
+    del first  # a new process: a new sampler object that knows only the stored study
+    resumed = _study(space, storage=url, seed=7, n_startup_trials=3)
+    got += [_step(resumed, space, objective) for _ in range(5)]
+    assert got == expected
+
+
+def test_batch_proposals_differ_from_each_other_and_from_the_study(space):
+    objective = KnownObjective(2)
+    study = _study(space, seed=0, n_startup_trials=3)
+    for _ in range(6):
+        _step(study, space, objective)
+    hashes = {t.user_attrs["candidate_hash"] for t in study.trials}
+    for _ in range(3):  # three rounds of 4 trials in flight: asked together, told together
+        batch = [study.ask() for _ in range(4)]
+        candidates = [space.suggest(t) for t in batch]
+        for t, c in zip(batch, candidates):
+            t.set_user_attr("candidate_hash", c.hash)
+        new = [c.hash for c in candidates]
+        assert len(set(new)) == 4 and not set(new) & hashes
+        hashes |= set(new)
+        for t, c in zip(batch, candidates):
+            study.tell(t, list(objective(c)))
+
+
+def test_infeasible_candidates_are_never_parents_nor_proposed_again(space):
+    """With a latency limit most candidates break, the sampler learns to propose ones that keep it."""
+    objective = KnownObjective(3)
+    rng = np.random.default_rng(0)
+    latencies = []
+    while len(latencies) < 40:
+        try:
+            latencies.append(objective(space.suggest(optuna.trial.FixedTrial(
+                params_from_genome(space, random_genome(space, rng)))))[1])
+        except optuna.TrialPruned:
+            pass
+    limit = float(np.percentile(latencies, 30))  # 70 % of random candidates break it
+    study = _study(space, seed=1, n_startup_trials=4)
+    proposed, feasible_late = [], 0
+    for i in range(30):
+        trial = study.ask()
+        candidate = space.suggest(trial)
+        proposed.append(candidate.hash)
+        trial.set_user_attr("candidate_hash", candidate.hash)
+        mAP, latency = objective(candidate)
+        trial.set_constraint("latency_ms", latency - limit)
+        if latency > limit:
+            trial.set_user_attr("infeasible", "latency")
+            mAP = 0.0
+        elif i >= 15:
+            feasible_late += 1
+        study.tell(trial, [mAP, latency])
+    assert len(set(proposed)) == len(proposed)
+    early = sum("infeasible" not in t.user_attrs for t in study.trials[:15])
+    assert feasible_late > early, (early, feasible_late)
+
+
+def test_enqueued_trials_keep_their_parameters(space):
+    study = _study(space, seed=0)
+    study.enqueue_trial({"placement": "none"})
+    trial = study.ask()
+    assert space.suggest(trial).placements == ()
+
+
+def test_beats_random_on_a_tiny_known_answer_space(space):
+    """The benchmark's smallest setting: median hypervolume after 20 trials over 5 seeds."""
+    hv = {"evolution": [], "random": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(5):
+            objective = KnownObjective(seed)
+            runs = {"evolution": run_search(space, EvolutionSampler(space, seed=seed), objective, 20),
+                    "random": run_search(space, optuna.samplers.RandomSampler(seed=seed), objective, 20)}
+            box = union_box(list(runs.values()))
+            for name, run in runs.items():
+                hv[name].append(front_hv(run, box))
+    assert np.median(hv["evolution"]) > np.median(hv["random"]), hv
+    assert sum(e >= r for e, r in zip(hv["evolution"], hv["random"])) >= 4, hv
+
+
+def test_lower_rung_results_are_data_and_never_proposed_again(space):
+    """Successive halving: candidates stopped (PRUNED) or waiting (RUNNING) below the top rung teach the sampler
+    their highest rung's values; with only such trials the surrogate already proposes, and never one of them."""
+    objective = KnownObjective(4)
+    study = _study(space, seed=2, n_startup_trials=4)
+    rng = np.random.default_rng(1)
+    stopped = set()
+    while len(stopped) < 6:
+        study.enqueue_trial(params_from_genome(space, random_genome(space, rng)))
+        trial = study.ask()
+        try:
+            candidate = space.suggest(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)  # refused by the layers: no rung results, no data
+            continue
+        mAP, latency = objective(candidate)
+        trial.set_user_attr("candidate_hash", candidate.hash)
+        trial.set_user_attr("rung_results", {"1": [mAP - 0.1, latency], "3": [mAP - 0.05, latency]})
+        if len(stopped) < 5:
+            study.tell(trial, state=TrialState.PRUNED)
+        stopped.add(candidate.hash)  # the sixth stays RUNNING, waiting between rungs
+    origins, proposed = [], set()
+    for _ in range(4):
+        trial = study.ask()
+        candidate = space.suggest(trial)
+        origins.append(study.trials[trial.number].system_attrs["attnas:origin"])
+        proposed.add(candidate.hash)
+        trial.set_user_attr("candidate_hash", candidate.hash)
+        study.tell(trial, list(objective(candidate)))
+    assert not proposed & stopped
+    assert all(origin != "random" for origin in origins), origins
