@@ -51,7 +51,10 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from search.strategy import EvolutionSampler, hypervolume  # noqa: E402
+from search.driver import make_sampler as driver_sampler  # noqa: E402
+from search.rungs import pareto_ranks  # noqa: E402
+from search.strategy import EvolutionSampler  # noqa: E402
+from search.study import loss_hypervolume  # noqa: E402
 from space import Candidate, SearchSpace, SpaceConfig, build_space, load_base  # noqa: E402
 
 CHECKPOINTS = (10, 25, 50)
@@ -88,21 +91,13 @@ class KnownObjective:
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int, budget: int) -> optuna.samplers.BaseSampler:
-    """The samplers compared; the baselines are configured as ``search.driver.make_sampler`` configures them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name.startswith("evolution"):  # evolution:beta=2,n_children=16 tries other settings
-            options = dict(kv.split("=") for kv in name.partition(":")[2].split(",") if kv)
-            return EvolutionSampler(space, seed=seed, **{k: type(getattr(EvolutionSampler(space), k))(v)
-                                                         for k, v in options.items()})
-        if name == "tpe":
-            return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                              n_startup_trials=min(10, max(2, budget // 5)))
-        if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, budget // 4)), seed=seed)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}")
+    """The samplers compared, as ``search.driver.make_sampler`` makes them; ``evolution:beta=2,n_children=16`` tries
+    the default strategy with other settings."""
+    if name.startswith("evolution:"):
+        options = dict(kv.split("=") for kv in name.partition(":")[2].split(",") if kv)
+        return EvolutionSampler(space, seed=seed, **{k: type(getattr(EvolutionSampler(space), k))(v)
+                                                     for k, v in options.items()})
+    return driver_sampler(name, seed, budget, space)
 
 
 def run_search(space: SearchSpace, sampler: optuna.samplers.BaseSampler, objective, n_trials: int,
@@ -137,15 +132,14 @@ def front_hv(points: list[tuple[float, float]], box: tuple[np.ndarray, np.ndarra
     """Hypervolume of (mAP, latency) points in percent of the normalisation box (ideal, reference)."""
     ideal, ref = box
     losses = (np.array([[-m, lat] for m, lat in points]) - ideal) / (ref - ideal)
-    return 100.0 * hypervolume(losses, np.ones(2))
+    return 100.0 * loss_hypervolume(losses, np.ones(2))
 
 
 def union_box(runs: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray]:
     """Ideal and reference point (10 % beyond the nadir) of the union of all runs' fronts, as losses."""
     losses = np.array([[-m, lat] for run in runs for m, lat in run])
-    from search.strategy import nondomination_ranks
 
-    front = losses[nondomination_ranks(losses) == 0]
+    front = losses[pareto_ranks(losses) == 0]
     ideal, nadir = front.min(0), front.max(0)
     span = np.where(nadir > ideal, nadir - ideal, 1.0)
     return ideal, nadir + 0.1 * span

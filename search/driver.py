@@ -661,10 +661,14 @@ def measured(trial: optuna.trial.FrozenTrial) -> LatencyResult:
                          gflops=a.get("gflops"), peak_mem_mb=a.get("peak_mem_mb"))
 
 
-def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampler:
-    """The multi-objective sampler for ``--sampler`` (see the README for why TPE is the default)."""
+def make_sampler(name: str, seed: int, budget: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The multi-objective sampler for ``--sampler`` (see the README for why ``evolution`` is the default)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "evolution":
+            from .strategy import EvolutionSampler
+
+            return EvolutionSampler(space, seed=seed)
         if name == "tpe":
             # multivariate+group models the conditional parameters (P4.module exists only if P4 is placed) jointly;
             # constant_liar keeps parallel asks from proposing the candidate that is already training.
@@ -680,7 +684,7 @@ def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampl
     raise ValueError(f"unknown sampler {name!r}")
 
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SAMPLERS = ("evolution", "tpe", "nsga2", "gp", "random")
 
 
 def front_rows(study: optuna.Study, objectives: tuple[obj.Objective, ...]) -> list[dict[str, Any]]:

@@ -231,8 +231,10 @@ def _open_study(prep: "Prepared", storage, existing, study_dir: Path, executor: 
     s, run = prep.settings, prep.settings.run
     artifact_dir = study_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    # Baselines: offset by the trials already there, so a resumed run does not replay the first run's draws.
-    sampler = make_sampler(run.sampler, s.study.proxy.seed + (len(existing.trials) if existing else 0), run.budget)
+    # The evolution strategy proposes from (seed, trial number) and the study alone, so a resumed study continues
+    # exactly; the baselines are offset by the trials already there, so they do not replay the first run's draws.
+    seed = s.study.proxy.seed + (len(existing.trials) if existing and run.sampler != "evolution" else 0)
+    sampler = make_sampler(run.sampler, seed, run.budget, prep.space)
     study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=sampler,
                                 directions=obj.directions(prep.objectives), load_if_exists=True)
     started = time.time()

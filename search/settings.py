@@ -102,7 +102,7 @@ class RunSettings:
 
     budget: int = 50
     workers: int = 2
-    sampler: str = "tpe"
+    sampler: str = "evolution"
     cpus_per_trial: float | None = None  # None: the cluster's CPUs / workers
     gpus_per_trial: float = 0.0
     ray_address: str | None = None

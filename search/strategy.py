@@ -37,6 +37,9 @@ from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
 from space import NONE, SearchSpace
 
+from .rungs import pareto_ranks
+from .study import loss_hypervolume
+
 from .study import best_available_values, rung_results
 
 PROPOSAL_ATTR = "attnas:proposal"  # trial system attr: the full parameter set proposed for the trial
@@ -346,32 +349,7 @@ class LinearGP:
         return w[:-1] * self.scale, float(w[-1] * self.scale + self.mean)
 
 
-# -- Optuna private APIs, each behind one function -----------------------------------------------------------------
-
-def nondomination_ranks(losses: np.ndarray) -> np.ndarray:
-    """Pareto ranks (0 = the front) of minimised loss vectors (Optuna exports no public routine)."""
-    from optuna.study._multi_objective import _fast_non_domination_rank
-
-    return _fast_non_domination_rank(losses)
-
-
-def hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:
-    """Hypervolume of minimised loss vectors below ``reference`` (Optuna's routine; it has no public API).
-
-    Two objectives take a numpy staircase instead: the sampler scores ~100 children per proposal and Optuna's
-    general routine costs about a millisecond a call."""
-    from optuna._hypervolume import compute_hypervolume
-
-    inside = losses[(losses < reference).all(1)] if len(losses) else losses
-    if not len(inside):
-        return 0.0
-    if inside.shape[1] == 2:
-        ordered = inside[np.argsort(inside[:, 0], kind="stable")]
-        best_y = np.minimum.accumulate(ordered[:, 1])  # the staircase's height from each x to the next
-        widths = np.diff(np.append(ordered[:, 0], reference[0]))
-        return float(np.sum(widths * (reference[1] - best_y)))
-    return float(compute_hypervolume(inside, reference))
-
+# -- Optuna private API, behind one function ------------------------------------------------------------------------
 
 def set_system_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
     """Store a sampler's note on a trial, as Optuna's own samplers do (no public API for system attrs)."""
@@ -522,7 +500,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def _children(self, seen: _Seen, rng: np.random.Generator) -> list[tuple[Genome, str]]:
         """Unseen children of Pareto-ranked parents (one mutation, or a crossover then maybe a mutation), and
         ``front_mutations`` single mutations of every front member."""
-        ranks = nondomination_ranks(np.array([loss for _, loss in seen.parents]))
+        ranks = pareto_ranks(np.array([loss for _, loss in seen.parents]))
         children, keys = [], set(seen.keys)
         for _ in range(self.n_children * 4):
             if len(children) >= self.n_children:
@@ -678,7 +656,7 @@ def _improvement(front: np.ndarray, believed: np.ndarray, points: np.ndarray) ->
     for j, p in enumerate((points - low) / span):
         # What p adds is its box to the reference minus the part of that box the known points already cover.
         box = float(np.prod(np.clip(reference - p, 0.0, None)))
-        gain = box - hypervolume(np.maximum(base, p), reference) if box > 0 else 0.0
+        gain = box - loss_hypervolume(np.maximum(base, p), reference) if box > 0 else 0.0
         scores[j] = gain if gain > 1e-12 else -float(np.min(np.max(p - base, axis=1)))
     return scores
 
@@ -746,4 +724,4 @@ def _pick(rng: np.random.Generator, values: Sequence) -> Any:
 
 
 __all__ = ["EvolutionSampler", "Gene", "Features", "LinearGP", "genome_from_params", "params_from_genome",
-           "random_genome", "mutate", "crossover", "nondomination_ranks", "hypervolume"]
+           "random_genome", "mutate", "crossover"]
