@@ -1,11 +1,12 @@
 """Does the proxy rank architectures like a longer training does? Kendall tau / Spearman rho, by hand.
 
-    python bench/proxy_fidelity.py [--data builtin] [--n 12] [--epochs 3] [--factor 5] [--starts inherit]
+    python bench/proxy_fidelity.py [--data builtin:shapes-v3] [--n 12] [--epochs 3] [--factor 5] [--starts inherit]
                                    [--train-arg lr0=0.001 ...] [--base-weights runs/…/base-weights.pt]
 
 Samples ``--n`` distinct architectures from the default space, trains each at the proxy schedule (``--epochs``)
 and at a ``--factor`` times longer one, both from the base weights trained once (``--weights auto``) and from
-scratch, and prints the four mAP50-95 columns with the rank correlations between proxy and long schedules.
+scratch, and prints the four mAP50-95 columns with the rank correlations between proxy and long schedules, and
+how many pairs the long schedule separates beyond seed noise (does the data tell these architectures apart at all?).
 Trainings run ``--workers`` at a time in separate processes, one CPU thread each.
 """
 
@@ -100,7 +101,8 @@ def _train(job: TrainJob) -> tuple[str, float | None, float, str | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/coco128/coco128.yaml"),
-                        help="Ultralytics dataset YAML, or 'builtin' for the shapes-v2 set")
+                        help="Ultralytics dataset YAML, 'builtin' (the default built-in set) or builtin:NAME, "
+                             "e.g. builtin:shapes-v2")
     parser.add_argument("--base", default="yolov8n.yaml")
     parser.add_argument("--n", type=int, default=12, help="architectures sampled")
     parser.add_argument("--seed", type=int, default=0)
@@ -193,9 +195,17 @@ def main() -> None:
             noise[sched] = statistics.stdev(seeds)
             print(f"seed noise, architecture 0 inherited at the {sched} schedule: "
                   f"{', '.join(f'{v:.4f}' for v in seeds)} (sd {noise[sched]:.4f})")
+        n_pairs = len(picked) * (len(picked) - 1) // 2
+        long_scores = cols["inherit/long"]
+        # The issue's criterion: pairs whose long-schedule mAPs differ by more than 2 x the seed sd measured above
+        # (sd over architecture 0's 1 + --noise-seeds long trainings; one architecture stands in for all).
+        apart = sum(abs(long_scores[i] - long_scores[j]) > 2 * noise["long"]
+                    for i in range(len(picked)) for j in range(i + 1, len(picked)))
+        print(f"pairs (of {n_pairs}) whose long-schedule mAPs differ by more than 2 x seed sd "
+              f"({2 * noise['long']:.4f}): {apart}")
         gap = 2 * 2 ** 0.5 * noise["long"]  # two noisy long scores differ by more than 2 sd of their difference
         tau, pairs = tau_on_separated_pairs(cols["inherit/proxy"], cols["inherit/long"], gap)
-        print(f" inherit: Kendall tau {tau:+.3f} over the {pairs} of {len(picked) * (len(picked) - 1) // 2} pairs "
+        print(f" inherit: Kendall tau {tau:+.3f} over the {pairs} of {n_pairs} pairs "
               f"whose long-schedule mAPs differ by more than {gap:.4f} (2 sd of seed noise)")
     compute = sum(v[1] for v in results.values())
     print(f"{len(jobs)} trainings, {len(failed)} failed; wall {wall:.0f} s, training compute {compute:.0f} s")
