@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-proxy-fidelity"))
     args = parser.parse_args()
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # Ultralytics puts a relative project under its own runs/ directory
     data = check_data(None if args.data == "builtin" else args.data, REPO / "runs" / ".data", 1.0)
     base = load_base(args.base)
     picked = [c for c, _ in sample_candidates(build_space(base), args.n, args.seed, imgsz=args.imgsz)]
@@ -146,6 +146,8 @@ def main() -> None:
     weights = prepare_base_weights(plan, base, data.nc, str(data.yaml), schedules["inherit"]["proxy"], out,
                                    threads=os.cpu_count() or 1, device=args.device)
     base_s = time.time() - t0
+    print(f"base ready in {base_s:.0f} s (mAP50-95 {weights.info.get('base_map50_95')}); "
+          f"{len(picked)} architectures sampled", flush=True)
     jobs = []
     starts = [s.strip() for s in args.starts.split(",") if s.strip()]
 
@@ -155,18 +157,23 @@ def main() -> None:
                         schedule=sched, run_dir=str(run_dir), device=args.device, base_layers=cand.base_layers,
                         weights=weights.state_path if start == "inherit" else None)
 
-    for start in starts:
-        for sched_name, sched in schedules[start].items():
-            jobs += [job(i, start, sched, out / f"{start}-{sched_name}" / f"{i:02d}") for i in range(len(picked))]
-    if "inherit" in starts:  # seed noise: the same network and start, other seeds (data order, augmentation)
-        for k in range(1, args.noise_seeds + 1):
-            for sched_name, sched in schedules["inherit"].items():
-                jobs.append(job(0, "inherit", replace(sched, seed=args.seed + k),
-                                out / f"noise-{sched_name}" / f"seed{args.seed + k}"))
+    # One architecture at a time (its proxy, then its long schedule), with the seed-noise retrainings right after
+    # architecture 0: a run stopped early (this bench takes hours on a shared CPU) has complete pairs and the noise
+    # level in its progress lines instead of only proxy scores.
+    for i in range(len(picked)):
+        for start in starts:
+            jobs += [job(i, start, sched, out / f"{start}-{name}" / f"{i:02d}") for name, sched in schedules[start].items()]
+        if i == 0 and "inherit" in starts:  # seed noise: the same network and start, other seeds (order, augmentation)
+            for k in range(1, args.noise_seeds + 1):
+                for name, sched in schedules["inherit"].items():
+                    jobs.append(job(0, "inherit", replace(sched, seed=args.seed + k),
+                                    out / f"noise-{name}" / f"seed{args.seed + k}"))
     results: dict[str, tuple[float | None, float, str | None]] = {}
     with ProcessPoolExecutor(args.workers) as pool:
         for run_dir, score, seconds, error in pool.map(_train, jobs):
             results[run_dir] = (score, seconds, error)
+            print(f"done {Path(run_dir).relative_to(out)}: mAP50-95 {score} in {seconds:.0f} s"
+                  + (f" ({error})" if error else ""), flush=True)
     wall = time.time() - t0
 
     def column(start: str, sched: str) -> list[float]:
