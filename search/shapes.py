@@ -100,6 +100,7 @@ _V3_CLASSES = ("circle", "ellipse", "square", "rectangle", "rhombus", "triangle"
                "ring", "framed-disc")
 _V3_OBJ_PX = (10.0, 64.0)  # circumscribed diameter; stride-8 cells up to about half the image
 _V3_FRAMED_PX = (10.0, 36.0)  # the framed disc itself; its frame adds 40-80 % of its radius plus 3 px each side
+_V3_OBJECTS = (2, 8)  # objects tried per image: 2-7 (a placement that finds no room in 20 tries is skipped)
 _V3_MAX_COVER = 0.4  # a later object may hide at most this much of an earlier one's box (partial occlusion)
 
 
@@ -148,7 +149,7 @@ def shapes_v3_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
     _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
     boxes: Boxes = []
     taken: list[tuple[float, float, float, float]] = []  # what each object occupies, its frame included
-    for _ in range(int(rng.integers(2, 8))):
+    for _ in range(int(rng.integers(*_V3_OBJECTS))):
         cls = _V3_CLASSES[int(rng.integers(len(_V3_CLASSES)))]
         lo, hi = _V3_FRAMED_PX if cls == "framed-disc" else _V3_OBJ_PX
         r = math.exp(rng.uniform(math.log(lo), math.log(hi))) / 2
