@@ -28,69 +28,12 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 from search.data import check_data, safe_batch  # noqa: E402
+from search.fidelity import kendall_tau_b, spearman_rho, tau_on_separated_pairs  # noqa: E402
 from search.proxy import ProxySchedule, TrainJob, run_training  # noqa: E402
 from search.settings import FINETUNE_TRAIN_ARGS, SCRATCH_TRAIN_ARGS, StudySettings, parse_train_args  # noqa: E402
 from search.weights import STATE_FILE, WeightsPlan, prepare_base_weights  # noqa: E402
 from space import build_space, load_base, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Average ranks (ties share the mean rank), as Spearman's rho needs."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
-def kendall_tau_b(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b (tie-corrected). Written out because scipy is not a dependency of this project."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif dx * dy > 0:
-                concordant += 1
-            else:
-                discordant += 1
-    denom = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
-    return (concordant - discordant) / denom if denom else float("nan")
-
-
-def spearman_rho(x: list[float], y: list[float]) -> float:
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else float("nan")
-
-
-def tau_on_separated_pairs(x: list[float], y: list[float], min_gap: float) -> tuple[float, int]:
-    """Kendall's tau over the pairs whose ``y`` values differ by more than ``min_gap`` (the pairs the long
-    schedule tells apart beyond seed noise), and how many pairs that is."""
-    concordant = discordant = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            if abs(y[i] - y[j]) > min_gap and x[i] != x[j]:
-                if (x[i] - x[j]) * (y[i] - y[j]) > 0:
-                    concordant += 1
-                else:
-                    discordant += 1
-    pairs = concordant + discordant
-    return ((concordant - discordant) / pairs if pairs else float("nan")), pairs
 
 
 def _train(job: TrainJob) -> tuple[str, float | None, float, str | None]:

@@ -3,7 +3,7 @@
 Library use, for pieces that need no Ray::
 
     from search import check_data, ProxySchedule, TrainJob, run_training, LatencySettings, measure_latency
-    info = check_data(None, "runs/.data")            # the built-in shapes-v2 set, generated on first use
+    info = check_data(None, "runs/.data")            # the built-in shapes-v3 set, generated on first use
 """
 
 from .data import DataInfo, check_data, default_dataset

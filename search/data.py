@@ -29,7 +29,7 @@ class DataInfo:
     """A checked detection dataset: its YAML, identity for resume checks, and the image counts a trial uses."""
 
     yaml: Path
-    identity: str  # "builtin:shapes-v2" or the YAML's absolute path
+    identity: str  # "builtin:shapes-v3" (or another built-in set) or the YAML's absolute path
     fingerprint: str  # content hash of the YAML (and of the manifest for the built-in set)
     nc: int
     n_train: int

@@ -23,7 +23,8 @@ from space import SearchSpace, SpaceError, build_space, canonical_hash, load_bas
 
 from . import objectives as obj  # noqa: E402
 from . import study as st  # noqa: E402
-from .data import DataInfo, check_data, safe_batch  # noqa: E402
+from . import shapes  # noqa: E402
+from .data import DataInfo, builtin_name, check_data, safe_batch  # noqa: E402
 from .driver import SAMPLERS  # noqa: E402
 from .errors import SearchError  # noqa: E402
 from .latency import BACKENDS  # noqa: E402
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         f"[{default('objectives')}]")
     g.add_argument("--base", help=f"base model YAML of the space, bundled name or path [{default('base')}]")
     g.add_argument("--space", help="space YAML restricting slots/modules/values (see space/)")
-    g.add_argument("--data", help="Ultralytics dataset YAML [built-in shapes-v2 set, generated on first use]")
+    g.add_argument("--data", help="Ultralytics dataset YAML, or builtin:NAME for a built-in generated set "
+                                  f"({', '.join(shapes.SETS)}) [builtin:{shapes.DEFAULT}, generated on first use]")
     g = p.add_argument_group("proxy training (fixed for a study)")
     g.add_argument("--rungs", help="epochs at each rung of asynchronous successive halving, e.g. 1,3,9: every "
                    "candidate trains to the first; the best 1/--eta of a rung by Pareto rank continue from their "
@@ -286,7 +288,7 @@ def _recorded(study, storage_url: str) -> dict[str, Any]:
 
 
 def _default_name(args: argparse.Namespace) -> str:
-    data = "shapes-v2" if args.data is None else Path(args.data).stem
+    data = builtin_name(args.data) or Path(args.data).stem
     return f"{Path(str(args.base or default('base'))).stem}-{data}"
 
 

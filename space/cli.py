@@ -9,12 +9,14 @@ from typing import Callable
 from .errors import SpaceError
 
 
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
+            errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run ``main`` offline; bad input (SpaceError, a missing file, or one of ``errors``) is one line, exit 2."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
     try:
         return main(argv)
-    except (SpaceError, FileNotFoundError) as err:
+    except (SpaceError, FileNotFoundError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

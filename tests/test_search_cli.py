@@ -70,9 +70,9 @@ def test_argparse_errors_are_one_line_too(capsys):
 def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
     s = prep.settings
-    assert s.study_name == "yolov8n-shapes-v2"
-    assert s.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v2' / 'study.db'}"
-    assert prep.data.identity == "builtin:shapes-v2" and prep.data.yaml.is_file()
+    assert s.study_name == "yolov8n-shapes-v3"
+    assert s.storage_url == f"sqlite:///{tmp_path / 'yolov8n-shapes-v3' / 'study.db'}"
+    assert prep.data.identity == "builtin:shapes-v3" and prep.data.yaml.is_file()
     assert s.study.proxy.imgsz == 128 and s.study.latency.imgsz == 640
     assert [o.name for o in prep.objectives] == ["mAP50-95", "latency_ms"]
     recorded = s.study.as_dict()
@@ -81,10 +81,13 @@ def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
                                                "warmup_bias_lr": 0.0}
     assert recorded["weights"] == {"mode": "auto", "path": None, "sha256": None, "base_epochs": 40,
                                    "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
-    assert recorded["facts"]["data"]["identity"] == "builtin:shapes-v2"
+    assert recorded["facts"]["data"]["identity"] == "builtin:shapes-v3"
     assert recorded["fidelity"] == {"rungs": [1, 3, 9], "eta": 3, "confirm_seeds": 1}
     assert s.study.proxy.epochs == 9, "every rung follows the top rung's schedule"
-    assert not (tmp_path / "yolov8n-shapes-v2").exists(), "checking writes no study"
+    assert not (tmp_path / "yolov8n-shapes-v3").exists(), "checking writes no study"
+    named = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path), "--data",
+                                                                     "builtin:shapes-v2"]))
+    assert named.settings.study_name == "yolov8n-shapes-v2" and named.data.nc == 3
 
 
 @pytest.mark.parametrize("argv, message", [

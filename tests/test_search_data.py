@@ -37,8 +37,9 @@ def test_default_dataset_is_complete_and_deterministic(shapes, tmp_path):
 
 def test_builtin_data_checks_as_ultralytics_reads_it(shapes):
     info = check_data(None, shapes.parent.parent, 1.0)
-    assert info.identity == "builtin:shapes-v2" and info.nc == 3
-    assert (info.n_train, info.n_val, info.train_used) == (256, 256, 256)
+    assert info.identity == "builtin:shapes-v3" and info.nc == len(SHAPES_CLASSES)
+    assert (info.n_train, info.n_val, info.train_used) == (SHAPES_SPLITS["train"], SHAPES_SPLITS["val"],
+                                                           SHAPES_SPLITS["train"])
 
 
 def test_coco128_with_counts_per_split(coco128):

@@ -8,10 +8,11 @@ its 95% interval, and the reference's median in the same window, so a result can
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
+
+from space.cli import run_cli
 
 from ..errors import SearchError
 from . import BACKENDS, LatencySettings, _gflops_hw, parse_imgsz, prepare_reference, time_model
@@ -106,13 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_VERBOSE", "False")
-    try:
-        return main(argv)
-    except (SearchError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv, errors=(SearchError,))
 
 
 if __name__ == "__main__":
