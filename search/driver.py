@@ -105,8 +105,9 @@ class Driver:
     more trials timed ahead of them."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace, executor: WorkPool, config: SearchConfig,
-                 artifact_store, progress) -> None:
+                 artifact_store, progress, storage: optuna.storages.BaseStorage) -> None:
         self.study = study
+        self.storage = storage  # the study's storage, read directly to notice other writers (the dashboard)
         self.space = space
         self.executor = executor
         self.config = config
@@ -182,7 +183,7 @@ class Driver:
     # -- other writers (optuna-dashboard) ---------------------------------------------------------------------
     def _check_study(self) -> None:
         """Stop in order when the study was deleted or renamed (the dashboard's rename copies it and deletes it)."""
-        storage = self.study._storage
+        storage = self.storage
         try:  # by name: Optuna's cached storage answers id -> name from memory, name -> id from the database
             if storage.get_study_id_from_name(self.study.study_name) == self.study._study_id:
                 return
@@ -203,7 +204,7 @@ class Driver:
         Failed: "stop this one": its work is cancelled and its worker freed, it is not queued again.
         Completed by hand: the values given are kept; the trial is marked so that pareto/ and dedup leave it out.
         A finished trial takes no more attributes, so the mark is kept in the study's ``attnas_outside_changes``."""
-        storage = self.study._storage
+        storage = self.storage
         for run in list(self.running.values()):
             state = storage.get_trial(run.trial._trial_id).state
             if state == TrialState.RUNNING:
@@ -228,7 +229,7 @@ class Driver:
     def _sync_paused(self) -> None:
         """A candidate waiting between rungs that another writer finished: it waits no more."""
         for number, run in list(self.paused.items()):
-            state = self.study._storage.get_trial(run.trial._trial_id).state
+            state = self.storage.get_trial(run.trial._trial_id).state
             if state != TrialState.RUNNING:
                 del self.paused[number]
                 self._drop_checkpoint(run)
@@ -236,7 +237,7 @@ class Driver:
                 st.record_outside_change(self.study, number, kind)
 
     def _follower_still_ours(self, follower: optuna.Trial, leader: _Running) -> bool:
-        state = self.study._storage.get_trial(follower._trial_id).state
+        state = self.storage.get_trial(follower._trial_id).state
         if state != TrialState.RUNNING:
             kind = "stopped-from-dashboard" if state == TrialState.FAIL else "completed-by-hand"
             st.record_outside_change(self.study, follower.number, kind)

@@ -200,7 +200,7 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     notes = StudyNotes(study, prep, study_dir, executor.describe())
     progress = Progress(study, prep.objectives, prep.settings.run.budget, on_update=notes.update)
     store = optuna.artifacts.FileSystemArtifactStore(str(study_dir / "artifacts"))
-    driver = Driver(study, prep.space, executor, config, store, progress)
+    driver = Driver(study, prep.space, executor, config, store, progress, storage)
     t0 = time.time()
     status = 0
     # SIGTERM (a scheduler stopping the job) gets the same orderly stop as Ctrl-C.

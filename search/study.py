@@ -8,7 +8,7 @@ import socket
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import optuna

@@ -1,6 +1,7 @@
 """The driver's bookkeeping without Ray: real candidates, real latency and real (tiny) trainings, run one at a time
 in this process by search.work.InProcessPool, on a real SQLite study."""
 
+import csv
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,10 @@ def one_layer():
                                                               min_layers=1, max_layers=1))
 
 
+def storage_of(tmp_path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+
+
 def new_study(tmp_path, enqueue_base: bool = True) -> optuna.Study:
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="d",
                                 directions=obj.directions(TABLE), sampler=optuna.samplers.RandomSampler(seed=0))
@@ -53,7 +58,7 @@ def drive(study, space, tmp_path, coco128, budget: int, **config) -> InProcessPo
     pool = InProcessPool(LATENCY, workers=1)
     cfg = SearchConfig(budget=budget, schedule=SCHEDULE, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
                        study_dir=tmp_path, latency_imgsz=LATENCY.imgsz, **config)
-    Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget)).run()
+    Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget), storage_of(tmp_path)).run()
     return pool
 
 
@@ -127,7 +132,7 @@ def rung_driver(study, space, tmp_path, coco128, budget: int, pool=None, **confi
     schedule = replace(SCHEDULE, epochs=RUNGS[-1])
     cfg = SearchConfig(budget=budget, schedule=schedule, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
                        study_dir=tmp_path, latency_imgsz=LATENCY.imgsz, rungs=RUNGS, eta=2, lookahead=0, **config)
-    return Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget))
+    return Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget), storage_of(tmp_path))
 
 
 def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_at_the_top_rung(
@@ -196,3 +201,14 @@ def test_confirmation_retrains_the_front_and_the_base_with_more_seeds(tmp_path, 
     assert row.n == (3, 1, 1) and row.mean[0] == pytest.approx(np.mean(runs))
     assert row.sd[0] == pytest.approx(np.std(runs, ddof=1)) and row.above_base is None
     assert confirm.todo(study, TABLE, 2) == [], "a resumed run trains nothing more"
+    # The exported front is the confirmed one, with each objective's seed mean, sd and n.
+    from search.export import export_study
+    from search.settings import StudySettings
+
+    study.set_user_attr(st.SETTINGS_ATTR, StudySettings(space=SpaceConfig(max_layers=0)).as_dict())
+    export_study(study, tmp_path / "export", storage_of(tmp_path))
+    with open(tmp_path / "export" / "pareto.csv") as f:
+        (csv_row,) = list(csv.DictReader(f))
+    assert float(csv_row["mAP50-95_mean"]) == pytest.approx(row.mean[0]) and csv_row["mAP50-95_n"] == "3"
+    assert float(csv_row["mAP50-95_sd"]) == pytest.approx(row.sd[0]) and csv_row["latency_ms_n"] == "1"
+    assert csv_row["above_base_2se"] == "", "the base is not compared with itself"

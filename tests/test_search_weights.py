@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
-import optuna
 import pytest
 import torch
 from optuna.trial import TrialState

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import optuna
@@ -15,8 +14,8 @@ from hypothesis import strategies as st
 
 import modules
 from space import (
-    NONE, Placement, SpaceConfig, SpaceError, build_model, build_space, canonical_hash, find_slots, load_base,
-    make_candidate, to_yaml, validate, write_yaml,
+    NONE, Placement, SpaceConfig, build_model, build_space, canonical_hash, find_slots, load_base,
+    make_candidate, validate, write_yaml,
 )
 from space import sample as sample_cli
 from space import show as show_cli
