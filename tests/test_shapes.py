@@ -14,6 +14,8 @@ from search.errors import SearchError
 V2_MANIFEST = ('{"name": "shapes-v2", "splits": {"train": 256, "val": 256}, '
                '"sha256": "cef82b402784e144fbdf5073f273c5d678baf893820a2558e711d6a3c2aadde5"}')
 
+V3_SHA256 = "b459a02323a91c875b497529df9e5456971f914a1b30a0a19f3dc351135e95d5"
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
@@ -33,6 +35,9 @@ def test_v3_generates_the_same_set_twice(cache, tmp_path):
     first = shapes.cached("shapes-v3", cache).parent / "MANIFEST.json"
     again = shapes.generate("shapes-v3", tmp_path / "again").parent / "MANIFEST.json"
     assert json.loads(again.read_text()) == json.loads(first.read_text())
+    # Pinned: a change to v3's drawing changes every study's data fingerprint, so it must be deliberate (and
+    # re-measured with bench/proxy_fidelity.py).
+    assert json.loads(first.read_text())["sha256"] == V3_SHA256
     assert shapes.cached("shapes-v3", cache).parent / "MANIFEST.json" == first  # cached: not regenerated
 
 
