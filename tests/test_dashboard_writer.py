@@ -97,15 +97,21 @@ class Dashboard:
         self.server.wait(timeout=10)
 
 
+def _search(tmp_path: Path, coco128: Path, name: str, space_yaml: str, *extra: str) -> tuple[list[str], Path, Path, str]:
+    """The command of a tiny real search (TINY settings) over ``space_yaml``, its --out, database and storage URL."""
+    out, space = tmp_path / "out", tmp_path / "space.yaml"
+    space.write_text(space_yaml)
+    cmd = [sys.executable, "-m", "search.run", "--out", str(out), "--study-name", name, "--space", str(space),
+           "--data", str(coco128 / "coco128.yaml"), *TINY, *extra]
+    db = out / name / "study.db"
+    return cmd, out, db, f"sqlite:///{db}"
+
+
 def test_dashboard_actions_during_a_real_search(tmp_path, coco128):
-    out = tmp_path / "out"
-    space = tmp_path / "space.yaml"  # one attention layer at N5: many distinct candidates, no base trial
-    space.write_text("slots: [N5]\nmodes: [insert]\nmin_layers: 1\nmax_layers: 1\n")
-    cmd = [sys.executable, "-m", "search.run", "--out", str(out), "--study-name", "live", "--budget", "3",
-           "--space", str(space), "--data", str(coco128 / "coco128.yaml"), *TINY, "--workers", "2",
-           "--inject-fault", "hang@1", "--inject-fault", "hang@2", "--inject-fault", "hang@3"]
-    db = out / "live" / "study.db"
-    url = f"sqlite:///{db}"
+    # One attention layer at N5: many distinct candidates, no base trial.
+    cmd, out, db, url = _search(tmp_path, coco128, "live", "slots: [N5]\nmodes: [insert]\nmin_layers: 1\nmax_layers: 1\n",
+                                "--budget", "3", "--workers", "2", "--inject-fault", "hang@1", "--inject-fault",
+                                "hang@2", "--inject-fault", "hang@3")
     search = _start(cmd)
     dash = None
     try:
@@ -171,13 +177,7 @@ def test_dashboard_actions_during_a_real_search(tmp_path, coco128):
 
 
 def test_deleting_the_study_from_the_dashboard_stops_the_search(tmp_path, coco128):
-    out = tmp_path / "out"
-    space = tmp_path / "space.yaml"
-    space.write_text("max_layers: 0\n")
-    cmd = [sys.executable, "-m", "search.run", "--out", str(out), "--study-name", "gone", "--budget", "1",
-           "--space", str(space), "--data", str(coco128 / "coco128.yaml"), *TINY, "--inject-fault", "hang@0"]
-    db = out / "gone" / "study.db"
-    url = f"sqlite:///{db}"
+    cmd, out, db, url = _search(tmp_path, coco128, "gone", "max_layers: 0\n", "--budget", "1", "--inject-fault", "hang@0")
     search = _start(cmd)
     dash = None
     try:

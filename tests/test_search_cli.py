@@ -59,6 +59,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, coco128
     assert not list(out.rglob("*.db")) and not list(out.rglob("trials")), "nothing may be written"
 
 
+@pytest.fixture(scope="module")
+def builtin_set(tmp_path_factory):
+    """The default built-in set, generated once for this module (about 10 s a generation)."""
+    from search import shapes
+
+    return shapes.cached(shapes.DEFAULT, tmp_path_factory.mktemp("data")).parent
+
+
+@pytest.fixture(autouse=True)
+def _builtin_data_under_out(tmp_path, builtin_set):
+    """Each test's ``--out tmp_path`` finds the built-in set already generated (as a second study under one
+    ``--out`` would), instead of generating it again."""
+    (tmp_path / ".data").mkdir()
+    (tmp_path / ".data" / builtin_set.name).symlink_to(builtin_set, target_is_directory=True)
+
+
 def test_argparse_errors_are_one_line_too(capsys):
     with pytest.raises(SystemExit) as exit_:
         search_run.main(["--workers", "many"])
