@@ -15,6 +15,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import objectives as obj
+from space import first_line
+
 from .errors import SearchError
 
 SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
@@ -39,7 +41,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if "://" in url:
             if url.startswith("sqlite:///"):
                 Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(url)
+            return _rdb_storage(url)
         path = Path(url).expanduser()
         if not path.parent.is_dir():
             raise SearchError(f"journal storage {url}: directory {path.parent} does not exist")
@@ -49,8 +51,23 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except SearchError:
         raise
     except Exception as err:  # SQLAlchemy/driver errors: unknown dialect, missing driver, unreachable server
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-        raise SearchError(f"bad storage {url!r}: {type(err).__name__}: {first}") from None
+        raise SearchError(f"bad storage {url!r}: {type(err).__name__}: {first_line(err)}") from None
+
+
+def _rdb_storage(url: str, tries: int = 3) -> optuna.storages.RDBStorage:
+    """``RDBStorage(url)``, tried again when another process (optuna-dashboard, a second reader) creates the same
+    new database at the same moment: both create its tables and insert its schema version, and one fails."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, OperationalError) as err:
+            racing = isinstance(err, IntegrityError) or "already exists" in str(err)
+            if not racing or attempt == tries - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def may_hold_studies(url: str) -> bool:
