@@ -327,7 +327,9 @@ class Executor:
     def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None:
         """Train ``job`` on one worker slot; ``kind`` "base" is the base training of --weights auto, which
         --trial-timeout does not limit."""
-        self.gate.actor.expect.remote(job.tag)
+        # Waited for: Ray does not order an async actor's calls, so a fire-and-forget expect() could reach the gate
+        # after a close() it must precede, and the meter would time while this worker starts up.
+        ray.get(self.gate.actor.expect.remote(job.tag))
         options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
         ref = _train_task.options(**options).remote(job, self.gate)
         self._pending[ref] = _Pending(key, kind, time.monotonic(), job, job.tag)

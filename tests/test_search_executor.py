@@ -62,7 +62,7 @@ def test_trainings_are_parked_while_the_gate_is_closed(local_ray):
     runs = [training.remote(gate, f"t{i}", 6.0) for i in range(2)]
     time.sleep(2.0)
     submitted = time.time()  # the late training cannot park before submitted + 1.5 s, however loaded the machine
-    gate.actor.expect.remote("late")  # submitted by the driver, not started yet
+    ray.get(gate.actor.expect.remote("late"))  # submitted by the driver (which waits for this), not started yet
     runs.append(training.remote(gate, "late", 3.0, start_after=1.5))
     not_parked = gate.close(node, 10.0)
     closed_at = time.time()
