@@ -84,6 +84,7 @@ class _Running:
     training: bool = False
     rung: int = 0  # the rung it trains towards (or last finished, while paused)
     checkpoint: str | None = None  # last finished rung's checkpoint, where a promotion continues from
+    rung_results: dict[str, list[float]] = field(default_factory=dict)  # as recorded in the trial: epochs -> values
 
 
 class SearchAborted(RuntimeError):
@@ -533,8 +534,8 @@ class Driver:
         """Record a rung result; True when the candidate pauses below the top rung (False: it reached the top)."""
         n = run.trial.number
         epochs = self.rungs[run.rung]
-        done = {str(k): v for k, v in st.rung_results(self.study.get_trials(deepcopy=False)[n]).items()}
-        run.trial.set_user_attr(st.RUNG_RESULTS, {**done, str(epochs): values})
+        run.rung_results[str(epochs)] = values
+        run.trial.set_user_attr(st.RUNG_RESULTS, run.rung_results)
         run.trial.set_user_attr("rung_epochs", epochs)
         self.ladder.record(n, run.rung, values)
         self.seen_hashes.add(run.candidate.hash)
@@ -607,7 +608,7 @@ class Driver:
             last = max(reached)
             run = _Running(optuna.Trial(self.study, t._trial_id), self.space.suggest(optuna.trial.FixedTrial(t.params)),
                            "", time.time(), latency=measured(t), rung=last, checkpoint=t.user_attrs.get("rung_checkpoint"),
-                           ready=True)
+                           ready=True, rung_results={str(e): v for e, v in results.items()})
             run.yaml_text = to_yaml(run.candidate, {"study": self.study.study_name, "trial": t.number})
             if not (run.checkpoint and Path(run.checkpoint).is_file()):  # nothing to continue from
                 run.trial.set_user_attr("fail_kind", "driver-stopped")
