@@ -75,7 +75,7 @@ def gate_cost(batches: int = 2000) -> tuple[float, float]:
 
     from search.executor import DeviceGate, GateClient
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
     try:
         gate = GateClient(DeviceGate.remote())
 

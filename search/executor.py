@@ -270,7 +270,9 @@ class Executor:
             # A remote cluster may not have this code: ship the three packages with every task.
             runtime_env["py_modules"] = [os.path.dirname(m.__file__) for m in (modules, space, search)]
         try:
-            ray.init(address=pool.ray_address, runtime_env=runtime_env, include_dashboard=False,
+            # "local": always a new Ray of our own when no address is given, even when this machine already runs a
+            # cluster (ray.init() would join it, and refuse the num_cpus given here).
+            ray.init(address=pool.ray_address or "local", runtime_env=runtime_env, include_dashboard=False,
                      log_to_driver=False, configure_logging=True, logging_level="warning",
                      **({} if pool.ray_address else {"num_cpus": os.cpu_count(), "num_gpus": _local_gpus()}))
         except Exception as err:

@@ -186,23 +186,6 @@ def test_failing_trials_are_recorded_and_the_study_finishes(tmp_path, coco128):
     assert "trial   2  FAIL  exception: RuntimeError: injected fault in trial 2" in res.stderr
 
 
-def test_the_same_candidate_trains_once(tmp_path, coco128):
-    space = tmp_path / "one.yaml"
-    space.write_text("slots: [P5_sppf]\nmodules: {CoT: {kernel_size: [3], expansion: [2]}}\nmodes: [insert]\n"
-                     "min_layers: 1\nmax_layers: 1\n")
-    res = run_search(search_cmd(tmp_path, coco128, "--budget", "3", "--study-name", "d", "--space", str(space)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    trials = load(tmp_path, "d").trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    trained = [t for t in trials if "reused_from" not in t.user_attrs]
-    assert len(trained) == 1 and [p.name for p in (tmp_path / "d" / "trials").iterdir()] == [str(trained[0].number)]
-    for t in trials:
-        assert t.values == trained[0].values
-        assert t.user_attrs["candidate_hash"] == trained[0].user_attrs["candidate_hash"]
-        if t is not trained[0]:
-            assert t.user_attrs["reused_from"] == trained[0].number
-
-
 def test_kill_9_then_resume_keeps_completed_trials_and_meets_the_budget(tmp_path, coco128):
     cmd = search_cmd(tmp_path, coco128, "--budget", "3", "--study-name", "k", "--workers", "1",
                      "--inject-fault", "hang@1")

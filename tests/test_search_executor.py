@@ -34,7 +34,7 @@ def test_an_invalid_candidate_is_an_error_not_an_exception():
 @pytest.fixture(scope="module")
 def local_ray():
     before = set(glob.glob("/dev/shm/attnas-gate-*"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
     yield
     ray.shutdown()
     for path in set(glob.glob("/dev/shm/attnas-gate-*")) - before:  # the gates' one-byte flags made here
