@@ -60,59 +60,75 @@ def states(storage, name: str) -> list[str]:
         return []
 
 
-@pytest.fixture(scope="module")
-def searched(pg, tmp_path_factory, coco128):
-    """One search on PostgreSQL: killed with kill -9 while trial 1 runs, then resumed with --resume while the
-    database server is stopped for 5 s and started again. Returns (out, url, first trial, resumed run)."""
-    out, url = tmp_path_factory.mktemp("pgsearch"), pg.get_uri()
-    poll = st.open_storage(url)  # also creates the tables before the search opens the database
-    cmd = search_cmd(out, coco128, "--budget", "3", "--study-name", "p", "--workers", "1", "--weights", "none",
+def kill_9_then_resume(out: Path, coco128: Path, url: str, while_resuming=None):
+    """A two-trial search on ``url`` killed with kill -9 while trial 1 runs (trial 0 complete), then continued
+    with ``--resume``; ``while_resuming()`` runs once the resumed driver has re-queued trial 1.
+    Returns (trial 0 as it was before the kill, the resumed run)."""
+    poll = st.open_storage(url)  # also creates the tables or file before the search opens them
+    cmd = search_cmd(out, coco128, "--budget", "2", "--study-name", "s", "--workers", "1", "--weights", "none",
                      "--storage", url, "--inject-fault", "hang@1")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        wait_for(lambda: {"COMPLETE", "RUNNING"} <= set(states(poll, "p")), proc)
+        wait_for(lambda: {"COMPLETE", "RUNNING"} <= set(states(poll, "s")), proc)
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
         proc.wait(timeout=30)
     finally:
         _kill_group(proc.pid)
-    killed = optuna.load_study(study_name="p", storage=poll).trials
-    resume = [sys.executable, "-m", "search.run", "--out", str(out), "--resume", "--study-name", "p",
-              "--storage", url, "--budget", "3", "--workers", "1"]
+    killed = optuna.load_study(study_name="s", storage=poll).trials
+    resume = [sys.executable, "-m", "search.run", "--out", str(out), "--resume", "--study-name", "s",
+              "--storage", url, "--budget", "2", "--workers", "1"]
     proc = subprocess.Popen(resume, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        wait_for(lambda: len(states(poll, "p")) > len(killed), proc)  # the resumed driver re-queued trial 1
-        stop_server(pg)
-        time.sleep(5)
-        pg.ensure_postgres_running()
+        if while_resuming is not None:
+            wait_for(lambda: len(states(poll, "s")) > len(killed), proc)
+            while_resuming()
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         _kill_group(proc.pid)
-    return out, url, killed[0], subprocess.CompletedProcess(resume, proc.returncode, stdout, stderr)
+    return killed[0], subprocess.CompletedProcess(resume, proc.returncode, stdout, stderr)
 
 
-def test_kill_9_resume_and_a_database_restart_keep_every_trial_once(searched):
-    out, url, first, res = searched
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count("database unreachable") == 1 and "database reachable again after" in res.stderr
-    trials = optuna.load_study(study_name="p", storage=url).trials
+def assert_every_trial_kept_once(url: str, first: optuna.trial.FrozenTrial) -> list[optuna.trial.FrozenTrial]:
+    trials = optuna.load_study(study_name="s", storage=st.open_storage(url)).trials
     assert trials[0].state == TrialState.COMPLETE and trials[0].values == first.values, "completed trial kept"
     assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["fail_kind"] == "driver-stopped"
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
     # A create_new_trial retried after a commit whose reply was lost would leave an orphan RUNNING trial.
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     requeued = [t for t in trials if t.user_attrs.get("requeued_from") == 1]
     assert len(requeued) == 1 and requeued[0].state == TrialState.COMPLETE
+    return trials
+
+
+@pytest.fixture(scope="module")
+def searched(pg, tmp_path_factory, coco128):
+    """The search on PostgreSQL; the server is stopped for 3 s and started again while the resumed run works."""
+    def restart() -> None:
+        stop_server(pg)
+        time.sleep(3)
+        pg.ensure_postgres_running()
+
+    out, url = tmp_path_factory.mktemp("pgsearch"), pg.get_uri()
+    first, res = kill_9_then_resume(out, coco128, url, while_resuming=restart)
+    return out, url, first, res
+
+
+def test_kill_9_resume_and_a_database_restart_keep_every_trial_once(searched):
+    _, url, first, res = searched
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("database unreachable") == 1 and "database reachable again after" in res.stderr
+    assert_every_trial_kept_once(url, first)
 
 
 def test_export_from_postgresql(searched):
     out, url, _, _ = searched
     for name in ("pareto.csv", "summary.json"):
-        (out / "p" / name).unlink()
-    assert search_export.main(["--study", "p", "--storage", url, "--out", str(out)]) == 0
-    assert (out / "p" / "pareto.csv").read_text().startswith("trial,")
-    assert (out / "p" / "summary.json").is_file() and list((out / "p" / "pareto").glob("*.yaml"))
+        (out / "s" / name).unlink()
+    assert search_export.main(["--study", "s", "--storage", url, "--out", str(out)]) == 0
+    assert (out / "s" / "pareto.csv").read_text().startswith("trial,")
+    assert (out / "s" / "summary.json").is_file() and list((out / "s" / "pareto").glob("*.yaml"))
 
 
 @contextmanager
@@ -151,10 +167,10 @@ def dashboard_trials(stdout: str, study_name: str) -> list[dict]:
 
 def test_dashboard_reads_the_postgresql_study(searched):
     _, url, _, res = searched
-    served = dashboard_trials(res.stdout, "p")
-    trials = optuna.load_study(study_name="p", storage=url).trials
+    served = dashboard_trials(res.stdout, "s")
+    trials = optuna.load_study(study_name="s", storage=url).trials
     assert [t["number"] for t in served] == [t.number for t in trials]
-    assert sum(t["state"] == "Complete" for t in served) == 3
+    assert sum(t["state"] == "Complete" for t in served) == 2
 
 
 class _LostReplies:
