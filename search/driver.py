@@ -36,6 +36,7 @@ from . import study as st
 from .errors import SearchError
 from .latency import LatencyResult, study_reference_ms
 from .proxy import ProxySchedule, TrainJob, TrainResult
+from .reconnect import DatabaseUnreachable
 from .rungs import Ladder
 from .settings import Constraints
 from .weights import BaseCache, BaseWeights, store_base_weights
@@ -143,17 +144,19 @@ class Driver:
                 try:
                     if self._step():
                         return
-                except SearchAborted:
+                except (SearchAborted, DatabaseUnreachable):
                     raise
                 except Exception as err:  # a write that lost a race with another writer (the dashboard)?
                     self._check_study()
                     if not isinstance(err, UpdateFinishedTrialError):
                         raise
                     self._sync_outside_changes()
-        except StudyGone:
+        except (StudyGone, DatabaseUnreachable):
             with contextlib.suppress(Exception):
                 self.executor.cancel_all()
-            self.running.clear()  # the trials are not ours to fail any more (a renamed study holds copies)
+            # Not ours to fail any more (a renamed study holds copies), or nothing can be written: a resume
+            # re-queues the trials left RUNNING.
+            self.running.clear()
             raise
         except BaseException:
             self._abandon_running()

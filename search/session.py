@@ -28,6 +28,7 @@ from .driver import Driver, SearchAborted, SearchConfig, StudyGone, front_rows, 
 from .errors import SearchError
 from .executor import Executor, PoolSettings
 from .proxy import TrainJob
+from .reconnect import DatabaseUnreachable
 from .weights import BaseCache, BaseWeights, base_cache_key, base_training_job, prepare_base_weights, stored_base_weights
 
 if TYPE_CHECKING:
@@ -122,6 +123,10 @@ def run_session(prep: "Prepared") -> int:
         if storage is None:
             storage = st.open_storage(s.storage_url)
         return _run(prep, storage, existing, executor)
+    except DatabaseUnreachable as err:  # nothing more can be written; the trials left RUNNING are re-queued on resume
+        print(f"error: {err}; stopped. Continue when it is back: {resume_command(prep, s.study_name)}",
+              file=sys.stderr)
+        return 1
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -193,6 +198,8 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     threads = max(1, int(executor.cpus_per_trial))
     try:
         base = _base_weights(prep, study, study_dir, threads, train_device)
+    except DatabaseUnreachable:
+        raise
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import socket
 import time
 from importlib import metadata
@@ -36,32 +37,88 @@ def default_storage(out: Path, study_name: str) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage from an RDB URL (sqlite:///, postgresql://, mysql://) or a journal file path."""
+    """An Optuna storage from an RDB URL (sqlite:///, postgresql://, mysql://) or a journal file path.
+
+    A database server's storage outlives a restart of the server (:class:`search.reconnect.ReconnectingStorage`);
+    its first connection is made here, so a wrong URL or a server that is down fails at once."""
     try:
         if "://" in url:
-            if url.startswith("sqlite:///"):
-                Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            return _rdb_storage(url)
+            if url.startswith("sqlite"):
+                if url.startswith("sqlite:///"):
+                    Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                return _rdb_storage(url)
+            return _server_storage(url)
         path = Path(url).expanduser()
         if not path.parent.is_dir():
             raise SearchError(f"journal storage {url}: directory {path.parent} does not exist")
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        return _journal_storage(path)
     except SearchError:
         raise
     except Exception as err:  # SQLAlchemy/driver errors: unknown dialect, missing driver, unreachable server
-        raise SearchError(f"bad storage {url!r}: {type(err).__name__}: {first_line(err)}") from None
+        raise SearchError(f"bad storage {_shown(url)!r}: {type(err).__name__}: {first_line(err)}") from None
 
 
-def _rdb_storage(url: str, tries: int = 3) -> optuna.storages.RDBStorage:
+def _server_storage(url: str) -> optuna.storages.BaseStorage:
+    """PostgreSQL, MySQL, ...: pooled connections are checked before use (``pool_pre_ping``: the ones a server
+    restart killed are replaced) and every call is retried while the server is unreachable."""
+    from optuna.storages._cached_storage import _CachedStorage  # what optuna.create_study wraps an RDBStorage in
+    from sqlalchemy.engine import make_url
+
+    from .reconnect import ReconnectingStorage
+
+    dialect = make_url(url).get_dialect()
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        extra = "pip install 'attnas[postgres]'" if make_url(url).get_backend_name() == "postgresql" else \
+            f"install the Python driver SQLAlchemy uses for {make_url(url).drivername}"
+        raise SearchError(f"storage {_shown(url)}: the database driver is not installed; {extra}") from None
+    engine_kwargs: dict = {"pool_pre_ping": True}
+    if make_url(url).get_backend_name() == "postgresql" and "connect_timeout" not in make_url(url).query:
+        # a server host that is down (not refusing) would otherwise hold each connection attempt for minutes
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    rdb = _rdb_storage(url, engine_kwargs=engine_kwargs)
+    return ReconnectingStorage(_CachedStorage(rdb), _shown(url))
+
+
+def _journal_storage(path: Path) -> optuna.storages.JournalStorage:
+    """A journal file, also on a shared (NFS) path. Its lock is Optuna's default symlink lock: ``link()`` is atomic
+    on every NFS version and optuna-dashboard locks the same journal the same way, so the search and the dashboard
+    exclude each other. Where the file system refuses symlinks (some SMB mounts) the ``O_EXCL`` open lock is used;
+    both take the same lock file name and fail on each other's lock, so mixed writers still exclude each other."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalFileSymlinkLock
+
+    probe = path.parent / f".{path.name}.symlink-probe-{os.getpid()}"
+    try:
+        probe.symlink_to(path.name)
+        probe.unlink()
+        lock = JournalFileSymlinkLock(str(path))
+    except OSError:
+        lock = JournalFileOpenLock(str(path))
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+def _shown(url: str) -> str:
+    """``url`` with its password (if any) masked, for messages."""
+    if "://" not in url or url.startswith("sqlite"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
+def _rdb_storage(url: str, tries: int = 3, engine_kwargs: dict | None = None) -> optuna.storages.RDBStorage:
     """``RDBStorage(url)``, tried again when another process (optuna-dashboard, a second reader) creates the same
     new database at the same moment: both create its tables and insert its schema version, and one fails."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(tries):
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except (IntegrityError, OperationalError) as err:
             racing = isinstance(err, IntegrityError) or "already exists" in str(err)
             if not racing or attempt == tries - 1:
@@ -86,7 +143,7 @@ def check_new_storage(url: str) -> None:
 def dashboard_command(url: str, artifact_dir: Path | None) -> str:
     """The exact optuna-dashboard command line for this storage (journal files are passed as plain paths)."""
     target = url if "://" in url else str(Path(url).expanduser().resolve())
-    cmd = f"optuna-dashboard {target}"
+    cmd = f"optuna-dashboard {shlex.quote(target)}"  # a PostgreSQL URL may hold ?host=... for a socket
     return cmd + (f" --artifact-dir {artifact_dir}" if artifact_dir else "")
 
 
