@@ -285,8 +285,10 @@ class LinearGP:
     PRIOR_VARS = ((0.1, 1.0), (0.03, 0.1, 0.3, 1.0, 3.0), (0.0, 0.03, 0.1, 0.3, 1.0), (0.0, 0.03, 0.1, 0.3))
     NOISE_VARS = (0.001, 0.01, 0.1, 0.3)
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> None:
-        n_groups = len(self.PRIOR_VARS)
+    def __init__(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                 prior_vars: tuple[tuple[float, ...], ...] | None = None) -> None:
+        prior_vars = prior_vars or self.PRIOR_VARS
+        n_groups = len(prior_vars)
         self.groups = np.append(groups, 0)  # a bias column, shared: the prior mean of the standardised target
         self.x = np.hstack([x, np.ones((len(x), 1))])
         self.mean, self.scale = float(y.mean()), float(y.std()) or 1.0
@@ -299,7 +301,7 @@ class LinearGP:
 
         def fit(choice: tuple[int, ...]) -> tuple:
             if choice not in cache:
-                priors = [grid[i] for grid, i in zip(self.PRIOR_VARS, choice)]
+                priors = [grid[i] for grid, i in zip(prior_vars, choice)]
                 noise = self.NOISE_VARS[choice[-1]]
                 gram = sum(p / t * k for p, t, k in zip(priors, typical, grams))
                 chol = np.linalg.cholesky(gram + noise * np.eye(len(z)))
@@ -309,7 +311,7 @@ class LinearGP:
 
         # Coordinate ascent from the grid's middle: a full product of the grids costs ~10x as many factorisations
         # and chose the same scales on the benchmark's spaces.
-        grids = [*self.PRIOR_VARS, self.NOISE_VARS]
+        grids = [*prior_vars, self.NOISE_VARS]
         choice = tuple(len(g) // 2 for g in grids)
         for _ in range(3):
             before = choice
@@ -338,10 +340,10 @@ class LinearGP:
         w = self.weights * (self.x.T @ self.alpha)
         return w[:-1] * self.scale, float(w[-1] * self.scale + self.mean)
 
-    def sample(self, rng: np.random.Generator, spread: float = 1.0) -> tuple[np.ndarray, float]:
+    def sample(self, rng: np.random.Generator, spread: float | np.ndarray = 1.0) -> tuple[np.ndarray, float]:
         """One draw of the weights from the posterior (Matheron's rule: a prior draw corrected by the data), as
         (per-feature weights, offset) in the target's units: the drawn function is ``x @ weights + offset``.
-        ``spread`` < 1 draws closer to the posterior mean (its deviation scaled)."""
+        ``spread`` < 1 draws closer to the posterior mean (its deviation scaled); one value, or one per feature."""
         prior = rng.normal(size=len(self.weights)) * np.sqrt(self.weights)
         noise = rng.normal(size=len(self.z)) * np.sqrt(self.noise)
         w = prior + self.weights * (self.x.T @ (self.k_inverse @ (self.z - self.x @ prior - noise)))
@@ -384,7 +386,9 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def __init__(self, space: SearchSpace, seed: int = 0, n_startup_trials: int = 4, n_children: int = 48,
                  n_random: int = 48, refine_rounds: int = 2, refine_top: int = 6, beta: float = 0.5,
                  crossover_prob: float = 0.3, tournament: int = 2, acquisition: str = "thompson",
-                 n_directions: int = 8, front_mutations: int = 4, spread: float = 1.0) -> None:
+                 n_directions: int = 8, front_mutations: int = 4, spread: float = 1.0, anneal: float = 0.0,
+                 draw_first: int = 0, pair_min_data: int = 0, startup: str = "random",
+                 fine_spread: float = 1.0) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
         if acquisition not in ACQUISITIONS:
@@ -403,6 +407,11 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.n_directions = n_directions
         self.front_mutations = front_mutations
         self.spread = spread
+        self.anneal = anneal
+        self.draw_first = draw_first
+        self.pair_min_data = pair_min_data
+        self.startup = startup
+        self.fine_spread = fine_spread
         self.features = Features(space)
         self._hash_cache: dict[tuple, str | None] = {}
         self._proposals: dict[int, dict[str, Any]] = {}  # trial id -> params (also stored on the trial)
@@ -445,6 +454,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
             pool = self._children(seen, rng) + randoms + scorer.optimal_genomes(self.n_directions, rng)
             children = self._screen(scorer, seen, pool, rng)
+        elif self.startup == "cover":
+            children = self._covering(seen, rng)
         fallback = ((random_genome(self.space, rng), "random") for _ in range(64))  # drawn only when needed
         for genome, origin in itertools.chain(children, fallback):
             if genome_key(genome) in seen.keys:
@@ -496,6 +507,16 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         if not seen.front:  # nothing finished the top rung yet: the lower rungs' values stand in
             seen.front = [loss for _, loss in seen.parents]
         return seen
+
+    def _covering(self, seen: _Seen, rng: np.random.Generator) -> list[tuple[Genome, str]]:
+        """Start-up draws, most novel first: random genomes ordered by how many of their features no trial has
+        had yet, so the first trials show the surrogate as many slot×module and value effects as they can."""
+        known = np.zeros(len(self.features.index), dtype=bool)
+        for genome in [*(g for g, _ in seen.parents), *seen.pending]:
+            known |= self.features(genome) > 0
+        pool = [random_genome(self.space, rng) for _ in range(self.n_random)]
+        novelty = [int(((self.features(g) > 0) & ~known).sum()) for g in pool]
+        return [(pool[j], "covering") for j in np.argsort(novelty, kind="stable")[::-1]]
 
     def _children(self, seen: _Seen, rng: np.random.Generator) -> list[tuple[Genome, str]]:
         """Unseen children of Pareto-ranked parents (one mutation, or a crossover then maybe a mutation), and
@@ -581,11 +602,19 @@ class _Scorer:
                 continue
             lower = sorted({r for r in rungs if r is not None})
             x = np.array([np.append(self.features(g), [float(r == k) for k in lower]) for g, r in zip(genomes, rungs)])
-            fits[name] = LinearGP(x, np.array(values), np.append(self.features.groups, np.zeros(len(lower), dtype=int)))
+            # Pair terms cannot be told from noise with few points: they stay out until pair_min_data results.
+            priors = LinearGP.PRIOR_VARS if len(genomes) >= sampler.pair_min_data else (*LinearGP.PRIOR_VARS[:3], (0.0,))
+            fits[name] = LinearGP(x, np.array(values), np.append(self.features.groups, np.zeros(len(lower), dtype=int)),
+                                  priors)
         self.objectives = [fits[f"objective:{i}"] for i in range(len(study.directions))]
         self.constraints = [gp for name, gp in fits.items() if name.startswith("constraint:")]
         if thompson:
-            draws = [gp.sample(rng, sampler.spread) for gp in self.objectives]
+            # Exploitation grows with the data: the draw's deviation from the posterior mean shrinks with n.
+            n = len(seen.parents)
+            spread = sampler.spread / (1.0 + n / sampler.anneal) if sampler.anneal > 0 else sampler.spread
+            drawn = sampler.draw_first or len(self.objectives)
+            draws = [gp.sample(rng, np.where(np.isin(gp.groups, (2, 3)), spread * sampler.fine_spread, spread))
+                     if i < drawn else gp.mean_weights() for i, gp in enumerate(self.objectives)]
         else:  # the posterior mean's weights (for the per-placement optima); scoring subtracts beta * sd
             draws = [gp.mean_weights() for gp in self.objectives]
         self.weights = [w[:n_features] for w, _ in draws]  # the top rung: lower rungs' offsets left out
