@@ -243,8 +243,11 @@ def proxy_run(out: Path, sampler: str, seed: int, args: argparse.Namespace) -> d
         print(f"[{sampler} seed {seed}] {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         log = out / "search.log"
+        # A local search's ray.init joins any Ray cluster another process started on this machine (Ray's own
+        # lookup of the latest session); "local" makes each run start its own.
+        env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local")}
         with open(log, "w") as f:
-            rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+            rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
         if rc != 0:
             raise SystemExit(f"search.run exited with {rc} for {sampler} seed {seed}: see {log}")
         print(f"[{sampler} seed {seed}] done in {time.perf_counter() - t0:.0f} s", flush=True)
