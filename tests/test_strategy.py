@@ -17,7 +17,7 @@ from search.strategy import EvolutionSampler, genome_from_params, params_from_ge
 from space import SpaceConfig, build_space, load_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from search_vs_random import KnownObjective, front_hv, run_search, union_box  # noqa: E402
+from search_vs_random import KnownObjective, front_hv, proxy_hv, run_search, union_box  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -178,3 +178,11 @@ def test_lower_rung_results_are_data_and_never_proposed_again(space):
         study.tell(trial, list(objective(candidate)))
     assert not proposed & stopped
     assert all(origin != "random" for origin in origins), origins
+
+
+def test_proxy_bench_hypervolume_counts_only_what_beats_the_base():
+    """The proxy bench's reference is the base: its own point, slower or less accurate networks add nothing;
+    a network 0.01 mAP better at 1.5x the base latency adds 0.01 x (2 - 1.5) base latencies (in percent)."""
+    base = (0.30, 10.0)
+    assert proxy_hv([base, (0.29, 12.0), (0.35, 25.0)], base, factor=2.0) == 0.0
+    assert proxy_hv([base, (0.31, 15.0)], base, factor=2.0) == pytest.approx(100 * 0.01 * 0.5)
