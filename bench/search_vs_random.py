@@ -267,11 +267,8 @@ def proxy_run(out: Path, sampler: str, seed: int, args: argparse.Namespace) -> d
         print(f"[{sampler} seed {seed}] {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         log = out / "search.log"
-        # A local search's ray.init joins any Ray cluster another process started on this machine (Ray's own
-        # lookup of the latest session); "local" makes each run start its own.
-        env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local")}
-        with open(log, "w") as f:
-            rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+        with open(log, "w") as f:  # each run starts its own local Ray (search.run without --ray-address)
+            rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         if rc != 0:
             raise SystemExit(f"search.run exited with {rc} for {sampler} seed {seed}: see {log}")
         print(f"[{sampler} seed {seed}] done in {time.perf_counter() - t0:.0f} s", flush=True)
