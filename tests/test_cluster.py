@@ -1,0 +1,191 @@
+"""The search on a real multi-node Ray cluster on localhost: placement over nodes, the one latency node, a node
+without the dataset (its own mount namespace) and --ship-data, logical GPUs, and a worker node killed mid-training.
+
+One cluster for the module (a head without CPUs, where the driver and the latency meter run, and worker raylets);
+each search runs as a subprocess joined with --ray-address. Trainings are tiny (imgsz 64, 1 epoch, 8 images).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                                 reason="the node without the dataset needs root and unshare (a mount namespace)")]
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4",
+        "--latency-imgsz", "64", "--latency-runs", "3", "--latency-min-runs", "3", "--latency-warmup", "1",
+        "--no-export"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node: no trainings
+    gpu_node = c.add_node(num_cpus=1, num_gpus=2)  # logical GPUs: CPU-only CI
+    cpu_node = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)  # to watch the nodes (ray.nodes()); shut down below
+    c.extra = {"gpu": gpu_node, "cpu": cpu_node, "procs": {}}
+    yield c
+    ray.shutdown()
+    for proc in c.extra["procs"].values():
+        _kill_group(proc.pid)
+    c.shutdown()
+
+
+def _node_ids(c) -> dict[str, str]:
+    return {name: c.extra[name].node_id for name in ("gpu", "cpu")}
+
+
+def _start_node_without(c, hidden: Path, num_cpus: int = 1) -> subprocess.Popen:
+    """A worker raylet in its own mount namespace, where ``hidden`` is an empty directory: a node without the data."""
+    empty = Path(f"/tmp/attnas-empty-{os.getpid()}")
+    empty.mkdir(exist_ok=True)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    script = (f"mount --bind {empty} {hidden} && exec {ray_cli} start --address={c.address} --num-cpus={num_cpus} "
+              "--block --disable-usage-stats")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    known = {n["NodeID"] for n in _alive()}
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        new = {n["NodeID"] for n in _alive()} - known
+        if new:
+            c.extra["procs"][new.pop()] = proc
+            return proc
+        time.sleep(0.5)
+    pytest.fail("the worker node in its own mount namespace did not join")
+
+
+def _alive() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def _kill_node(c, node_id: str) -> None:
+    """Kill a worker node at once (no graceful stop): a raylet of the Cluster, or a `ray start` process group."""
+    if node_id in c.extra["procs"]:
+        _kill_group(c.extra["procs"].pop(node_id).pid)
+        return
+    node = next(c.extra[name] for name in ("gpu", "cpu") if c.extra[name].node_id == node_id)
+    c.remove_node(node, allow_graceful=False)
+
+
+def _search(c, out: Path, coco128: Path, *extra: str, env: dict | None = None, timeout: float = 240):
+    cmd = [sys.executable, "-m", "search.run", "--out", str(out), "--data", str(coco128 / "coco128.yaml"),
+           "--ray-address", c.address, "--study-name", "s", *TINY, *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return proc
+
+
+def _wait(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _kill_group(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 's' / 'study.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def test_half_gpus_run_four_trainings_at_once_each_on_its_device(cluster, tmp_path, coco128):
+    """Four trainings that hang once started (a test fault) prove that 4 run at once on 2 logical GPUs."""
+    t0 = time.time()
+    hang = [arg for n in range(4) for arg in ("--inject-fault", f"hang@{n}")]
+    proc = _search(cluster, tmp_path, coco128, "--budget", "4", "--weights", "none", "--workers", "4",
+                   "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.25", *hang, env={"ATTNAS_GPU_AS_CPU": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        markers = sorted((tmp_path / "s").glob("trials/*/node-0-*.json"))
+        if len(markers) == 4:
+            break
+        time.sleep(0.5)
+    placed = [json.loads(m.read_text()) for m in markers]
+    os.kill(proc.pid, signal.SIGINT)  # an orderly stop: the hung trainings are cancelled
+    result = _wait(proc, timeout=60)
+    assert len(placed) == 4, result.stderr[-3000:]
+    assert {p["node_id"] for p in placed} == {_node_ids(cluster)["gpu"]}
+    for p in placed:
+        assert p["device"].startswith("cpu (ATTNAS_GPU_AS_CPU=1; gpu ids"), p["device"]
+        assert p["device"].endswith(f"CUDA_VISIBLE_DEVICES={p['gpu_ids'][0]})"), p["device"]
+    assert sorted(p["gpu_ids"][0] for p in placed) == ["0", "0", "1", "1"]  # two halves of each GPU, all at once
+    assert result.returncode == 130, result.stderr[-2000:]
+    print(f"4 trainings at once on half GPUs: {time.time() - t0:.0f} s")
+
+
+def test_a_node_without_the_dataset_is_named_then_ship_data_runs_on_every_node(cluster, tmp_path, coco128):
+    t0 = time.time()
+    _start_node_without(cluster, coco128)
+    lacking = set(cluster.extra["procs"])
+    result = _wait(_search(cluster, tmp_path / "refused", coco128, "--budget", "4"))
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "lacks the dataset" in lines[0] and next(iter(lacking))[:12] in lines[0], result.stderr
+    assert "--ship-data" in lines[0]
+    assert not (tmp_path / "refused" / "s" / "study.db").exists()
+    t1 = time.time()
+
+    out = tmp_path / "shipped"
+    result = _wait(_search(cluster, out, coco128, "--budget", "4", "--workers", "3", "--cpus-per-trial", "1",
+                           "--ship-data", "--weights", "none"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "received it through Ray (--ship-data)" in result.stderr
+    done = [t for t in _trials(out) if t.state == TrialState.COMPLETE]
+    assert len(done) >= 4
+    nodes = {t.user_attrs["node_id"] for t in done}
+    assert len(nodes) >= 2, nodes  # spread over the worker nodes
+    assert cluster.head_node.node_id not in nodes  # the head has no CPU for trainings
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 's' / 'study.db'}")
+    assert study.user_attrs["attnas_latency_node"]["id"] == cluster.head_node.node_id
+    assert study.user_attrs["attnas_settings"]["facts"]["latency"]["node"]
+    assert all(t.user_attrs.get("latency_ms") for t in done)
+    per_node = {n[:8]: sum(t.user_attrs["node_id"] == n for t in done) for n in nodes}
+    print(f"refused in {t1 - t0:.0f} s; shipped search: {per_node} trials per node in {time.time() - t1:.0f} s")
+
+
+def test_a_worker_node_killed_mid_training_reruns_its_trial_and_the_study_completes(cluster, tmp_path, coco128):
+    t0 = time.time()
+    proc = _search(cluster, tmp_path, coco128, "--budget", "2", "--weights", "none", "--workers", "2",
+                   "--cpus-per-trial", "1", "--ship-data")
+    victim, killed_trial = None, None
+    deadline = time.time() + 180
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        markers = sorted((tmp_path / "s").glob("trials/*/node-0-*.json"))
+        if markers:  # the first training has started: kill its node
+            victim, killed_trial = json.loads(markers[0].read_text())["node_id"], markers[0].parent
+            _kill_node(cluster, victim)
+        time.sleep(0.2)
+    assert victim is not None, "no training started"
+    result = _wait(proc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    retried = [t for t in _trials(tmp_path) if t.user_attrs.get("retried_after")]
+    assert retried and all(t.state == TrialState.COMPLETE for t in retried), result.stderr[-2000:]
+    assert retried[0].user_attrs["attempts"] == 2
+    assert retried[0].user_attrs["node_id"] != victim
+    assert json.loads((killed_trial / "node-1-0.json").read_text())["node_id"] != victim
+    assert sum(t.state == TrialState.COMPLETE for t in _trials(tmp_path)) >= 2
+    print(f"node killed mid-training, study completed in {time.time() - t0:.0f} s")
