@@ -340,7 +340,9 @@ class Executor:
         except SearchError:
             self.shutdown()
             raise
-        self.gate = GateClient(DeviceGate.remote())
+        # The gate lives on the driver's node: on any other it would die with that node and fail every latency.
+        here = ray.get_runtime_context().get_node_id()
+        self.gate = GateClient(DeviceGate.options(scheduling_strategy=cluster.pinned(here)).remote())
         meter_options: dict[str, Any] = {"scheduling_strategy": cluster.pinned(self.latency_node.id)}
         if latency.device == "cuda":
             # The meter reserves no GPU (it would starve trainings that ask for a whole one) yet must see it.
@@ -385,7 +387,9 @@ class Executor:
         # Waited for: Ray does not order an async actor's calls, so a fire-and-forget expect() could reach the gate
         # after a close() it must precede, and the meter would time while this worker starts up.
         ray.get(self.gate.actor.expect.remote(job.tag))
-        options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
+        options: dict[str, Any] = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
+        if self.pool.ray_address:  # on a cluster: over every node with room, not packed onto the first one
+            options["scheduling_strategy"] = "SPREAD"
         ref = _train_task.options(**options).remote(job, self.gate)
         self._pending[ref] = _Pending(key, kind, time.monotonic(), job, job.tag)
 
