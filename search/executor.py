@@ -33,6 +33,7 @@ from .work import Event
 
 GATE_MAX_WAIT_S = 60.0  # longest wait for trainings to park before measuring anyway (recorded as contended)
 GATE_MAX_CLOSED_S = 600.0  # the gate reopens by itself after this, so a dead meter cannot park trainings forever
+NODE_DEATH_WAIT_S = 60.0  # Ray's health check marks an unreachable node dead within ~30 s by default
 START_GRACE_S = 10.0  # a submitted training not started after this is queued by Ray (no load), not waited for
 _WORKER_DEATHS = (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError,
                   rex.OwnerDiedError)
@@ -420,7 +421,7 @@ class Executor:
         except rex.OutOfMemoryError as err:
             return [self._failed(p, "oom", f"out of memory (killed by Ray's memory monitor): {_short(err)}")]
         except rex.RayActorError as err:
-            if not cluster.is_alive(self.latency_node.id):  # latencies from another node would not compare
+            if not self._latency_node_alive(err):  # latencies from another node would not compare
                 raise SearchAborted(f"the latency node {self.latency_node.describe()} died; restart it (or pick "
                                     "another with --latency-node on a new study) and continue with --resume") from None
             # The meter died (maybe with the gate closed): reopen the gate and start a new meter for later trials.
@@ -430,6 +431,16 @@ class Executor:
             return [self._failed(p, "worker-died", f"latency meter died: {_short(err)}")]
         except rex.RayError as err:
             return [self._failed(p, "exception", _short(err))]
+
+    def _latency_node_alive(self, err: BaseException) -> bool:
+        """After a meter error: is its node still alive? An unreachable meter ("temporarily unavailable") is given
+        until Ray's health check decides (NODE_DEATH_WAIT_S), so a dying node is not taken for a dead meter."""
+        deadline = time.monotonic() + (NODE_DEATH_WAIT_S if isinstance(err, rex.ActorUnavailableError) else 0.0)
+        while cluster.is_alive(self.latency_node.id):
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(1.0)
+        return False
 
     def _failed(self, p: _Pending, kind: str, message: str) -> Event:
         if p.job is not None:

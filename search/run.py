@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "node id, or an IP/hostname naming one node; its hostname and processor are part of the "
                         f"study's identity [{run.latency_node}]")
     g.add_argument("--ship-data", action="store_true",
-                   help="copy the dataset through Ray into each node's local cache (/tmp/attnas-data or "
-                        "$ATTNAS_DATA_CACHE) instead of requiring it at the same path on every node; at most "
-                        "200 MB")
+                   help="with --ray-address: copy the dataset through Ray into each node's local cache "
+                        "(/tmp/attnas-data or $ATTNAS_DATA_CACHE) instead of requiring it at the same path on every "
+                        "node; at most 200 MB")
     g.add_argument("--trial-timeout", type=float, help="seconds; a training running longer is FAIL")
     g.add_argument("--save-weights", action="store_true", help="keep each trial's last.pt in its run directory")
     g.add_argument("--max-failures-in-a-row", type=int, default=run.max_failures_in_a_row,

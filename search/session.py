@@ -181,14 +181,16 @@ def start_executor(prep: "Prepared") -> Executor:
 
 
 def prepare_cluster(prep: "Prepared", executor: Executor, existing: optuna.Study | None) -> "Prepared":
-    """Once Ray is up, before anything is written: the latency node's facts join the study's identity (a resume
-    timed elsewhere is refused), and on a cluster every training node is checked for the dataset and --out (or the
-    dataset is shipped, --ship-data)."""
+    """On a cluster (--ray-address), once Ray is up and before anything is written: the latency node's facts join
+    the study's identity (a resume timed elsewhere is refused), and every training node is checked for the dataset
+    and --out (or the dataset is shipped, --ship-data). Local Ray: nothing to do (one machine)."""
     from dataclasses import replace
 
     from . import cluster
 
     s = prep.settings
+    if not s.run.ray_address:  # local Ray: the meter runs on this machine, whose facts search.run.prepare recorded
+        return prep
     ident = executor.latency_identity()
     facts = {k: ident[k] for k in ("backend_version", "device_model", "node")}
     if existing is not None:
@@ -202,12 +204,9 @@ def prepare_cluster(prep: "Prepared", executor: Executor, existing: optuna.Study
                               + "; ".join(differences(stored, facts, "latency.")) + "; pass --latency-node naming "
                               f"the node it was timed on ({stored.get('node', '?')})")
     study = replace(s.study, facts={**s.study.facts, "latency": facts})
-    data = prep.data
-    if s.run.ray_address or s.run.ship_data:
-        data_yaml, summary = cluster.prepare_nodes(prep.data.yaml, s.out, s.run.gpus_per_trial, s.run.ship_data)
-        print(f"cluster: {summary}", file=sys.stderr)
-        data = replace(data, yaml=data_yaml)
-    return replace(prep, settings=replace(s, study=study), data=data)
+    data_yaml, summary = cluster.prepare_nodes(prep.data.yaml, s.out, s.run.gpus_per_trial, s.run.ship_data)
+    print(f"cluster: {summary}", file=sys.stderr)
+    return replace(prep, settings=replace(s, study=study), data=replace(prep.data, yaml=data_yaml))
 
 
 def study_dir_of(prep: "Prepared", study: optuna.Study | None) -> Path:
