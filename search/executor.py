@@ -421,7 +421,7 @@ class Executor:
         except rex.OutOfMemoryError as err:
             return [self._failed(p, "oom", f"out of memory (killed by Ray's memory monitor): {_short(err)}")]
         except rex.RayActorError as err:
-            if not self._latency_node_alive(err):  # latencies from another node would not compare
+            if not self._latency_node_alive():  # latencies from another node would not compare
                 raise SearchAborted(f"the latency node {self.latency_node.describe()} died; restart it (or pick "
                                     "another with --latency-node on a new study) and continue with --resume") from None
             # The meter died (maybe with the gate closed): reopen the gate and start a new meter for later trials.
@@ -432,10 +432,11 @@ class Executor:
         except rex.RayError as err:
             return [self._failed(p, "exception", _short(err))]
 
-    def _latency_node_alive(self, err: BaseException) -> bool:
-        """After a meter error: is its node still alive? An unreachable meter ("temporarily unavailable") is given
-        until Ray's health check decides (NODE_DEATH_WAIT_S), so a dying node is not taken for a dead meter."""
-        deadline = time.monotonic() + (NODE_DEATH_WAIT_S if isinstance(err, rex.ActorUnavailableError) else 0.0)
+    def _latency_node_alive(self) -> bool:
+        """After a meter error: is its node still alive? The meter's process often dies (or turns unreachable)
+        before Ray's health check marks its node dead, so the node is given NODE_DEATH_WAIT_S to be declared dead:
+        a dying node must not be taken for a crashed meter (a new meter there would never start)."""
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S
         while cluster.is_alive(self.latency_node.id):
             if time.monotonic() >= deadline:
                 return True

@@ -193,3 +193,27 @@ def test_a_node_without_the_dataset_is_named_ship_data_runs_and_a_killed_node_tr
     per_node = {n[:8]: sum(t.user_attrs["node_id"] == n for t in done) for n in nodes}
     print(f"refused in {t1 - t0:.0f} s; shipped search with a node killed: {per_node} trials per node in "
           f"{time.time() - t1:.0f} s")
+
+
+def test_the_latency_meter_is_pinned_to_its_node_and_that_node_dying_stops_the_search_naming_it(cluster):
+    import ray
+
+    from search.driver import SearchAborted
+    from search.executor import Executor, PoolSettings
+    from search.latency import LatencySettings
+
+    ray.shutdown()  # the Executor joins the cluster itself
+    node = cluster.add_node(num_cpus=0)  # meters need no CPU slot
+    cluster.wait_for_nodes()
+    executor = Executor(PoolSettings(workers=1, ray_address=cluster.address, latency_node=node.node_id[:16]),
+                        LatencySettings())
+    try:
+        assert ray.get(executor.meter.identity.remote(), timeout=120)["node_id"] == node.node_id
+        cluster.remove_node(node, allow_graceful=False)
+        executor.submit_latency(0, None, 64)  # never runs: its meter's node is gone
+        deadline = time.time() + 120
+        with pytest.raises(SearchAborted, match=f"the latency node .*{node.node_id[:12]}.* died"):
+            while time.time() < deadline:
+                executor.wait(1.0)
+    finally:
+        executor.shutdown()
