@@ -338,6 +338,9 @@ class Executor:
         self.cpus_per_trial = pool.cpus_per_trial or max(1.0, float(int(self.cpus // max(1, pool.workers))))
         try:
             self.latency_node = cluster.resolve_node(pool.latency_node)
+            if latency.device == "cuda" and self.latency_node.gpus == 0:
+                raise SearchError(f"--latency-device cuda but the latency node {self.latency_node.describe()} has no "
+                                  "GPU; pick a GPU node with --latency-node")
         except SearchError:
             self.shutdown()
             raise

@@ -202,7 +202,11 @@ def test_the_latency_meter_is_pinned_to_its_node_and_that_node_dying_stops_the_s
     from search.executor import Executor, PoolSettings
     from search.latency import LatencySettings
 
+    from search.errors import SearchError
+
     ray.shutdown()  # the Executor joins the cluster itself
+    with pytest.raises(SearchError, match=r"--latency-node nowhere: names no alive node; nodes: .*node "):
+        Executor(PoolSettings(ray_address=cluster.address, latency_node="nowhere"), LatencySettings())
     node = cluster.add_node(num_cpus=0)  # meters need no CPU slot
     cluster.wait_for_nodes()
     executor = Executor(PoolSettings(workers=1, ray_address=cluster.address, latency_node=node.node_id[:16]),
