@@ -214,8 +214,10 @@ def test_the_latency_meter_is_pinned_to_its_node_and_that_node_dying_stops_the_s
     try:
         assert ray.get(executor.meter.identity.remote(), timeout=120)["node_id"] == node.node_id
         cluster.remove_node(node, allow_graceful=False)
-        executor.submit_latency(0, None, 64)  # never runs: its meter's node is gone
         deadline = time.time() + 120
+        while any(n["NodeID"] == node.node_id for n in _alive(cluster)) and time.time() < deadline:
+            time.sleep(0.5)  # until Ray declares it dead: an orphaned meter process may answer a moment longer
+        executor.submit_latency(0, None, 64)  # never runs: its meter's node is gone
         with pytest.raises(SearchAborted, match=f"the latency node .*{node.node_id[:12]}.* died"):
             while time.time() < deadline:
                 executor.wait(1.0)
