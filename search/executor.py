@@ -1,8 +1,9 @@
 """Ray side of the search: a pool of proxy trainings, one latency meter per device, and the gate between them.
 
 Workers return plain data and never touch the study. Latency isolation is cooperative: every training calls the
-``DeviceGate`` before each batch; the ``LatencyMeter`` closes the gate for its node, waits until every training
-there is parked, times the model, and reopens it. So a latency is never measured while a training loads the
+``DeviceGate`` before each batch; the ``LatencyMeter`` (pinned to the study's one latency node) closes the gate for
+its device, waits until every training there is parked (on its GPU for a CUDA meter, on its node for a CPU one),
+times the model, and reopens it. So a latency is never measured while a training loads the
 device, and no training slot sits idle waiting for others to drain.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import json
 import mmap
 import os
 import tempfile
@@ -22,6 +24,8 @@ from typing import Any, Iterator
 import ray
 import ray.exceptions as rex
 
+from . import cluster
+from .driver import SearchAborted
 from .errors import SearchError
 from .latency import LatencyResult, LatencySettings, Reference, measure_latency, prepare_reference
 from .proxy import TrainJob, TrainResult, run_training
@@ -29,6 +33,7 @@ from .work import Event
 
 GATE_MAX_WAIT_S = 60.0  # longest wait for trainings to park before measuring anyway (recorded as contended)
 GATE_MAX_CLOSED_S = 600.0  # the gate reopens by itself after this, so a dead meter cannot park trainings forever
+NODE_DEATH_WAIT_S = 60.0  # Ray's health check marks an unreachable node dead within ~30 s by default
 START_GRACE_S = 10.0  # a submitted training not started after this is queued by Ray (no load), not waited for
 _WORKER_DEATHS = (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError,
                   rex.OwnerDiedError)
@@ -46,7 +51,8 @@ class DeviceGate:
         self._open = asyncio.Event()
         self._open.set()
         self._node: str | None = None
-        self._active: dict[str, str] = {}  # training tag -> node id
+        self._gpu: str | None = None  # the closed GPU (Ray's id on the meter's node); None: the whole node (CPU)
+        self._active: dict[str, tuple[str, tuple[str, ...]]] = {}  # training tag -> (node id, its Ray GPU ids)
         self._expected: dict[str, float] = {}  # submitted, not started yet: tag -> submit time
         self._parked: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -57,10 +63,15 @@ class DeviceGate:
         if tag not in self._active:
             self._expected[tag] = time.monotonic()
 
-    async def enter(self, tag: str, node: str) -> None:
+    async def enter(self, tag: str, node: str, gpus: tuple[str, ...] = ()) -> None:
         self._expected.pop(tag, None)
-        self._active[tag] = node
+        self._active[tag] = (node, tuple(gpus))
         await self._wait_if_closed(tag)
+
+    def _shares_device(self, tag: str) -> bool:
+        """Whether this training loads the device being timed: its GPU, or (timing on CPU) any training on the node."""
+        node, gpus = self._active.get(tag, (None, ()))
+        return node == self._node and (self._gpu is None or self._gpu in gpus)
 
     def leave(self, tag: str) -> None:
         self._active.pop(tag, None)
@@ -75,7 +86,7 @@ class DeviceGate:
         return self._checkpoint_calls
 
     async def _wait_if_closed(self, tag: str) -> None:
-        if self._open.is_set() or self._active.get(tag) != self._node:
+        if self._open.is_set() or not self._shares_device(tag):
             return
         self._parked.add(tag)
         try:
@@ -83,15 +94,16 @@ class DeviceGate:
         finally:
             self._parked.discard(tag)
 
-    async def close(self, node: str, max_wait_s: float) -> list[str]:
-        """Stop trainings on ``node``; returns once all are parked, or after ``max_wait_s`` with those that are not."""
-        self._node = node
+    async def close(self, node: str, max_wait_s: float, gpu: str | None = None) -> list[str]:
+        """Stop trainings on ``node`` (only those on GPU ``gpu`` when given); returns once all are parked, or after
+        ``max_wait_s`` with those that are not."""
+        self._node, self._gpu = node, gpu
         self._open.clear()
         self._timer = asyncio.get_running_loop().call_later(GATE_MAX_CLOSED_S, self._open.set)
         deadline = time.monotonic() + max_wait_s
         while True:
             now = time.monotonic()
-            running = sorted(t for t, n in self._active.items() if n == node and t not in self._parked)
+            running = sorted(t for t in self._active if self._shares_device(t) and t not in self._parked)
             starting = sorted(t for t, since in self._expected.items() if now - since < START_GRACE_S)
             if not (running or starting) or now > deadline:
                 return running + starting
@@ -150,10 +162,10 @@ class GateClient:
             self._flag = NodeFlag(self.token, node or ray.get_runtime_context().get_node_id())
         return self._flag
 
-    def enter(self, tag: str) -> None:
+    def enter(self, tag: str, gpus: tuple[str, ...] = ()) -> None:
         node = ray.get_runtime_context().get_node_id()
         self.flag(node)
-        ray.get(self.actor.enter.remote(tag, node))
+        ray.get(self.actor.enter.remote(tag, node, gpus))
 
     def checkpoint(self, tag: str) -> None:
         """Called before every batch: local when the flag is clear; parks at the actor while it is set."""
@@ -163,10 +175,11 @@ class GateClient:
     def leave(self, tag: str) -> None:
         self.actor.leave.remote(tag)
 
-    def close(self, node: str, max_wait_s: float) -> list[str]:
-        """Set this node's flag, then wait at the actor until every training here is parked."""
+    def close(self, node: str, max_wait_s: float, gpu: str | None = None) -> list[str]:
+        """Set this node's flag, then wait at the actor until every training here on the timed device is parked
+        (trainings on the node's other GPUs see the flag, ask the actor and go on)."""
         self.flag(node).set(True)
-        return ray.get(self.actor.close.remote(node, max_wait_s))
+        return ray.get(self.actor.close.remote(node, max_wait_s, gpu))
 
     def open(self) -> None:
         self.flag().set(False)
@@ -185,12 +198,18 @@ class LatencyMeter:
         self._settings = settings
         self._gate = gate
         self._node = ray.get_runtime_context().get_node_id()
+        # A CUDA meter sees all of its node's GPUs and times on the first: Ray's id of that GPU, for the gate.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        self._gpu = (visible or "0") if settings.device == "cuda" else None
         self._reference_candidate = reference
         self._reference: Reference | None = None
 
     def identity(self) -> dict:
-        """The latency settings, the runtime's version and this node's processor (a study's identity)."""
-        return self._settings.identity()
+        """The latency settings, the runtime's version and this node's processor and hostname (a study's
+        identity), and the node's id (not identity: it changes when the cluster restarts)."""
+        import socket
+
+        return {**self._settings.identity(), "node": socket.gethostname(), "node_id": self._node}
 
     def measure(self, candidate, proxy_imgsz: int) -> LatencyResult:
         try:
@@ -204,7 +223,7 @@ class LatencyMeter:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[list[str]]:
         try:
-            yield self._gate.close(self._node, GATE_MAX_WAIT_S)
+            yield self._gate.close(self._node, GATE_MAX_WAIT_S, self._gpu)
         finally:
             self._gate.open()
 
@@ -212,7 +231,15 @@ class LatencyMeter:
 @ray.remote(max_retries=0)  # worker deaths are retried by the Executor, which records the attempt in the study
 def _train_task(job: TrainJob, gate: GateClient) -> TrainResult:
     tag = job.tag
-    gate.enter(tag)
+    placed = _placement(job)
+    if placed["device"].startswith("cpu (") and job.device != "cpu":  # the ATTNAS_GPU_AS_CPU test switch
+        job = TrainJob(**{**job.__dict__, "device": "cpu"})
+    # Written before training: a node that dies mid-training leaves the record of where this attempt ran.
+    with contextlib.suppress(OSError):
+        os.makedirs(job.run_dir, exist_ok=True)
+        with open(os.path.join(job.run_dir, f"node-{job.attempt}-{job.schedule.seed}.json"), "w") as f:
+            json.dump(placed, f)
+    gate.enter(tag, tuple(placed["gpu_ids"]))
     parked = 0.0
 
     def checkpoint() -> None:
@@ -221,13 +248,33 @@ def _train_task(job: TrainJob, gate: GateClient) -> TrainResult:
         gate.checkpoint(tag)
         parked += time.perf_counter() - t0
 
+    started = time.time()
     try:
         result = run_training(job, checkpoint=checkpoint)
         # Time spent parked while the meter had the device (and the calls to the gate): part of train_s.
         result.extra["parked_s"] = round(parked, 2)
+        result.extra.update({**placed, "train_started": round(started, 2), "train_ended": round(time.time(), 2)})
         return result
     finally:
         gate.leave(tag)
+
+
+GPU_AS_CPU_ENV = "ATTNAS_GPU_AS_CPU"  # test switch: trainings Ray gave (logical) GPUs train on the CPU
+
+
+def _placement(job: TrainJob) -> dict[str, Any]:
+    """Where this training runs: node id, hostname and device (with the GPU ids Ray assigned it)."""
+    import socket
+
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    device = "cpu"
+    if job.device != "cpu":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        device = f"cuda:{job.device} (gpu ids {gpu_ids}, CUDA_VISIBLE_DEVICES={visible})"
+        if os.environ.get(GPU_AS_CPU_ENV) == "1":
+            device = f"cpu ({GPU_AS_CPU_ENV}=1; gpu ids {gpu_ids}, CUDA_VISIBLE_DEVICES={visible})"
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "device": device,
+            "gpu_ids": gpu_ids}
 
 
 @dataclass(frozen=True)
@@ -239,6 +286,7 @@ class PoolSettings:
     gpus_per_trial: float = 0.0
     trial_timeout_s: float | None = None
     ray_address: str | None = None  # None: a local Ray with this machine's CPUs/GPUs
+    latency_node: str = "driver"  # where every latency is timed: "driver", a node id, IP or hostname
 
 
 @dataclass
@@ -261,6 +309,8 @@ class Executor:
         self.pool = pool
         self.workers = pool.workers
         env_vars = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", **(env or {})}
+        if os.environ.get(GPU_AS_CPU_ENV):
+            env_vars[GPU_AS_CPU_ENV] = os.environ[GPU_AS_CPU_ENV]
         runtime_env: dict[str, Any] = {"env_vars": env_vars}
         if pool.ray_address:
             import modules
@@ -288,8 +338,18 @@ class Executor:
             self.shutdown()
             raise SearchError("--latency-device cuda but Ray found no GPU; use --latency-device cpu")
         self.cpus_per_trial = pool.cpus_per_trial or max(1.0, float(int(self.cpus // max(1, pool.workers))))
-        self.gate = GateClient(DeviceGate.remote())
-        meter_options: dict[str, Any] = {}
+        try:
+            self.latency_node = cluster.resolve_node(pool.latency_node)
+            if latency.device == "cuda" and self.latency_node.gpus == 0:
+                raise SearchError(f"--latency-device cuda but the latency node {self.latency_node.describe()} has no "
+                                  "GPU; pick a GPU node with --latency-node")
+        except SearchError:
+            self.shutdown()
+            raise
+        # The gate lives on the driver's node: on any other it would die with that node and fail every latency.
+        here = ray.get_runtime_context().get_node_id()
+        self.gate = GateClient(DeviceGate.options(scheduling_strategy=cluster.pinned(here)).remote())
+        meter_options: dict[str, Any] = {"scheduling_strategy": cluster.pinned(self.latency_node.id)}
         if latency.device == "cuda":
             # The meter reserves no GPU (it would starve trainings that ask for a whole one) yet must see it.
             meter_options["runtime_env"] = {
@@ -304,16 +364,17 @@ class Executor:
         return LatencyMeter.options(**self._meter_options).remote(self._latency, self.gate, self._reference)
 
     def _meter_node(self) -> str:
-        # The driver's node: the meter's on local Ray. On a cluster a dead meter's flag elsewhere stays set; the
-        # trainings there then ask the (reopened) actor at every batch, slower but never parked.
-        return ray.get_runtime_context().get_node_id()
+        return self.latency_node.id
 
     def latency_identity(self) -> dict:
-        """LatencySettings.identity() as seen by the meter: its runtime version and its node's processor."""
+        """LatencySettings.identity() as seen by the meter: its runtime version, its node's processor and hostname,
+        and the node's id."""
         return ray.get(self.meter.identity.remote())
 
     def describe(self) -> str:
         where = self.pool.ray_address or "local Ray"
+        nodes = len(cluster.alive_nodes())
+        where += f" ({nodes} nodes; latency on {self.latency_node.describe()})" if nodes > 1 else ""
         gpus = self.pool.gpus_per_trial
         per = f"{self.cpus_per_trial:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
         fits = int(min(self.cpus // self.cpus_per_trial,
@@ -332,7 +393,9 @@ class Executor:
         # Waited for: Ray does not order an async actor's calls, so a fire-and-forget expect() could reach the gate
         # after a close() it must precede, and the meter would time while this worker starts up.
         ray.get(self.gate.actor.expect.remote(job.tag))
-        options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
+        options: dict[str, Any] = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
+        if self.pool.ray_address:  # on a cluster: over every node with room, not packed onto the first one
+            options["scheduling_strategy"] = "SPREAD"
         ref = _train_task.options(**options).remote(job, self.gate)
         self._pending[ref] = _Pending(key, kind, time.monotonic(), job, job.tag)
 
@@ -363,6 +426,9 @@ class Executor:
         except rex.OutOfMemoryError as err:
             return [self._failed(p, "oom", f"out of memory (killed by Ray's memory monitor): {_short(err)}")]
         except rex.RayActorError as err:
+            if not self._latency_node_alive():  # latencies from another node would not compare
+                raise SearchAborted(f"the latency node {self.latency_node.describe()} died; restart it (or pick "
+                                    "another with --latency-node on a new study) and continue with --resume") from None
             # The meter died (maybe with the gate closed): reopen the gate and start a new meter for later trials.
             self.gate.flag(self._meter_node()).set(False)
             self.gate.actor.open.remote()
@@ -370,6 +436,17 @@ class Executor:
             return [self._failed(p, "worker-died", f"latency meter died: {_short(err)}")]
         except rex.RayError as err:
             return [self._failed(p, "exception", _short(err))]
+
+    def _latency_node_alive(self) -> bool:
+        """After a meter error: is its node still alive? The meter's process often dies (or turns unreachable)
+        before Ray's health check marks its node dead, so the node is given NODE_DEATH_WAIT_S to be declared dead:
+        a dying node must not be taken for a crashed meter (a new meter there would never start)."""
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S
+        while cluster.is_alive(self.latency_node.id):
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(1.0)
+        return False
 
     def _failed(self, p: _Pending, kind: str, message: str) -> Event:
         if p.job is not None:

@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", help="join an existing cluster: auto, host:port or ray://host:port (default: "
                                          f"local Ray); an address that does not answer within {RAY_CONNECT_S:g} s "
                                          f"is refused, and joining is given up after {RAY_START_S:g} s")
+    g.add_argument("--latency-node", default=run.latency_node,
+                   help="the one node every latency of the study is timed on: 'driver' (this process's node), a "
+                        "node id, or an IP/hostname naming one node; its hostname and processor are part of the "
+                        f"study's identity [{run.latency_node}]")
+    g.add_argument("--ship-data", action="store_true",
+                   help="with --ray-address: copy the dataset through Ray into each node's local cache "
+                        "(/tmp/attnas-data or $ATTNAS_DATA_CACHE) instead of requiring it at the same path on every "
+                        "node; at most 200 MB")
     g.add_argument("--trial-timeout", type=float, help="seconds; a training running longer is FAIL")
     g.add_argument("--save-weights", action="store_true", help="keep each trial's last.pt in its run directory")
     g.add_argument("--max-failures-in-a-row", type=int, default=run.max_failures_in_a_row,
@@ -162,9 +170,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
                 facts={"base": {"scale": base.scale, "hash": canonical_hash(base.yaml)},
                        "data": {"identity": data.identity, "fingerprint": data.fingerprint, "nc": data.nc,
                                 "train_images": data.n_train, "val_images": data.n_val},
-                       # Latencies from another runtime version or processor do not compare (local Ray: the meter
-                       # runs on this machine).
-                       "latency": {k: v for k, v in s.latency.identity().items() if k in _LATENCY_FACTS}})
+                       # Latencies from another runtime version, processor or machine do not compare. Here: this
+                       # machine's; the latency node's once Ray is up (search.session.check_latency_node).
+                       "latency": _latency_facts(s, run, stored)})
     # A mismatched checkpoint is refused before anything is written; the checked state is kept for the run.
     checkpoint = check_user_checkpoint(s.weights, base, data.nc) if s.weights.mode == "path" else None
     if existing is not None:
@@ -236,7 +244,18 @@ def _check_space_at_proxy_size(base, s: StudySettings) -> None:
                           f"{str(err).removeprefix('space: ')}") from None
 
 
-_LATENCY_FACTS = ("backend_version", "device_model")
+_LATENCY_FACTS = ("backend_version", "device_model", "node")
+
+
+def _latency_facts(s: StudySettings, run: RunSettings, stored: StudySettings | None) -> dict[str, Any]:
+    """The latency facts of this machine, or (latency timed on another node) the stored ones until Ray is up."""
+    recorded = stored.facts.get("latency") if stored is not None else None
+    if run.latency_node != "driver" and recorded is not None:
+        return dict(recorded)
+    here = {**{k: v for k, v in s.latency.identity().items() if k in _LATENCY_FACTS}, "node": socket.gethostname()}
+    if recorded is not None and "node" not in recorded:  # a study from before latency nodes were recorded
+        here.pop("node")
+    return here
 
 
 def _check_devices(run: RunSettings) -> None:

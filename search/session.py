@@ -111,6 +111,11 @@ def run_session(prep: "Prepared") -> int:
                 _finish(existing, storage, prep, 0.0, study_dir_of(prep, existing))
                 return 0
         executor = start_executor(prep)
+        try:
+            prep = prepare_cluster(prep, executor, existing)
+        except BaseException:
+            executor.shutdown()
+            raise
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -145,7 +150,7 @@ def start_executor(prep: "Prepared") -> Executor:
 
     run = prep.settings.run
     pool = PoolSettings(workers=run.workers, cpus_per_trial=run.cpus_per_trial, gpus_per_trial=run.gpus_per_trial,
-                        trial_timeout_s=run.trial_timeout, ray_address=run.ray_address)
+                        trial_timeout_s=run.trial_timeout, ray_address=run.ray_address, latency_node=run.latency_node)
     where = run.ray_address or "local Ray"
     starting = threading.Event()
     starting.set()
@@ -178,6 +183,35 @@ def start_executor(prep: "Prepared") -> Executor:
         watchdog.cancel()
         for sig, h in handlers.items():
             signal.signal(sig, h)
+
+
+def prepare_cluster(prep: "Prepared", executor: Executor, existing: optuna.Study | None) -> "Prepared":
+    """On a cluster (--ray-address), once Ray is up and before anything is written: the latency node's facts join
+    the study's identity (a resume timed elsewhere is refused), and every training node is checked for the dataset
+    and --out (or the dataset is shipped, --ship-data). Local Ray: nothing to do (one machine)."""
+    from dataclasses import replace
+
+    from . import cluster
+
+    s = prep.settings
+    if not s.run.ray_address:  # local Ray: the meter runs on this machine, whose facts search.run.prepare recorded
+        return prep
+    ident = executor.latency_identity()
+    facts = {k: ident[k] for k in ("backend_version", "device_model", "node")}
+    if existing is not None:
+        stored = existing.user_attrs[st.SETTINGS_ATTR].get("facts", {}).get("latency", {})
+        if "node" not in stored:  # a study from before latency nodes were recorded: it was timed on its driver
+            facts.pop("node")
+        if stored != facts:
+            from .settings import differences
+
+            raise SearchError(f"study {s.study_name!r} was timed on another latency machine: "
+                              + "; ".join(differences(stored, facts, "latency.")) + "; pass --latency-node naming "
+                              f"the node it was timed on ({stored.get('node', '?')})")
+    study = replace(s.study, facts={**s.study.facts, "latency": facts})
+    data_yaml, summary = cluster.prepare_nodes(prep.data.yaml, s.out, s.run.gpus_per_trial, s.run.ship_data)
+    print(f"cluster: {summary}", file=sys.stderr)
+    return replace(prep, settings=replace(s, study=study), data=replace(prep.data, yaml=data_yaml))
 
 
 def study_dir_of(prep: "Prepared", study: optuna.Study | None) -> Path:
@@ -257,6 +291,9 @@ def _open_study(prep: "Prepared", storage, existing, study_dir: Path, executor: 
         study.set_metric_names(obj.names(prep.objectives))
     study.set_user_attr(st.VERSIONS_ATTR, st.versions())
     study.set_user_attr("attnas_last_run", {**asdict(run), "resources": executor.describe(), "started": started})
+    node = executor.latency_node  # its id changes when the cluster restarts: recorded here, not in the identity
+    study.set_user_attr("attnas_latency_node", {"id": node.id, "hostname": node.hostname, "ip": node.ip,
+                                                "device": s.study.latency.device})
     return study
 
 
@@ -386,11 +423,12 @@ def resume_command(prep: "Prepared", study_name: str, budget: int | None = None)
             "--storage", s.storage_url, "--budget", str(budget or run.budget), "--workers", str(run.workers),
             "--sampler", run.sampler]
     for flag, value in (("--cpus-per-trial", run.cpus_per_trial), ("--ray-address", run.ray_address),
+                        ("--latency-node", run.latency_node if run.latency_node != "driver" else None),
                         ("--trial-timeout", run.trial_timeout),
                         ("--gpus-per-trial", run.gpus_per_trial or None)):
         if value is not None:
             argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    argv += ["--save-weights"] * run.save_weights + ["--no-export"] * (not run.export)
+    argv += ["--save-weights"] * run.save_weights + ["--no-export"] * (not run.export) + ["--ship-data"] * run.ship_data
     argv += [f"--max-failures-in-a-row={run.max_failures_in_a_row}"]
     return shlex.join(argv)
 

@@ -106,6 +106,8 @@ class RunSettings:
     cpus_per_trial: float | None = None  # None: the cluster's CPUs / workers
     gpus_per_trial: float = 0.0
     ray_address: str | None = None
+    latency_node: str = "driver"  # the one node every latency is timed on: driver, a node id, IP or hostname
+    ship_data: bool = False  # copy the dataset to every node through Ray (search/cluster.py)
     trial_timeout: float | None = None
     save_weights: bool = False
     max_failures_in_a_row: int = 5
@@ -198,7 +200,8 @@ def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> St
 def run_settings(args: argparse.Namespace) -> RunSettings:
     run = RunSettings(budget=args.budget, workers=args.workers, sampler=args.sampler,
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                      ray_address=args.ray_address, trial_timeout=args.trial_timeout, save_weights=args.save_weights,
+                      ray_address=args.ray_address, latency_node=args.latency_node, ship_data=args.ship_data,
+                      trial_timeout=args.trial_timeout, save_weights=args.save_weights,
                       max_failures_in_a_row=args.max_failures_in_a_row, export=not args.no_export,
                       faults=parse_faults(args.inject_fault))
     if run.budget <= 0:

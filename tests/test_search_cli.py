@@ -170,12 +170,12 @@ def test_bad_objectives_are_one_line_exit_2(value, message, tmp_path, capsys):
 
 
 def test_resume_on_another_latency_backend_or_processor_is_refused(tmp_path, capsys):
-    """Latencies from another runtime, runtime version or processor do not compare: part of the identity."""
+    """Latencies from another runtime, runtime version, processor or machine do not compare: part of the identity."""
     import optuna
 
     prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
     recorded = prep.settings.study.as_dict()
-    assert set(recorded["facts"]["latency"]) == {"backend_version", "device_model"}
+    assert set(recorded["facts"]["latency"]) == {"backend_version", "device_model", "node"}
     prep.settings.study_dir.mkdir(parents=True)
     study = optuna.create_study(study_name=prep.settings.study_name, storage=prep.settings.storage_url,
                                 directions=["maximize", "minimize"])
@@ -189,3 +189,8 @@ def test_resume_on_another_latency_backend_or_processor_is_refused(tmp_path, cap
     study.set_user_attr("attnas_settings", moved)
     assert search_run.main(["--out", str(tmp_path), "--resume"]) == 2
     assert 'facts.latency.device_model: study has "another CPU"' in capsys.readouterr().err
+    elsewhere = {**recorded, "facts": {**recorded["facts"], "latency": {**recorded["facts"]["latency"],
+                                                                        "node": "another-host"}}}
+    study.set_user_attr("attnas_settings", elsewhere)  # timed on another machine (its latency node)
+    assert search_run.main(["--out", str(tmp_path), "--resume"]) == 2
+    assert 'facts.latency.node: study has "another-host"' in capsys.readouterr().err

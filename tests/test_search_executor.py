@@ -100,6 +100,23 @@ def test_the_open_gate_is_passed_without_calling_the_actor(local_ray):
     assert ray.get(gate.actor.checkpoint_calls.remote()) == 3
 
 
+def test_a_gpu_meter_parks_only_the_trainings_on_its_gpu_a_cpu_meter_all_on_its_node(local_ray):
+    """The gate is keyed by (node, device): timing on GPU 1 parks the training Ray gave GPU 1, not the one on GPU 0
+    or a CPU training on the same node; timing on the CPU waits for every training on the node."""
+    actor = DeviceGate.remote()
+    node = ray.get_runtime_context().get_node_id()
+    for tag, gpus in (("gpu0", ("0",)), ("gpu1", ("1",)), ("cpu", ())):
+        ray.get(actor.enter.remote(tag, node, gpus))
+    assert ray.get(actor.close.remote(node, 0.3, "1")) == ["gpu1"]  # the only one to wait for (never parks here)
+    ray.get([actor.checkpoint.remote("gpu0"), actor.checkpoint.remote("cpu")], timeout=10)  # pass at once
+    parked = actor.checkpoint.remote("gpu1")
+    assert ray.wait([parked], timeout=0.5)[1] == [parked], "the training on the timed GPU waits"
+    ray.get(actor.open.remote())
+    ray.get(parked, timeout=10)
+    assert ray.get(actor.close.remote(node, 0.3)) == ["cpu", "gpu0", "gpu1"]  # CPU timing: all on the node
+    ray.get(actor.open.remote())
+
+
 @pytest.mark.slow
 def test_the_meter_times_candidates_paired_with_the_base(local_ray):
     base = space.load_base("yolov8n.yaml")
