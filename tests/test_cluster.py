@@ -18,9 +18,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                                 reason="the node without the dataset needs root and unshare (a mount namespace)")]
+pytestmark = pytest.mark.slow
+needs_mount_namespace = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                                           reason="the node without the dataset needs root and unshare")
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4",
         "--latency-imgsz", "64", "--latency-runs", "3", "--latency-min-runs", "3", "--latency-warmup", "1",
@@ -147,6 +147,7 @@ def test_half_gpus_run_four_trainings_at_once_each_on_its_device(cluster, tmp_pa
         executor.shutdown()
 
 
+@needs_mount_namespace
 def test_a_node_without_the_dataset_is_named_ship_data_runs_and_a_killed_node_trial_reruns(cluster, tmp_path, coco128):
     t0 = time.time()
     _start_node_without(cluster, coco128)
