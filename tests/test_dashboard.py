@@ -3,11 +3,13 @@
 import csv
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,13 +50,12 @@ def study(tmp_path_factory, coco128):
     return out, command
 
 
-@pytest.fixture(scope="module")
-def dashboard(study):
-    """The exact command the search printed, plus a free port, as a real server process."""
-    _, command = study
+@contextmanager
+def dashboard_server(command: str):
+    """The dashboard command a search printed, run as a real server on a free port; yields its base URL."""
     port = _free_port()
     exe = Path(sys.executable).with_name("optuna-dashboard")
-    args = [str(exe), *command.split()[1:], "--port", str(port), "--host", "127.0.0.1", "--quiet"]
+    args = [str(exe), *shlex.split(command)[1:], "--port", str(port), "--host", "127.0.0.1", "--quiet"]
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,6 +73,13 @@ def dashboard(study):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dashboard(study):
+    """The exact command the search printed, plus a free port, as a real server process."""
+    with dashboard_server(study[1]) as url:
+        yield url
 
 
 def test_three_objective_exports_have_a_column_and_a_pairwise_plot_per_objective(study):

@@ -3,12 +3,10 @@ killed with kill -9, resumed while the database restarts, exported, and read by 
 retry never writes a trial twice and gives up in order."""
 
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -21,7 +19,7 @@ from search import export as search_export
 from search import study as st
 from search.errors import SearchError
 from search.reconnect import DatabaseUnreachable, ReconnectingStorage
-from test_dashboard import _free_port
+from test_dashboard import dashboard_server
 from test_search_engine import REPO, _kill_group, search_cmd
 
 pytestmark = pytest.mark.slow
@@ -128,31 +126,6 @@ def test_export_from_postgresql(searched):
     assert search_export.main(["--study", "s", "--storage", url, "--out", str(out)]) == 0
     assert (out / "s" / "pareto.csv").read_text().startswith("trial,")
     assert (out / "s" / "summary.json").is_file() and list((out / "s" / "pareto").glob("*.yaml"))
-
-
-@contextmanager
-def dashboard_server(command: str):
-    """The dashboard command a search printed, run as a real server on a free port; yields its base URL."""
-    port = _free_port()
-    exe = Path(sys.executable).with_name("optuna-dashboard")
-    args = [str(exe), *shlex.split(command)[1:], "--port", str(port), "--host", "127.0.0.1", "--quiet"]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                if requests.get(f"{url}/api/meta", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, server.stderr.read()
-            time.sleep(0.2)
-        else:
-            pytest.fail("optuna-dashboard did not answer within 30 s")
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def dashboard_trials(stdout: str, study_name: str) -> list[dict]:
