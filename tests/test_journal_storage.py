@@ -6,7 +6,7 @@ import pytest
 from optuna.storages.journal import JournalFileSymlinkLock
 
 from search import study as st
-from test_postgres import assert_every_trial_kept_once, dashboard_trials, kill_9_then_resume
+from test_postgres import assert_every_trial_kept_once, assert_requeue_said, dashboard_trials, kill_9_then_resume
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,7 @@ def test_kill_9_then_resume_keeps_every_trial_once(searched):
     url, first, res = searched
     assert res.returncode == 0, res.stderr[-3000:]
     assert_every_trial_kept_once(url, first)
+    assert_requeue_said(res.stderr)
 
 
 def test_dashboard_reads_the_journal_file(searched):

@@ -3,6 +3,7 @@ killed with kill -9, resumed while the database restarts, exported, and read by 
 retry never writes a trial twice and gives up in order."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,11 @@ def assert_every_trial_kept_once(url: str, first: optuna.trial.FrozenTrial) -> l
     return trials
 
 
+def assert_requeue_said(stderr: str) -> None:
+    """The resumed run names what it re-queued (trial 2 may have been sampled ahead when the driver died)."""
+    assert re.search(r"re-queued [12] trial\(s\) a stopped driver left running \(1(, 2)?\)", stderr), stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def searched(pg, tmp_path_factory, coco128):
     """The search on PostgreSQL; the server is stopped for 3 s and started again while the resumed run works."""
@@ -118,6 +124,7 @@ def test_kill_9_resume_and_a_database_restart_keep_every_trial_once(searched):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("database unreachable") == 1 and "database reachable again after" in res.stderr
     assert_every_trial_kept_once(url, first)
+    assert_requeue_said(res.stderr)
 
 
 def test_export_from_postgresql(searched):
