@@ -43,8 +43,8 @@ def storage_of(tmp_path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
 
 
-def new_study(tmp_path, enqueue_base: bool = True) -> optuna.Study:
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="d",
+def new_study(tmp_path, enqueue_base: bool = True, storage=None) -> optuna.Study:
+    study = optuna.create_study(storage=storage or f"sqlite:///{tmp_path / 'study.db'}", study_name="d",
                                 directions=obj.directions(TABLE), sampler=optuna.samplers.RandomSampler(seed=0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -127,12 +127,12 @@ def two_slots():
                                                                min_layers=1, max_layers=1))
 
 
-def rung_driver(study, space, tmp_path, coco128, budget: int, pool=None, **config) -> Driver:
+def rung_driver(study, space, tmp_path, coco128, budget: int, pool=None, storage=None, **config) -> Driver:
     pool = pool or InProcessPool(LATENCY, workers=1)
     schedule = replace(SCHEDULE, epochs=RUNGS[-1])
     cfg = SearchConfig(budget=budget, schedule=schedule, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
                        study_dir=tmp_path, latency_imgsz=LATENCY.imgsz, rungs=RUNGS, eta=2, lookahead=0, **config)
-    return Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget), storage_of(tmp_path))
+    return Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget), storage or storage_of(tmp_path))
 
 
 def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_at_the_top_rung(

@@ -31,10 +31,8 @@ def test_v2_is_byte_for_byte_what_it_was(cache):
     assert (root / "MANIFEST.json").read_text() == V2_MANIFEST
 
 
-def test_v3_generates_the_same_set_twice(cache, tmp_path):
+def test_v3_generates_the_same_set_every_time(cache):
     first = shapes.cached("shapes-v3", cache).parent / "MANIFEST.json"
-    again = shapes.generate("shapes-v3", tmp_path / "again").parent / "MANIFEST.json"
-    assert json.loads(again.read_text()) == json.loads(first.read_text())
     # Pinned: a change to v3's drawing changes every study's data fingerprint, so it must be deliberate (and
     # re-measured with bench/proxy_fidelity.py).
     assert json.loads(first.read_text())["sha256"] == V3_SHA256
