@@ -19,6 +19,8 @@ import pytest
 import requests
 from optuna.trial import TrialState
 
+from search import study as st  # its open_storage retries the race of two processes creating one database
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4", "--latency-imgsz", "64",
@@ -115,7 +117,7 @@ def test_dashboard_actions_during_a_real_search(tmp_path, coco128):
     search = _start(cmd)
     dash = None
     try:
-        _wait("the study", lambda: db.is_file() and "live" in optuna.get_all_study_names(url), proc=search)
+        _wait("the study", lambda: db.is_file() and "live" in st.study_names(url), proc=search)
         dash = Dashboard(url, out / "live" / "artifacts")
         sid = dash.study_id("live")
         # Fail trial 1 while it trains: "stop this one".
@@ -181,7 +183,7 @@ def test_deleting_the_study_from_the_dashboard_stops_the_search(tmp_path, coco12
     search = _start(cmd)
     dash = None
     try:
-        _wait("the study", lambda: db.is_file() and "gone" in optuna.get_all_study_names(url), proc=search)
+        _wait("the study", lambda: db.is_file() and "gone" in st.study_names(url), proc=search)
         dash = Dashboard(url, out / "gone" / "artifacts")
         sid = dash.study_id("gone")
         _wait("trial 0 training", lambda: dash.running_and_timed(sid, 0), proc=search)

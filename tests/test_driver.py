@@ -145,7 +145,9 @@ def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_
     assert len(counted) == 4, "the budget counts candidates, whichever rung they stopped at"
     top = [t for t in trials if t.state == TrialState.COMPLETE]
     stopped = [t for t in trials if t.state == TrialState.PRUNED and st.RUNG_RESULTS in t.user_attrs]
-    assert len(top) == 2 and len(stopped) == 2, "4 results at rung 0, eta 2: the best 2 are promoted"
+    # 4 results at rung 0, eta 2: the best 2 are promoted; asynchronous like ASHA, a candidate promoted when the rung
+    # held 2 results stays promoted, so a third may go on when two later results outrank it.
+    assert len(top) in (2, 3) and len(top) + len(stopped) == 4, (len(top), len(stopped))
     for t in top:
         assert sorted(st.rung_results(t)) == [1, 2] and t.values == st.rung_results(t)[2]
     for t in stopped:
