@@ -209,7 +209,12 @@ def test_the_latency_meter_is_pinned_to_its_node_and_that_node_dying_stops_the_s
     with pytest.raises(SearchError, match=r"--latency-node nowhere: names no alive node; nodes: .*node "):
         Executor(PoolSettings(ray_address=cluster.address, latency_node="nowhere"), LatencySettings())
     node = cluster.add_node(num_cpus=0)  # meters need no CPU slot
-    cluster.wait_for_nodes()
+    # Not Cluster.wait_for_nodes: it counts every live node, and the nodes of earlier tests (a `ray start` node, a
+    # killed raylet) may still be alive or not yet declared dead.
+    deadline = time.time() + 60
+    while node.node_id not in cluster.global_state._live_node_ids():
+        assert time.time() < deadline, "the latency node did not join"
+        time.sleep(0.2)
     executor = Executor(PoolSettings(workers=1, ray_address=cluster.address, latency_node=node.node_id[:16]),
                         LatencySettings())
     try:

@@ -170,7 +170,6 @@ def test_dashboard_actions_during_a_real_search(tmp_path, coco128):
     done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
     assert len(done) == 3 and any(t.user_attrs.get("requeued_from") == 3 for t in done)
     from search import objectives as obj
-    from search import study as st
 
     front = st.pareto_trials(study, obj.parse("mAP50-95,latency_ms"))
     assert 2 not in {t.number for t in front}, "a trial completed by hand is left out of the front"
