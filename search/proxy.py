@@ -141,7 +141,7 @@ def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) 
     # The trainer is used directly (Ultralytics' documented DetectionTrainer(overrides=...).train()): YOLO.train()
     # insists on reloading a saved checkpoint afterwards, and weights are off by default.
     trainer_cls = _proxy_trainer(checkpoint, job.save_weights or stops_early, job.fault,
-                                 None if job.resume else _inheritor(job), job.stop_at)
+                                 None if job.resume else _inheritor(job), job.stop_at, keep_best=job.save_weights)
     if job.resume:
         # Ultralytics' own resume: the checkpoint's train arguments (schedule, data, seed) with its weights, EMA,
         # optimizer and epoch; only where it writes and what it runs on may change.
@@ -200,7 +200,7 @@ def _inheritor(job: TrainJob) -> Callable | None:
 
 
 def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fault: str | None,
-                   inheritor: Callable | None = None, stop_at: int | None = None) -> type:
+                   inheritor: Callable | None = None, stop_at: int | None = None, keep_best: bool = True) -> type:
     """Ultralytics' DetectionTrainer with the proxy's differences, as a subclass (the API Ultralytics offers)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import callbacks as ucallbacks
@@ -231,7 +231,12 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
 
         def save_model(self):
             # Weights are optional (--save-weights); skipping the write saves ~13 MB and some time per trial.
-            return super().save_model() if save_weights else False
+            if not save_weights:
+                return False
+            saved = super().save_model()
+            if not keep_best:  # a rung checkpoint needs last.pt only; best.pt (30-50 MB) would outlive the candidate
+                self.best.unlink(missing_ok=True)
+            return saved
 
         def final_eval(self):
             # The proxy score is the final epoch's validation; re-validating best.pt would double validation time.

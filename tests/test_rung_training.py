@@ -33,7 +33,9 @@ def runs(tmp_path_factory, coco128):
     first = run_training(TrainJob(**{**job.__dict__, "run_dir": str(tmp / "rung0"), "stop_at": 1}))
     ckpt = first.extra["checkpoint"]
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # read before the continuation overwrites it
+    saved["files"] = sorted(p.name for p in (tmp / "rung0").rglob("*.pt"))
     rest = run_training(TrainJob(**{**job.__dict__, "run_dir": str(tmp / "rung1"), "stop_at": 3, "resume": ckpt}))
+    saved["files_after_top"] = sorted(p.name for p in (tmp / "rung1").rglob("*.pt"))
     return whole, first, rest, saved
 
 
@@ -42,6 +44,8 @@ def test_a_stopped_training_is_validated_and_keeps_a_checkpoint(runs):
     assert first.error is None and first.extra["epochs_done"] == 1 and first.map50_95 is not None
     assert saved["epoch"] == 0 and saved["train_args"]["epochs"] == 3, "the checkpoint is on the top rung's schedule"
     assert "checkpoint" not in rest.extra, "the top rung keeps no checkpoint"
+    assert saved["files"] == ["last.pt"], "a rung keeps its checkpoint and nothing else (no best.pt to leak)"
+    assert saved["files_after_top"] == [], "the top rung writes no weights"
 
 
 def test_the_continued_run_restores_weights_ema_optimizer_and_epoch(runs):
