@@ -1,28 +1,39 @@
-"""Benchmark the default search: wall time, trial compute and engine overhead of ``python -m search.run``.
+"""Benchmark the default search against the single-rung search it replaced, in one bench run.
 
-    python bench/default_run.py                      # the default run: --budget 50 on the built-in data
-    python bench/default_run.py --budget 4 -- --epochs 5   # anything after -- goes to search.run
+    python bench/default_run.py                       # both studies, --budget 50 on the built-in data
+    python bench/default_run.py --only default        # just the default run
+    python bench/default_run.py --budget 4 -- --imgsz 64   # anything after -- goes to every search.run
 
-Runs the search in a fresh output directory, then reads the study back and prints a table: wall time, the base
-training of ``--weights auto``, the worker time of the trials this run trained, the engine overhead
-``1 − Σ trial compute / (wall × workers)``, per-trial times and the front.
+Two studies under one fresh ``--out``, one after the other:
+
+1. ``default``: today's defaults (``--rungs 1,3,9 --eta 3 --confirm-seeds 1``). It is the first study on the data,
+   so it trains the base of ``--weights auto`` and puts it in the base cache.
+2. ``single``: the behaviour before rungs, ``--epochs 3 --confirm-seeds 0`` (every candidate 3 epochs, no
+   confirmation). Same base, data and base training, so it takes the base from the cache.
+
+For each it prints wall time, the base training (or the cache hit), the time from the command's start to the first
+candidate's training, Σ trial compute and the engine overhead, the epochs spent, the rung-to-rung Kendall τ and seed
+sd the study reports of itself, the front (confirmed points on seed means) and the peak disk held by training
+checkpoints (polled every second). Then the ratios: search wall (base excluded) default / single, and second study /
+first study.
 
 What counts as compute: a trial occupies a worker for its ``train_s``. The latency meter times the next
-candidates while the workers train (the driver works one trial ahead), and parks the trainings during each timed
-loop, which uses every core: that parked time (``parked_s``, inside ``train_s``) is the meter's share of the
-machine, so the latency seconds are not added a second time. The base training of ``--weights auto`` runs once,
-in one process, before the pool starts: the engine overhead is that of the search after it (wall − base), and the
-whole-command figure counts the base as one worker's compute (a second thread gains it nothing on small images).
+candidates while the workers train and parks the trainings during each timed loop (``parked_s``, inside
+``train_s``), so the latency seconds are not added a second time. The base training runs once, in one process,
+before the pool starts: the engine overhead is that of the search after it (wall − base).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -31,72 +42,134 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from search import study as st  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "default": [],  # the defaults of search.run: rungs 1,3,9, eta 3, one confirmation seed
+    "single": ["--epochs", "3", "--confirm-seeds", "0"],  # before rungs: one 3-epoch rung, no confirmation
+}
+
+
+@dataclass
+class Run:
+    name: str
+    wall: float
+    started: float
+    peak_checkpoint_bytes: int
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    search_wall: float = 0.0
+
+
+class CheckpointWatch(threading.Thread):
+    """Polls the total size of the training checkpoints (``*.pt`` but the base weights) under a study directory."""
+
+    def __init__(self, study_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.study_dir, self.peak, self.done = study_dir, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            total = 0
+            for p in self.study_dir.rglob("*.pt"):
+                if p.name != "base-weights.pt":
+                    try:
+                        total += p.stat().st_size
+                    except FileNotFoundError:  # deleted between listing and stat
+                        pass
+            self.peak = max(self.peak, total)
+
+
+def run_study(out: Path, name: str, workers: int, budget: int, extra: list[str]) -> Run | None:
+    cmd = [sys.executable, "-m", "search.run", "--budget", str(budget), "--workers", str(workers), "--out", str(out),
+           "--study-name", name, *VARIANTS[name], *extra]
+    print("running:", " ".join(cmd), flush=True)
+    watch = CheckpointWatch(out / name)
+    watch.start()
+    started = time.time()
+    rc = subprocess.call(cmd, cwd=REPO)
+    wall = time.time() - started
+    watch.done.set()
+    watch.join()
+    if rc != 0:
+        print(f"search.run exited with {rc}")
+        return None
+    run = Run(name, wall, started, watch.peak)
+    describe(run, out, workers)
+    return run
+
+
+def describe(run: Run, out: Path, workers: int) -> None:
+    study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{out / run.name / 'study.db'}")
+    summary = json.loads((out / run.name / "summary.json").read_text())
+    trained = [t for t in study.trials if "train_s" in t.user_attrs and "reused_from" not in t.user_attrs]
+    compute = [t.user_attrs["train_s"] for t in trained]
+    parked = sum(t.user_attrs.get("parked_s", 0.0) for t in trained)
+    base_info = study.user_attrs.get("attnas_base_weights", {})
+    cached = base_info.get("source") == "cache"
+    base_s = 0.0 if cached else float(base_info.get("train_s", 0.0))
+    run.search_wall = run.wall - base_s
+    candidates = [t.user_attrs["train_started"] for t in study.trials
+                  if t.params.get("placement") != "none" and "train_started" in t.user_attrs]
+    first = min(candidates) - run.started if candidates else float("nan")
+    fidelity = summary.get("fidelity") or {}
+    epochs = fidelity.get("epochs", {})
+    taus = ", ".join(f"{r['from_epochs']}→{r['to_epochs']}: {r['kendall_tau']:+.2f} (n {r['candidates']})"
+                     for r in fidelity.get("rung_kendall_tau", [])) or "-"
+    states = summary["trials"]
+    confirmed = summary["pareto_on"].startswith("seed means")
+    run.rows = [
+        ("wall time (whole command)", f"{run.wall:.0f} s"),
+        ("trials by state", ", ".join(f"{k} {v}" for k, v in states.items())),
+        ("base for --weights auto", "cache hit" if cached else f"trained, {base_s:.0f} s"),
+        ("command start → first candidate training", f"{first:.0f} s"),
+        ("Σ trial compute (worker time), of which parked",
+         f"{sum(compute):.0f} s, {parked:.0f} s ({parked / max(sum(compute), 1e-9):.1%})"),
+        ("median trial compute", f"{statistics.median(compute):.1f} s" if compute else "-"),
+        ("engine overhead 1 − Σ compute / ((wall − base) × workers)",
+         f"{1 - sum(compute) / (run.search_wall * workers):.1%}"),
+        ("epochs: candidates + confirmation (all at top rung)",
+         f"{epochs.get('spent_on_candidates')} + {epochs.get('confirmation')} "
+         f"({epochs.get('all_at_top_rung')})"),
+        ("Kendall τ between rungs", taus),
+        ("seed sd of mAP (confirmed trials)",
+         f"{fidelity['seed_sd']:.4f} (n {fidelity['seed_sd_from']})" if fidelity.get("seed_sd") is not None else "-"),
+        ("front points" + (" (confirmed, on seed means)" if confirmed else " (single runs)"), str(len(summary["pareto"]))),
+        ("  of which above the base by > 2 se",
+         str(sum(bool(p.get("above_base_2se")) for p in summary["pareto"])) if confirmed else "-"),
+        ("peak disk of training checkpoints", f"{run.peak_checkpoint_bytes / 2**20:.1f} MiB"),
+        ("final hypervolume (own reference point)", f"{summary['hypervolume']['final']:.4g}"),
+    ]
+    print(f"\n== {run.name} ({out / run.name})")
+    width = max(len(k) for k, _ in run.rows)
+    for key, value in run.rows:
+        print(f"{key.ljust(width)}  {value}")
+    print("front:")
+    for p in summary["pareto"]:
+        print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items()
+                              if k in ("trial", "mAP50-95", "mAP50-95_mean", "mAP50-95_sd", "latency_ms",
+                                       "above_base_2se", "placements")))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", choices=sorted(VARIANTS), help="run one of the two studies")
     parser.add_argument("--out", help="output directory (default: a fresh temporary one)")
     parser.add_argument("extra", nargs="*", help="further search.run arguments (after --)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="attnas-bench-"))
-    cmd = [sys.executable, "-m", "search.run", "--budget", str(args.budget), "--workers", str(args.workers),
-           "--out", str(out), "--study-name", "bench", *args.extra]
-    print("running:", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    rc = subprocess.call(cmd, cwd=REPO)
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        print(f"search.run exited with {rc}")
-        return rc
-    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{out / 'bench' / 'study.db'}")
-    trained = [t for t in study.trials if "train_s" in t.user_attrs and "reused_from" not in t.user_attrs]
-    compute = [t.user_attrs["train_s"] for t in trained]
-    parked = sum(t.user_attrs.get("parked_s", 0.0) for t in trained)
-    latency = sum(t.user_attrs.get("latency_s", 0.0) for t in trained)
-    span = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trained if t.datetime_complete]
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    base_s = float(study.user_attrs.get("attnas_base_weights", {}).get("train_s", 0.0))  # --weights auto, once
-    workers = args.workers
-    objectives = st.objectives_of(study)
-    front = st.pareto_trials(study, objectives)
-    base_trial = next((t for t in complete if t.params.get("placement") == "none"), None)
-    rows = [
-        ("wall time (whole command)", f"{wall:.0f} s"),
-        ("completed trials / trained / reused / failed",
-         f"{len(complete)} / {len(trained)} / {sum('reused_from' in t.user_attrs for t in complete)} / "
-         f"{sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)}"),
-        ("base training for --weights auto (once, one process)", f"{base_s:.0f} s"),
-        ("Σ trial compute: worker time of the trained trials", f"{sum(compute):.0f} s"),
-        ("  of which parked while the meter timed a candidate",
-         f"{parked:.0f} s ({parked / max(sum(compute), 1e-9):.1%})"),
-        ("Σ latency measurement (meter, overlapped with training)", f"{latency:.0f} s"),
-        ("per trained trial: median compute / median ask-to-tell",
-         f"{statistics.median(compute):.1f} s / {statistics.median(span):.1f} s" if compute else "-"),
-        ("engine overhead 1 − Σ compute / ((wall − base) × workers)",
-         f"{1 - sum(compute) / ((wall - base_s) * workers):.1%}"),
-        ("idle share of the whole command 1 − (Σ compute + base) / (wall × workers)",
-         f"{1 - (sum(compute) + base_s) / (wall * workers):.1%}"),
-        ("latency spread within a measurement: median of IQR / median",
-         f"{statistics.median(t.user_attrs['latency_iqr_ms'] / t.user_attrs['latency_ms'] for t in trained):.1%}"
-         if trained else "-"),
-        ("Pareto points", f"{len(front)}"),
-    ]
-    for i, o in enumerate(objectives):
-        rows.append((f"base {o.name} / spread over the completed trials (min..max)",
-                     f"{o.show(base_trial.values[i] if base_trial else None)} / "
-                     f"{o.show(min(t.values[i] for t in complete))}..{o.show(max(t.values[i] for t in complete))}"
-                     if complete else "-"))
-    width = max(len(k) for k, _ in rows)
-    print()
-    for key, value in rows:
-        print(f"{key.ljust(width)}  {value}")
-    print("\nPareto front:")
-    for t in front:
-        values = "  ".join(f"{o.name} {o.show(v)}" for o, v in zip(objectives, t.values))
-        print(f"  trial {t.number:>3}  {values}  {t.user_attrs.get('placements', '')}")
-    print(f"\nstudy: {out / 'bench'}")
+    runs = {}
+    for name in ([args.only] if args.only else list(VARIANTS)):
+        run = run_study(out, name, args.workers, args.budget, args.extra)
+        if run is None:
+            return 1
+        runs[name] = run
+    if len(runs) == 2:
+        d, s = runs["default"], runs["single"]
+        print("\n== default vs single (same bench run)")
+        print(f"search wall, base excluded: {d.search_wall:.0f} s vs {s.search_wall:.0f} s, "
+              f"ratio {d.search_wall / s.search_wall:.2f} (target ≤ 1)")
+        print(f"whole command: first study (trains the base) {d.wall:.0f} s, second study (base from the cache) "
+              f"{s.wall:.0f} s")
     return 0
 
 

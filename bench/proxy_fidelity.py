@@ -2,17 +2,24 @@
 
     python bench/proxy_fidelity.py [--data builtin:shapes-v3] [--n 12] [--epochs 3] [--factor 5] [--starts inherit]
                                    [--train-arg lr0=0.001 ...] [--base-weights runs/…/base-weights.pt]
+    python bench/proxy_fidelity.py --data builtin --rungs 1,3,9 --starts inherit   # the search's own rungs
 
 Samples ``--n`` distinct architectures from the default space, trains each at the proxy schedule (``--epochs``)
 and at a ``--factor`` times longer one, both from the base weights trained once (``--weights auto``) and from
 scratch, and prints the four mAP50-95 columns with the rank correlations between proxy and long schedules, and
 how many pairs the long schedule separates beyond seed noise (does the data tell these architectures apart at all?).
 Trainings run ``--workers`` at a time in separate processes, one CPU thread each.
+
+``--rungs 1,3,9``: the proxy is what the search's successive halving sees instead. Each architecture trains once on
+the top rung's schedule, stopped at every rung (validated, checkpoint kept) and continued from its checkpoint to
+the next, as a promoted candidate is, so the columns are its mAP at each rung of one training; the long schedule
+is the top rung. Kendall tau of every lower rung against the top rung; seed noise and separated pairs at the top.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -34,6 +41,12 @@ from search.settings import FINETUNE_TRAIN_ARGS, SCRATCH_TRAIN_ARGS, StudySettin
 from search.weights import STATE_FILE, WeightsPlan, prepare_base_weights  # noqa: E402
 from space import build_space, load_base, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # Spawned, not forked: a forked child inherits the parent's thread pools (torch's, and polars', which
+    # Ultralytics uses to read results.csv when it saves a checkpoint) in a locked state and can hang.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _train(job: TrainJob) -> tuple[str, float | None, float, str | None]:
@@ -66,8 +79,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="Ultralytics device of every training: cpu, 0, … [cpu]")
+    parser.add_argument("--rungs", help="epochs of the search's rungs, e.g. 1,3,9: one training per architecture, "
+                                        "stopped and continued at each rung (replaces --epochs and --factor)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-proxy-fidelity"))
     args = parser.parse_args()
+    rungs = [int(r) for r in args.rungs.split(",")] if args.rungs else None
+    if rungs:
+        args.epochs, args.factor = rungs[-1], 1  # every training follows the top rung's schedule
 
     out = Path(args.out).resolve()  # Ultralytics puts a relative project under its own runs/ directory
     data = check_data(None if args.data == "builtin" else args.data, REPO / "runs" / ".data", 1.0)
@@ -93,6 +111,8 @@ def main() -> None:
           f"{len(picked)} architectures sampled", flush=True)
     jobs = []
     starts = [s.strip() for s in args.starts.split(",") if s.strip()]
+    if rungs:
+        return rung_table(args, rungs, picked, data, weights, {s: schedules[s]["proxy"] for s in starts}, out, t0)
 
     def job(i: int, start: str, sched: ProxySchedule, run_dir: Path) -> TrainJob:
         cand = picked[i]
@@ -112,7 +132,7 @@ def main() -> None:
                     jobs.append(job(0, "inherit", replace(sched, seed=args.seed + k),
                                     out / f"noise-{name}" / f"seed{args.seed + k}"))
     results: dict[str, tuple[float | None, float, str | None]] = {}
-    with ProcessPoolExecutor(args.workers) as pool:
+    with _pool(args.workers) as pool:
         for run_dir, score, seconds, error in pool.map(_train, jobs):
             results[run_dir] = (score, seconds, error)
             print(f"done {Path(run_dir).relative_to(out)}: mAP50-95 {score} in {seconds:.0f} s"
@@ -159,6 +179,76 @@ def main() -> None:
               f"whose long-schedule mAPs differ by more than {gap:.4f} (2 sd of seed noise)")
     compute = sum(v[1] for v in results.values())
     print(f"{len(jobs)} trainings, {len(failed)} failed; wall {wall:.0f} s, training compute {compute:.0f} s")
+
+
+def _train_through_rungs(jobs: list[TrainJob]) -> tuple[str, list[float | None], float, str | None]:
+    """One training stopped at every rung and continued from its checkpoint (``jobs``: one per rung)."""
+    scores, seconds, checkpoint = [], 0.0, None
+    for job in jobs:
+        result = run_training(replace(job, resume=checkpoint))
+        seconds += result.train_s
+        if result.error:
+            return jobs[0].run_dir, scores + [None] * (len(jobs) - len(scores)), seconds, result.error
+        scores.append(result.map50_95)
+        checkpoint = result.extra.get("checkpoint")
+    for ckpt in Path(jobs[0].run_dir).rglob("*.pt"):  # the finished training's rung checkpoints
+        ckpt.unlink()
+    return jobs[0].run_dir, scores, seconds, None
+
+
+def rung_table(args, rungs: list[int], picked, data, weights, schedules: dict[str, ProxySchedule], out: Path,
+               t0: float) -> None:
+    """The --rungs variant: each architecture's mAP at every rung of one stopped-and-continued training."""
+    def chain(i: int, start: str, sched: ProxySchedule, run_dir: Path) -> list[TrainJob]:
+        cand = picked[i]
+        base = TrainJob(trial=i, candidate_hash=cand.hash, yaml_text=to_yaml(cand), data=str(data.yaml),
+                        schedule=sched, run_dir=str(run_dir), device=args.device, base_layers=cand.base_layers,
+                        weights=weights.state_path if start == "inherit" else None)
+        return [replace(base, stop_at=r) for r in rungs]
+
+    chains = []
+    for i in range(len(picked)):  # architecture 0's seed-noise trainings right after it, as above
+        chains += [chain(i, start, sched, out / f"rungs-{start}" / f"{i:02d}") for start, sched in schedules.items()]
+        if i == 0 and "inherit" in schedules:
+            chains += [chain(0, "inherit", replace(schedules["inherit"], seed=args.seed + k),
+                             out / "rungs-noise" / f"seed{args.seed + k}") for k in range(1, args.noise_seeds + 1)]
+    results: dict[str, tuple[list[float | None], float, str | None]] = {}
+    with _pool(args.workers) as pool:
+        for run_dir, scores, seconds, error in pool.map(_train_through_rungs, chains):
+            results[run_dir] = (scores, seconds, error)
+            print(f"done {Path(run_dir).relative_to(out)}: mAP50-95 at rungs {rungs}: {scores} in {seconds:.0f} s"
+                  + (f" ({error})" if error else ""), flush=True)
+    wall = time.time() - t0
+    n_pairs = len(picked) * (len(picked) - 1) // 2
+    print(f"data {data.describe()}; rungs {rungs} epochs at {args.imgsz} px, one training per architecture stopped "
+          f"and continued at each rung")
+    for start in schedules:
+        cols = [[(results[str(out / f"rungs-{start}" / f"{i:02d}")][0][r] or 0.0) for i in range(len(picked))]
+                for r in range(len(rungs))]
+        print(f"{start}: {dict(schedules[start].train_args)}")
+        print(f"{'#':>2}  {'hash':<16}  " + "  ".join(f"{f'rung {e} ep':>10}" for e in rungs) + "  placements")
+        for i, cand in enumerate(picked):
+            print(f"{i:>2}  {cand.hash:<16}  " + "  ".join(f"{col[i]:>10.4f}" for col in cols) + f"  {cand.describe()}")
+        for r, e in enumerate(rungs[:-1]):
+            print(f"{start:>8}: rung {e} vs top rung {rungs[-1]} epochs: Kendall tau {kendall_tau_b(cols[r], cols[-1]):+.3f}"
+                  f"   Spearman rho {spearman_rho(cols[r], cols[-1]):+.3f}   (rung {e} mAP spread "
+                  f"{max(cols[r]) - min(cols[r]):.4f})")
+        if start == "inherit" and args.noise_seeds:
+            seeds = [cols[-1][0]] + [results[str(out / "rungs-noise" / f"seed{args.seed + k}")][0][-1] or 0.0
+                                     for k in range(1, args.noise_seeds + 1)]
+            sd = statistics.stdev(seeds)
+            top = cols[-1]
+            apart = sum(abs(top[i] - top[j]) > 2 * sd for i in range(len(picked)) for j in range(i + 1, len(picked)))
+            print(f"seed noise, architecture 0 at the top rung: {', '.join(f'{v:.4f}' for v in seeds)} (sd {sd:.4f})")
+            print(f"pairs (of {n_pairs}) whose top-rung mAPs differ by more than 2 x seed sd ({2 * sd:.4f}): {apart}")
+            gap = 2 * 2 ** 0.5 * sd
+            tau, pairs = tau_on_separated_pairs(cols[0], top, gap)
+            print(f" inherit: rung {rungs[0]} vs top Kendall tau {tau:+.3f} over the {pairs} of {n_pairs} pairs whose "
+                  f"top-rung mAPs differ by more than {gap:.4f} (2 sd of seed noise)")
+    failed = [k for k, v in results.items() if v[2]]
+    compute = sum(v[1] for v in results.values())
+    print(f"{len(chains)} trainings ({len(rungs)} rungs each), {len(failed)} failed; wall {wall:.0f} s, "
+          f"training compute {compute:.0f} s")
 
 
 if __name__ == "__main__":
