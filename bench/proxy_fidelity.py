@@ -49,6 +49,18 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
+def _run_all(train, tasks: list, workers: int, out: Path) -> dict[str, tuple]:
+    """``train`` over ``tasks`` in ``workers`` processes: {run_dir: (mAP50-95 (a list with rungs), seconds, error)},
+    a line printed as each finishes."""
+    results = {}
+    with _pool(workers) as pool:
+        for run_dir, score, seconds, error in pool.map(train, tasks):
+            results[run_dir] = (score, seconds, error)
+            print(f"done {Path(run_dir).relative_to(out)}: mAP50-95 {score} in {seconds:.0f} s"
+                  + (f" ({error})" if error else ""), flush=True)
+    return results
+
+
 def _train(job: TrainJob) -> tuple[str, float | None, float, str | None]:
     result = run_training(job)
     return job.run_dir, result.map50_95, result.train_s, result.error
@@ -131,12 +143,7 @@ def main() -> None:
                 for name, sched in schedules["inherit"].items():
                     jobs.append(job(0, "inherit", replace(sched, seed=args.seed + k),
                                     out / f"noise-{name}" / f"seed{args.seed + k}"))
-    results: dict[str, tuple[float | None, float, str | None]] = {}
-    with _pool(args.workers) as pool:
-        for run_dir, score, seconds, error in pool.map(_train, jobs):
-            results[run_dir] = (score, seconds, error)
-            print(f"done {Path(run_dir).relative_to(out)}: mAP50-95 {score} in {seconds:.0f} s"
-                  + (f" ({error})" if error else ""), flush=True)
+    results = _run_all(_train, jobs, args.workers, out)
     wall = time.time() - t0
 
     def column(start: str, sched: str) -> list[float]:
@@ -212,12 +219,7 @@ def rung_table(args, rungs: list[int], picked, data, weights, schedules: dict[st
         if i == 0 and "inherit" in schedules:
             chains += [chain(0, "inherit", replace(schedules["inherit"], seed=args.seed + k),
                              out / "rungs-noise" / f"seed{args.seed + k}") for k in range(1, args.noise_seeds + 1)]
-    results: dict[str, tuple[list[float | None], float, str | None]] = {}
-    with _pool(args.workers) as pool:
-        for run_dir, scores, seconds, error in pool.map(_train_through_rungs, chains):
-            results[run_dir] = (scores, seconds, error)
-            print(f"done {Path(run_dir).relative_to(out)}: mAP50-95 at rungs {rungs}: {scores} in {seconds:.0f} s"
-                  + (f" ({error})" if error else ""), flush=True)
+    results = _run_all(_train_through_rungs, chains, args.workers, out)
     wall = time.time() - t0
     n_pairs = len(picked) * (len(picked) - 1) // 2
     print(f"data {data.describe()}; rungs {rungs} epochs at {args.imgsz} px, one training per architecture stopped "
