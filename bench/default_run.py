@@ -14,8 +14,8 @@ Two studies under one fresh ``--out``, one after the other:
 For each it prints wall time, the base training (or the cache hit), the time from the command's start to the first
 candidate's training, Σ trial compute and the engine overhead, the epochs spent, the rung-to-rung Kendall τ and seed
 sd the study reports of itself, the front (confirmed points on seed means) and the peak disk held by training
-checkpoints (polled every second). Then the ratios: search wall (base excluded) default / single, and second study /
-first study.
+checkpoints (polled every second); compute counts the confirmation trainings too. Then the ratios: search wall
+(base excluded) default / single, and second study / first study.
 
 What counts as compute: a trial occupies a worker for its ``train_s``. The latency meter times the next
 candidates while the workers train and parks the trainings during each timed loop (``parked_s``, inside
@@ -100,7 +100,8 @@ def describe(run: Run, out: Path, workers: int) -> None:
     study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{out / run.name / 'study.db'}")
     summary = json.loads((out / run.name / "summary.json").read_text())
     trained = [t for t in study.trials if "train_s" in t.user_attrs and "reused_from" not in t.user_attrs]
-    compute = [t.user_attrs["train_s"] for t in trained]
+    compute = [t.user_attrs["train_s"] for t in trained]  # each candidate's total over the rungs it trained
+    confirming = sum(sum(e.get("train_s", [])) for e in study.user_attrs.get("attnas_confirmation", {}).values())
     parked = sum(t.user_attrs.get("parked_s", 0.0) for t in trained)
     base_info = study.user_attrs.get("attnas_base_weights", {})
     cached = base_info.get("source") == "cache"
@@ -122,9 +123,10 @@ def describe(run: Run, out: Path, workers: int) -> None:
         ("command start → first candidate training", f"{first:.0f} s"),
         ("Σ trial compute (worker time), of which parked",
          f"{sum(compute):.0f} s, {parked:.0f} s ({parked / max(sum(compute), 1e-9):.1%})"),
+        ("Σ confirmation compute", f"{confirming:.0f} s"),
         ("median trial compute", f"{statistics.median(compute):.1f} s" if compute else "-"),
         ("engine overhead 1 − Σ compute / ((wall − base) × workers)",
-         f"{1 - sum(compute) / (run.search_wall * workers):.1%}"),
+         f"{1 - (sum(compute) + confirming) / (run.search_wall * workers):.1%}"),
         ("epochs: candidates + confirmation (all at top rung)",
          f"{epochs.get('spent_on_candidates')} + {epochs.get('confirmation')} "
          f"({epochs.get('all_at_top_rung')})"),

@@ -51,9 +51,13 @@ def todo(study: optuna.Study, objectives: Sequence[obj.Objective], seeds: int) -
             if k not in done.get(str(t.number), {}).get("offsets", [])]
 
 
-def record(study: optuna.Study, number: int, offset: int, values: list[float] | None, error: str | None = None) -> None:
+def record(study: optuna.Study, number: int, offset: int, values: list[float] | None, error: str | None = None,
+           train_s: float | None = None) -> None:
+    """Store the result of one confirmation training (its values or its error, and its training seconds)."""
     entry = recorded(study).get(str(number), {"offsets": [], "values": [], "errors": []})
     entry["offsets"] = [*entry["offsets"], offset]
+    if train_s is not None:
+        entry["train_s"] = [*entry.get("train_s", []), round(train_s, 2)]
     if values is not None:
         entry["values"] = [*entry["values"], values]
     if error:

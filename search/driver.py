@@ -455,6 +455,15 @@ class Driver:
         self._count_infeasible()
         return True
 
+    def _seconds(self, run: _Running, key: str, seconds: float) -> float:
+        """A candidate's total ``key`` seconds over the rungs it trained; with rungs, the split by rung (epochs)
+        is kept in ``rung_<key>``, in the study, so a resumed driver adds to it."""
+        if len(self.rungs) == 1:
+            return round(seconds, 2)
+        split = {**run.trial.user_attrs.get(f"rung_{key}", {}), str(self.rungs[run.rung]): round(seconds, 2)}
+        run.trial.set_user_attr(f"rung_{key}", split)
+        return round(sum(split.values()), 2)
+
     def _count_infeasible(self) -> None:
         self.infeasible_in_a_row += 1
         if self.infeasible_in_a_row >= self.config.max_pruned_in_a_row:
@@ -462,7 +471,7 @@ class Driver:
                                 "(--max-latency-ms / --max-params) reachable?")
 
     def _on_train(self, run: _Running, res: TrainResult) -> None:
-        run.trial.set_user_attr("train_s", round(res.train_s, 2))
+        run.trial.set_user_attr("train_s", self._seconds(run, "train_s", res.train_s))
         run.trial.set_user_attr("attempts", run.attempts)
         if res.error:
             if res.traceback:
@@ -473,7 +482,7 @@ class Driver:
         run.trial.set_user_attr("map50", res.map50)
         for key, value in res.extra.items():  # e.g. what was inherited from the base weights
             if key not in _RUNG_INTERNALS:
-                run.trial.set_user_attr(key, value)
+                run.trial.set_user_attr(key, self._seconds(run, key, value) if key == "parked_s" else value)
         self.infeasible_in_a_row = 0
         values = obj.values(self.config.objectives, self._scaled(run.latency), res)
         run.trial.set_user_attr("latency_ms", run.latency.latency_ms)
@@ -512,7 +521,7 @@ class Driver:
                         continue
                     trial, res = pending.pop(event.key), event.result
                     values = None if res.error else obj.values(self.config.objectives, measured(trial), res)
-                    confirm.record(self.study, trial.number, event.key[2], values, res.error)
+                    confirm.record(self.study, trial.number, event.key[2], values, res.error, res.train_s)
                     shown = res.error or "  ".join(f"{o.name} {o.show(v)}" for o, v in
                                                    zip(self.config.objectives, values) if o.needs_training)
                     self.progress.note(f"trial {trial.number:>3}  seed +{event.key[2]}  {shown}")

@@ -150,6 +150,9 @@ def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_
     assert len(top) in (2, 3) and len(top) + len(stopped) == 4, (len(top), len(stopped))
     for t in top:
         assert sorted(st.rung_results(t)) == [1, 2] and t.values == st.rung_results(t)[2]
+        split = t.user_attrs["rung_train_s"]
+        assert sorted(split) == ["1", "2"] and t.user_attrs["train_s"] == pytest.approx(sum(split.values()), abs=0.02), \
+            "a candidate's training time is its total over the rungs"
     for t in stopped:
         assert sorted(st.rung_results(t)) == [1] and t.user_attrs["stopped_at_rung"] == 1
         assert not Path(t.user_attrs["rung_checkpoint"]).exists(), "a stopped candidate's checkpoint is deleted"
@@ -196,6 +199,7 @@ def test_confirmation_retrains_the_front_and_the_base_with_more_seeds(tmp_path, 
     driver.confirm(seeds=2)
     record = study.user_attrs[st.CONFIRM_ATTR]
     assert list(record) == ["0"] and record["0"]["offsets"] == [1, 2] and len(record["0"]["values"]) == 2
+    assert len(record["0"]["train_s"]) == 2 and all(s > 0 for s in record["0"]["train_s"]), "its compute is kept"
     seeds = {job.schedule.seed for job in driver.executor.jobs[("confirm", 0, 1)] + driver.executor.jobs[("confirm", 0, 2)]}
     assert seeds == {1, 2}
     (row,) = confirm.confirmed(study, TABLE)
