@@ -14,8 +14,8 @@ Two studies under one fresh ``--out``, one after the other:
 For each it prints wall time, the base training (or the cache hit), the time from the command's start to the first
 candidate's training, Σ trial compute and the engine overhead, the epochs spent, the rung-to-rung Kendall τ and seed
 sd the study reports of itself, the front (confirmed points on seed means) and the peak disk held by training
-checkpoints (polled every second); compute counts the confirmation trainings too. Then the ratios: search wall
-(base excluded) default / single, and second study / first study.
+checkpoints (polled every second); compute counts the confirmation trainings too. Then the ratio of the search
+walls (base excluded), default / single, and the two whole-command walls (first study, second study).
 
 What counts as compute: a trial occupies a worker for its ``train_s``. The latency meter times the next
 candidates while the workers train and parks the trainings during each timed loop (``parked_s``, inside
@@ -33,12 +33,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from search import confirm  # noqa: E402
 from search import study as st  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,6 @@ class Run:
     wall: float
     started: float
     peak_checkpoint_bytes: int
-    rows: list[tuple[str, str]] = field(default_factory=list)
     search_wall: float = 0.0
 
 
@@ -101,12 +101,13 @@ def describe(run: Run, out: Path, workers: int) -> None:
     summary = json.loads((out / run.name / "summary.json").read_text())
     trained = [t for t in study.trials if "train_s" in t.user_attrs and "reused_from" not in t.user_attrs]
     compute = [t.user_attrs["train_s"] for t in trained]  # each candidate's total over the rungs it trained
-    confirming = sum(sum(e.get("train_s", [])) for e in study.user_attrs.get("attnas_confirmation", {}).values())
+    confirming = sum(sum(e.get("train_s", [])) for e in confirm.recorded(study).values())
     parked = sum(t.user_attrs.get("parked_s", 0.0) for t in trained)
     base_info = study.user_attrs.get("attnas_base_weights", {})
     cached = base_info.get("source") == "cache"
     base_s = 0.0 if cached else float(base_info.get("train_s", 0.0))
     run.search_wall = run.wall - base_s
+    # train_started is a candidate's last rung's start; the earliest over all candidates is the first training's.
     candidates = [t.user_attrs["train_started"] for t in study.trials
                   if t.params.get("placement") != "none" and "train_started" in t.user_attrs]
     first = min(candidates) - run.started if candidates else float("nan")
@@ -116,7 +117,7 @@ def describe(run: Run, out: Path, workers: int) -> None:
                      for r in fidelity.get("rung_kendall_tau", [])) or "-"
     states = summary["trials"]
     confirmed = summary["pareto_on"].startswith("seed means")
-    run.rows = [
+    rows = [
         ("wall time (whole command)", f"{run.wall:.0f} s"),
         ("trials by state", ", ".join(f"{k} {v}" for k, v in states.items())),
         ("base for --weights auto", "cache hit" if cached else f"trained, {base_s:.0f} s"),
@@ -140,8 +141,8 @@ def describe(run: Run, out: Path, workers: int) -> None:
         ("final hypervolume (own reference point)", f"{summary['hypervolume']['final']:.4g}"),
     ]
     print(f"\n== {run.name} ({out / run.name})")
-    width = max(len(k) for k, _ in run.rows)
-    for key, value in run.rows:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
     print("front:")
     for p in summary["pareto"]:

@@ -61,6 +61,13 @@ def _run_all(train, tasks: list, workers: int, out: Path) -> dict[str, tuple]:
     return results
 
 
+def _job(cand, i: int, start: str, sched: ProxySchedule, run_dir: Path, data, weights, device: str) -> TrainJob:
+    """The training of sampled architecture ``i`` (``cand``): from the base weights (``start`` inherit) or scratch."""
+    return TrainJob(trial=i, candidate_hash=cand.hash, yaml_text=to_yaml(cand), data=str(data.yaml), schedule=sched,
+                    run_dir=str(run_dir), device=device, base_layers=cand.base_layers,
+                    weights=weights.state_path if start == "inherit" else None)
+
+
 def _train(job: TrainJob) -> tuple[str, float | None, float, str | None]:
     result = run_training(job)
     return job.run_dir, result.map50_95, result.train_s, result.error
@@ -127,10 +134,7 @@ def main() -> None:
         return rung_table(args, rungs, picked, data, weights, {s: schedules[s]["proxy"] for s in starts}, out, t0)
 
     def job(i: int, start: str, sched: ProxySchedule, run_dir: Path) -> TrainJob:
-        cand = picked[i]
-        return TrainJob(trial=i, candidate_hash=cand.hash, yaml_text=to_yaml(cand), data=str(data.yaml),
-                        schedule=sched, run_dir=str(run_dir), device=args.device, base_layers=cand.base_layers,
-                        weights=weights.state_path if start == "inherit" else None)
+        return _job(picked[i], i, start, sched, run_dir, data, weights, args.device)
 
     # One architecture at a time (its proxy, then its long schedule), with the seed-noise retrainings right after
     # architecture 0: a run stopped early (this bench takes hours on a shared CPU) has complete pairs and the noise
@@ -207,11 +211,8 @@ def rung_table(args, rungs: list[int], picked, data, weights, schedules: dict[st
                t0: float) -> None:
     """The --rungs variant: each architecture's mAP at every rung of one stopped-and-continued training."""
     def chain(i: int, start: str, sched: ProxySchedule, run_dir: Path) -> list[TrainJob]:
-        cand = picked[i]
-        base = TrainJob(trial=i, candidate_hash=cand.hash, yaml_text=to_yaml(cand), data=str(data.yaml),
-                        schedule=sched, run_dir=str(run_dir), device=args.device, base_layers=cand.base_layers,
-                        weights=weights.state_path if start == "inherit" else None)
-        return [replace(base, stop_at=r) for r in rungs]
+        one = _job(picked[i], i, start, sched, run_dir, data, weights, args.device)
+        return [replace(one, stop_at=r) for r in rungs]
 
     chains = []
     for i in range(len(picked)):  # architecture 0's seed-noise trainings right after it, as above
