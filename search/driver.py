@@ -482,7 +482,7 @@ class Driver:
         run.trial.set_user_attr("map50", res.map50)
         for key, value in res.extra.items():  # e.g. what was inherited from the base weights
             if key not in _RUNG_INTERNALS:
-                run.trial.set_user_attr(key, self._seconds(run, key, value) if key == "parked_s" else value)
+                run.trial.set_user_attr(key, self._seconds(run, key, value) if key in _SUMMED_OVER_RUNGS else value)
         self.infeasible_in_a_row = 0
         values = obj.values(self.config.objectives, self._scaled(run.latency), res)
         run.trial.set_user_attr("latency_ms", run.latency.latency_ms)
@@ -666,6 +666,9 @@ class Driver:
 
 
 _RUNG_INTERNALS = frozenset({"checkpoint", "lr", "state_at_start", "state_at_end", "start_epoch"})
+# Seconds a result carries in its extras (the executor adds them) that, like train_s, are a candidate's total over
+# the rungs it trained, with the split by rung in rung_<key>.
+_SUMMED_OVER_RUNGS = frozenset({"parked_s"})
 
 
 def measured(trial: optuna.trial.FrozenTrial) -> LatencyResult:
