@@ -16,7 +16,14 @@ structure from :class:`space.SearchSpace` instead:
   model is a sum of per-slot terms plus terms of the placement alone, the drawn model's exact optimum for each
   placement and each weighting of the objectives; per-slot mutations of every front member and of Pareto-ranked
   parents (add, remove or move a layer; change one slot's module, mode or one hyper-parameter); per-slot
-  crossovers; random draws; then mutations of the best scored.
+  crossovers; random draws; one-slot edits of the front toward the drawn model's best genes; then mutations of
+  the best scored;
+* a trust region in slots (a Hamming-distance region, as CASMOPOLITAN, Wan et al., 2021, uses for categorical
+  spaces): while the study holds fewer distinct results than twice the space's slot×module choices (about two
+  results per main effect), only candidates within one slot of a front member are scored. A Thompson draw's
+  optimum over the whole space is mostly the draw's noise on features no trial has touched yet, so with few
+  results it is close to a random draw; a neighbour of the front changes one slot, whose terms the model can
+  already place.
 
 The proposal for a trial depends only on (seed, trial number) and the study's trials, so a new sampler on a
 stored study proposes exactly what an uninterrupted run would. Every proposal differs (canonical hash) from
@@ -378,7 +385,9 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     value (mean − ``beta``·sd per minimised objective, ``acquisition="optimistic"``): the hypervolume it adds to
     the front. The pool: mutated / crossed-over children of Pareto-ranked parents, ``front_mutations`` mutations
     of every front member, ``n_random`` random draws and, per placement and per each of ``n_directions``
-    weightings of the objectives, the genome that minimises the drawn linear model exactly.
+    weightings of the objectives, the genome that minimises the drawn linear model exactly. While fewer than
+    ``trust_until`` distinct results are in (-1: twice the space's number of slot×module choices; 0: always),
+    the pool is cut to genomes within ``trust_radius`` slots of a front member (0: no trust region).
 
     ``spread`` scales a Thompson draw's deviation from the posterior mean; ``anneal`` > 0 shrinks it as results
     accrue (``spread / (1 + n / anneal)``); ``fine_spread`` scales it further for the value and pair terms only.
@@ -392,7 +401,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                  n_random: int = 48, refine_rounds: int = 2, refine_top: int = 6, beta: float = 0.5,
                  crossover_prob: float = 0.3, tournament: int = 2, acquisition: str = "thompson",
                  n_directions: int = 8, front_mutations: int = 4, spread: float = 1.0, anneal: float = 0.0,
-                 fine_spread: float = 1.0) -> None:
+                 fine_spread: float = 1.0, trust_radius: int = 1, trust_until: int = -1) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
         if acquisition not in ACQUISITIONS:
@@ -413,6 +422,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.spread = spread
         self.anneal = anneal
         self.fine_spread = fine_spread
+        self.trust_radius = trust_radius
+        self.trust_until = trust_until
         self.features = Features(space)
         self._hash_cache: dict[tuple, str | None] = {}
         self._proposals: dict[int, dict[str, Any]] = {}  # trial id -> params (also stored on the trial)
@@ -454,6 +465,9 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             scorer = _Scorer(self, study, seen, rng, thompson)
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
             pool = self._children(seen, rng) + randoms + scorer.optimal_genomes(self.n_directions, rng)
+            until = self.trust_until if self.trust_until >= 0 else 2 * sum(map(len, self.space.options.values()))
+            if self.trust_radius > 0 and (self.trust_until == 0 or len(seen.parents) < until):
+                pool = self._near_front(scorer, seen, pool, rng)
             children = self._screen(scorer, seen, pool, rng)
         fallback = ((random_genome(self.space, rng), "random") for _ in range(64))  # drawn only when needed
         for genome, origin in itertools.chain(children, fallback):
@@ -537,6 +551,16 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                     children.append((mutated[0], f"front mutation: {mutated[1]}"))
         return children
 
+    def _near_front(self, scorer: "_Scorer", seen: _Seen, pool: list[tuple[Genome, str]],
+                    rng: np.random.Generator) -> list[tuple[Genome, str]]:
+        """The trust region: the genomes of ``pool`` (plus one-slot edits of the front toward the drawn model's
+        best genes) that differ from a front member in at most ``trust_radius`` slots; all of ``pool`` if none do."""
+        ranks = pareto_ranks(np.array([loss for _, loss in seen.parents]))
+        front = [seen.parents[j][0] for j in np.flatnonzero(ranks == 0)]
+        pool = pool + scorer.front_edits(front, self.n_directions, rng)
+        near = [c for c in pool if min(_distance(c[0], f) for f in front) <= self.trust_radius]
+        return near or pool
+
     def _select(self, ranks: np.ndarray, rng: np.random.Generator) -> int:
         """Tournament on Pareto rank (ties at random)."""
         picks = rng.integers(len(ranks), size=self.tournament)
@@ -606,6 +630,7 @@ class _Scorer:
         self.weights = [w[:n_features] for w, _ in draws]  # the top rung: lower rungs' offsets left out
         self.offsets = [b for _, b in draws]
         self.beta = 0.0 if thompson else sampler.beta
+        self._best_genes: list[dict[str, Gene]] | None = None
         self.front = np.array(seen.front)
         self.believed = np.zeros((0, len(self.objectives)))
         if seen.pending:
@@ -619,22 +644,38 @@ class _Scorer:
             values -= self.beta * np.column_stack([gp.predict(_padded(x, gp))[1] for gp in self.objectives])
         return values
 
+    def best_genes(self, n_directions: int, rng: np.random.Generator) -> list[dict[str, Gene]]:
+        """Per weighting of the (normalised) objectives, each slot's gene that minimises the model's weighted sum
+        (computed once per proposal). Two objectives take evenly spread weightings, more take random ones."""
+        if self._best_genes is None:
+            if len(self.weights) == 2:
+                angles = np.linspace(0.0, np.pi / 2, n_directions)
+                directions = np.column_stack([np.cos(angles), np.sin(angles)])
+            else:
+                directions = np.abs(rng.normal(size=(n_directions, len(self.weights))))
+            self._best_genes = [self.features.best_genes(sum(d / s * w for d, s, w in zip(direction, self.span,
+                                                                                             self.weights)))
+                                for direction in directions]
+        return self._best_genes
+
     def optimal_genomes(self, n_directions: int, rng: np.random.Generator) -> list[tuple[Genome, str]]:
-        """Per placement and per weighting of the (normalised) objectives, the genome that minimises the model's
-        weighted sum: its layers are the per-slot best genes, as the model is additive over slots. Two objectives
-        take evenly spread weightings, more take random ones."""
-        if len(self.weights) == 2:
-            angles = np.linspace(0.0, np.pi / 2, n_directions)
-            directions = np.column_stack([np.cos(angles), np.sin(angles)])
-        else:
-            directions = np.abs(rng.normal(size=(n_directions, len(self.weights))))
+        """Per placement and per weighting, the genome that minimises the model's weighted sum: its layers are the
+        per-slot best genes, as the model is additive over slots."""
+        return [({} if placement == NONE else {n: best[n] for n in placement.split("+")}, "model optimum")
+                for best in self.best_genes(n_directions, rng) for placement in self.space.placements]
+
+    def front_edits(self, front: list[Genome], n_directions: int,
+                    rng: np.random.Generator) -> list[tuple[Genome, str]]:
+        """Each front member with one slot emptied, or set to the model's best gene for that slot under each
+        weighting (as in :meth:`optimal_genomes`)."""
+        allowed = _allowed(self.space)
         found = []
-        for direction in directions:
-            coef = sum(d / s * w for d, s, w in zip(direction, self.span, self.weights))
-            best = self.features.best_genes(coef)
-            for placement in self.space.placements:
-                genome = {} if placement == NONE else {n: best[n] for n in placement.split("+")}
-                found.append((genome, "model optimum"))
+        for best in self.best_genes(n_directions, rng):
+            for member in front:
+                for name in _slot_names(self.space):
+                    for child in ({**member, name: best[name]}, _without(member, name)):
+                        if child != member and placement_of(self.space, child) in allowed:
+                            found.append((child, "front edit"))
         return found
 
     def __call__(self, pool: list[tuple[Genome, str]]) -> list[tuple[float, float]]:
@@ -647,6 +688,11 @@ class _Scorer:
             excess += np.maximum(gp.predict(x)[0], 0.0)
         gains = _improvement(self.front, self.believed, predicted)
         return list(zip(excess.tolist(), gains.tolist()))
+
+
+def _distance(a: Genome, b: Genome) -> int:
+    """Slots whose layer differs between two genomes (added, removed or changed)."""
+    return sum(a.get(n) != b.get(n) for n in set(a) | set(b))
 
 
 def _padded(x: np.ndarray, gp: LinearGP) -> np.ndarray:
