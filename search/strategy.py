@@ -404,6 +404,9 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                  fine_spread: float = 1.0, trust_radius: int = 1, trust_until: int = -1) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
+        if trust_radius < 0 or trust_until < -1:
+            raise ValueError("EvolutionSampler: trust_radius must be >= 0 (0: no trust region) and trust_until >= -1 "
+                             "(-1: twice the space's slot×module choices, 0: always)")
         if acquisition not in ACQUISITIONS:
             raise ValueError(f"EvolutionSampler: acquisition must be one of {ACQUISITIONS}, not {acquisition!r}")
         self.space = space
@@ -465,8 +468,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             scorer = _Scorer(self, study, seen, rng, thompson)
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
             pool = self._children(seen, rng) + randoms + scorer.optimal_genomes(self.n_directions, rng)
-            until = self.trust_until if self.trust_until >= 0 else 2 * sum(map(len, self.space.options.values()))
-            if self.trust_radius > 0 and (self.trust_until == 0 or len(seen.parents) < until):
+            if self._trust_region_on(len(seen.parents)):
                 pool = self._near_front(scorer, seen, pool, rng)
             children = self._screen(scorer, seen, pool, rng)
         fallback = ((random_genome(self.space, rng), "random") for _ in range(64))  # drawn only when needed
@@ -550,6 +552,12 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                     keys.add(genome_key(mutated[0]))
                     children.append((mutated[0], f"front mutation: {mutated[1]}"))
         return children
+
+    def _trust_region_on(self, n_results: int) -> bool:
+        if self.trust_radius == 0:
+            return False
+        until = self.trust_until if self.trust_until >= 0 else 2 * sum(map(len, self.space.options.values()))
+        return self.trust_until == 0 or n_results < until
 
     def _near_front(self, scorer: "_Scorer", seen: _Seen, pool: list[tuple[Genome, str]],
                     rng: np.random.Generator) -> list[tuple[Genome, str]]:
