@@ -372,6 +372,7 @@ class _Seen:
     keys: set  # genome keys of every trial (any state) and in-flight proposal
     hashes: set  # canonical hashes of the same
     parents: list  # (genome, loss vector) of feasible trials with values at any rung, one per distinct network
+    parent_ranks: np.ndarray  # the parents' Pareto ranks (0: the front)
     front: list  # loss vectors of feasible completed trials (values at the top rung)
     fits: dict  # target -> (genomes, values, rung) for the surrogate: objectives (feasible only) and constraints
     pending: list  # genomes in flight without values yet, the current trial excluded
@@ -486,7 +487,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         """Every trial's genome; as data, each trial's best available values (successive halving: a candidate
         stopped or waiting below the top rung teaches what its highest rung measured)."""
         directions = study.directions
-        seen = _Seen(set(), set(), [], [], {}, [])
+        seen = _Seen(set(), set(), [], np.zeros(0, dtype=int), [], {}, [])
         parents: dict[str, tuple[Genome, np.ndarray]] = {}
         for t in study.get_trials(deepcopy=False):
             if t._trial_id == exclude:
@@ -519,6 +520,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             if key not in parents or rung is None:  # a completed copy's values win over a lower rung's
                 parents[key] = (genome, losses)
         seen.parents = list(parents.values())
+        if seen.parents:
+            seen.parent_ranks = pareto_ranks(np.array([loss for _, loss in seen.parents]))
         if not seen.front:  # nothing finished the top rung yet: the lower rungs' values stand in
             seen.front = [loss for _, loss in seen.parents]
         return seen
@@ -526,7 +529,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def _children(self, seen: _Seen, rng: np.random.Generator) -> list[tuple[Genome, str]]:
         """Unseen children of Pareto-ranked parents (one mutation, or a crossover then maybe a mutation), and
         ``front_mutations`` single mutations of every front member."""
-        ranks = pareto_ranks(np.array([loss for _, loss in seen.parents]))
+        ranks = seen.parent_ranks
         children, keys = [], set(seen.keys)
         for _ in range(self.n_children * 4):
             if len(children) >= self.n_children:
@@ -563,8 +566,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                     rng: np.random.Generator) -> list[tuple[Genome, str]]:
         """The trust region: the genomes of ``pool`` (plus one-slot edits of the front toward the drawn model's
         best genes) that differ from a front member in at most ``trust_radius`` slots; all of ``pool`` if none do."""
-        ranks = pareto_ranks(np.array([loss for _, loss in seen.parents]))
-        front = [seen.parents[j][0] for j in np.flatnonzero(ranks == 0)]
+        front = [seen.parents[j][0] for j in np.flatnonzero(seen.parent_ranks == 0)]
         pool = pool + scorer.front_edits(front, self.n_directions, rng)
         near = [c for c in pool if min(_distance(c[0], f) for f in front) <= self.trust_radius]
         return near or pool
