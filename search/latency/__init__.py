@@ -5,6 +5,7 @@
     ref = prepare_reference(base_candidate, settings)          # once per meter
     res = measure_latency(candidate, settings, proxy_imgsz=128, reference=ref)
     res.ratio, res.ci_low, res.ci_high, res.reference_ms         # candidate / base in the same window
+    res.accepted, res.windows                                     # the acceptance rule's verdict, every raw run
 
 Without a reference the candidate is timed alone (warm-up, then ``runs`` single runs; the median) as before.
 ``python -m search.latency MODEL.yaml|MODEL.pt`` runs the same protocol on any model.
@@ -22,13 +23,16 @@ from typing import Callable, ContextManager
 from ..errors import SearchError
 from .backends import BACKENDS, Runner, backend_version, make_runner
 from .memory import peak_memory_mb
-from .paired import PairedRatio, median_ci, pair_ratios, paired_ratio, study_reference_ms, time_paired
+from .audit import cpu_snapshot, foreign_usage
+from .paired import study_reference_ms, time_paired
+from .window import DEFAULT_STATISTIC, STATISTICS, Acceptance, Window, aa_control, best_window, estimate
 
 STRIDE = 32  # a YOLO input side must be a multiple of the largest stride
+ESTIMATORS = ("paired", "table")
 
-__all__ = ["BACKENDS", "LatencyResult", "LatencySettings", "PairedRatio", "Reference", "device_model",
-           "measure_latency", "median_ci", "pair_ratios", "paired_ratio", "parse_imgsz", "peak_memory_mb",
-           "prepare_reference", "study_reference_ms", "time_model", "time_paired"]
+__all__ = ["BACKENDS", "ESTIMATORS", "STATISTICS", "Acceptance", "LatencyResult", "LatencySettings", "Reference", "Window",
+           "device_model", "estimate", "insert_only", "measure_latency", "parse_imgsz", "peak_memory_mb",
+           "paired_windows", "prepare_reference", "study_reference_ms", "time_model", "time_paired"]
 
 
 def parse_imgsz(text: str | int) -> int | tuple[int, int]:
@@ -64,13 +68,25 @@ class LatencySettings:
     device: str = "cpu"  # "cpu" or "cuda"
     imgsz: int | tuple[int, int] = 640  # side, or (height, width)
     warmup: int = 1  # untimed runs in the exclusive window (one more runs before it, for one-time costs)
-    runs: int = 8  # most timed runs (with a reference: R C pairs)
-    threads: int = 0  # CPU threads for the measurement; 0 = every core of the node
+    runs: int = 12  # most timed runs (with a reference: R C pairs)
+    # CPU threads for the measurement; 0 = every core of the node. One by default: on a shared 2-core machine the
+    # same pair's ratio moved by 5-7% between quiet windows with two threads and by 0.5-1.5% with one, and with one
+    # foreign busy core a two-thread forward took 20x longer (bench/latency.py, README "Latency").
+    threads: int = 1
     backend: str = "torch"  # "torch", "onnxruntime" or "tensorrt"
     half: bool = False  # fp16 (CUDA only)
     batch: int = 1
     min_runs: int = 6  # paired: stop after this many pairs once the ratio's 95% interval is within ±ci
-    ci: float = 0.01  # relative half-width of the ratio's interval that ends a paired measurement; 0 = all runs
+    # Paired windows: the ratio's 95% interval must be within ±ci (it also ends a window early) and the window's
+    # A/A control within aa_tolerance of 1, else the window is timed again later, ``tries`` windows in all
+    # (search/latency/window.py). ci 0: every window runs all pairs and is accepted.
+    ci: float = 0.02
+    statistic: str = DEFAULT_STATISTIC
+    # "paired": every candidate timed against the base; "table": predicted from per-placement costs timed once per
+    # machine and runtime and cached (search/latency/table.py)
+    estimator: str = "paired"
+    aa_tolerance: float = 0.03
+    tries: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.imgsz, (list, tuple)):
@@ -104,11 +120,17 @@ class LatencySettings:
 
             gpu_available = torch.cuda.is_available()
         for name, value, low in (("batch", self.batch, 1), ("warmup", self.warmup, 0), ("runs", self.runs, 1),
-                                 ("threads", self.threads, 0), ("min-runs", self.min_runs, 1)):
+                                 ("threads", self.threads, 0), ("min-runs", self.min_runs, 1), ("tries", self.tries, 1)):
             if value < low:
                 raise SearchError(f"--latency-{name} must be >= {low}, got {value}")
         if not 0 <= self.ci < 1:
             raise SearchError(f"latency ci must be in [0, 1), got {self.ci}")
+        if not 0 < self.aa_tolerance < 1:
+            raise SearchError(f"--latency-aa-tolerance must be in (0, 1), got {self.aa_tolerance}")
+        if self.estimator not in ESTIMATORS:
+            raise SearchError(f"--latency-estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        if self.statistic not in STATISTICS:
+            raise SearchError(f"--latency-statistic {self.statistic!r}: choose one of {', '.join(STATISTICS)}")
         if any(s < STRIDE or s % STRIDE for s in self.hw):
             raise SearchError(f"--latency-imgsz {self.imgsz}: each side must be a multiple of {STRIDE}")
         if self.backend == "tensorrt":
@@ -135,6 +157,10 @@ class LatencySettings:
                     raise SearchError("--latency-backend onnxruntime --latency-device cuda needs onnxruntime-gpu "
                                       "(this onnxruntime has no CUDAExecutionProvider)")
 
+    def acceptance(self) -> Acceptance:
+        """The rule a paired window must pass (search/latency/window.py)."""
+        return Acceptance(max_half_width=self.ci or 0.999, aa_tolerance=self.aa_tolerance, tries=self.tries)
+
     def identity(self) -> dict:
         """The settings plus what else decides the numbers: the runtime's version and the processor's model.
         Call it where the timing runs (the meter's node: ``Executor.latency_identity()``)."""
@@ -158,11 +184,16 @@ class LatencyResult:
     exclusive_s: float = 0.0  # seconds the device was held exclusively (trainings parked)
     contended: list[str] = field(default_factory=list)  # trainings that did not pause in time (then not isolated)
     error: str | None = None
-    ratio: float | None = None  # candidate / reference: median of per-pair ratios (None without a reference)
+    ratio: float | None = None  # candidate / reference by settings.statistic (None without a reference)
     ci_low: float | None = None
     ci_high: float | None = None
-    ci_level: float | None = None  # the interval's exact coverage
-    reference_ms: float | None = None  # the reference's median in this window
+    ci_level: float | None = None  # the interval's coverage
+    reference_ms: float | None = None  # the reference's median in the recorded window
+    aa: float | None = None  # the recorded window's A/A control (1 in a quiet window)
+    accepted: bool = True  # False: no window passed settings.acceptance(); the ratio is the narrowest window's
+    rejected: list[str] = field(default_factory=list)  # why the recorded window was not accepted
+    foreign_cpu_s: float | None = None  # CPU used by other processes during the recorded window's timed runs
+    windows: list[dict] = field(default_factory=list)  # every window's raw runs and verdict (Window.as_dict)
     backend: str = "torch"
     peak_mem_mb: float | None = None  # peak memory of tensors created by one torch forward at the latency size
     # The latency objective, set by the search: ratio x the study's reference latency (search/driver.py); the
@@ -218,9 +249,14 @@ def prepare_reference(candidate_or_model, settings: LatencySettings, name: str =
 
 def time_model(model, settings: LatencySettings, reference: Reference | None = None,
                exclusive: Callable[[], ContextManager[list[str]]] | None = None,
-               clock: Callable[[], float] = time.perf_counter) -> LatencyResult:
+               clock: Callable[[], float] = time.perf_counter, *, insert_only: bool = False,
+               sleep: Callable[[float], None] = time.sleep) -> LatencyResult:
     """Time an eval-mode ``model`` (fused here) on ``settings.backend``; ``exclusive`` is entered only around the
-    warm-up and timed runs and yields the trainings that failed to pause."""
+    warm-up and timed runs and yields the trainings that failed to pause.
+
+    With a ``reference``, paired windows are timed until one passes ``settings.acceptance()`` (``insert_only``: a
+    candidate that only adds layers must not time faster than the reference), ``settings.tries`` windows at most
+    with a backoff between them (``sleep``); ``clock`` and ``sleep`` are injectable for synthetic-time tests."""
     import numpy as np
 
     start = clock()
@@ -229,19 +265,11 @@ def time_model(model, settings: LatencySettings, reference: Reference | None = N
     peak = _peak_memory(model, settings)
     run = _runnable(model, settings)
     run()  # one-time costs (allocations, kernel selection, ONNX session start) need no exclusive device
-    paired: PairedRatio | None = None
-    ref_times: list[float] = []
-    with (exclusive() if exclusive else contextlib.nullcontext([])) as contended:
-        held = clock()
-        for _ in range(settings.warmup):
-            if reference is not None:
-                reference.run()  # its caches went cold while trainings ran
-            run()
-        if reference is not None:
-            ref_times, times = time_paired(reference.run, run, min_pairs=min(settings.min_runs, settings.runs),
-                                           max_pairs=settings.runs, rel_half_width=settings.ci, clock=clock)
-            paired = paired_ratio(ref_times, times)
-        else:
+    if reference is None:
+        with (exclusive() if exclusive else contextlib.nullcontext([])) as contended:
+            held = clock()
+            for _ in range(settings.warmup):
+                run()
             # A plain loop of single, synchronised runs: torch.utils.benchmark's blocked_autorange picks its own
             # sample count and batches runs into blocks, but the median and p90 need each run's own time.
             times = []
@@ -249,16 +277,74 @@ def time_model(model, settings: LatencySettings, reference: Reference | None = N
                 t0 = clock()
                 run()
                 times.append((clock() - t0) * 1000)
-        exclusive_s = clock() - held
+            exclusive_s = clock() - held
+        contended = list(contended or [])
+        chosen = None
+    else:
+        windows = paired_windows(run, reference.run, settings, exclusive, clock, sleep, insert_only)
+        exclusive_s = sum(w.seconds for w in windows)
+        contended = sorted({t for w in windows for t in w.contended})
+        chosen = best_window(windows)
+        times = chosen.candidate_ms
     q25, q50, q75, q90 = (float(v) for v in np.percentile(times, [25, 50, 75, 90]))
     result = LatencyResult(median_ms=q50, p90_ms=q90, iqr_ms=q75 - q25, min_ms=min(times), n=len(times),
                            params=params, threads=_threads(settings), exclusive_s=exclusive_s,
-                           contended=list(contended or []), backend=settings.backend, peak_mem_mb=peak)
-    if paired is not None:
-        result.ratio, result.ci_low, result.ci_high = paired.ratio, paired.ci_low, paired.ci_high
-        result.ci_level, result.reference_ms = paired.confidence, float(np.median(ref_times))
+                           contended=contended, backend=settings.backend, peak_mem_mb=peak)
+    if chosen is not None:
+        result.ratio, result.ci_low, result.ci_high, result.ci_level = chosen.ratio, chosen.ci_low, chosen.ci_high, 0.95
+        result.reference_ms = float(np.median(chosen.reference_ms))
+        result.aa, result.accepted, result.rejected = chosen.aa, chosen.accepted, list(chosen.rejected)
+        result.foreign_cpu_s = chosen.foreign_cpu_s
+        result.windows = [w.as_dict() for w in windows]
     result.measure_s = clock() - start
     return result
+
+
+def paired_windows(run: Runner, run_reference: Runner, settings: LatencySettings,
+                   exclusive: Callable[[], ContextManager[list[str]]] | None = None,
+                   clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
+                   insert_only: bool = False) -> list[Window]:
+    """Paired windows until one passes ``settings.acceptance()``, at most ``settings.tries``, with the acceptance
+    rule's backoff between them (trainings run meanwhile; the next window may be quieter)."""
+    acceptance = settings.acceptance()
+    windows: list[Window] = []
+    for attempt in range(acceptance.tries):
+        if attempt:
+            sleep(acceptance.backoff(attempt - 1))
+        window = _paired_window(run, run_reference, settings, exclusive, clock)
+        window.rejected = acceptance.reasons(window, insert_only)
+        windows.append(window)
+        if window.accepted:
+            break
+    return windows
+
+
+def _paired_window(run: Runner, run_reference: Runner, settings: LatencySettings,
+                   exclusive: Callable[[], ContextManager[list[str]]] | None,
+                   clock: Callable[[], float]) -> Window:
+    """One exclusive window of R C R C ... R runs, with the CPU other processes used during its timed runs."""
+    with (exclusive() if exclusive else contextlib.nullcontext([])) as contended:
+        held = clock()
+        for _ in range(settings.warmup):
+            run_reference()  # its caches went cold while trainings ran
+            run()
+        before, wall = cpu_snapshot(), time.time()
+        ref_ms, cand_ms = time_paired(run_reference, run, min_pairs=min(settings.min_runs, settings.runs),
+                                      max_pairs=settings.runs, rel_half_width=settings.ci,
+                                      statistic=settings.statistic, clock=clock)
+        after = cpu_snapshot()
+        seconds = clock() - held
+    usage = foreign_usage(before, after)
+    est = estimate(ref_ms, cand_ms, settings.statistic)
+    return Window(ref_ms, cand_ms, started=round(wall, 3), seconds=round(seconds, 4), contended=list(contended or []),
+                  foreign_cpu_s=usage.seconds, foreign=[list(u) for u in usage.top], ratio=est.ratio,
+                  ci_low=est.ci_low, ci_high=est.ci_high, aa=aa_control(ref_ms, settings.statistic))
+
+
+def insert_only(candidate) -> bool:
+    """Whether a space Candidate only adds layers to its base (so it cannot be faster than the base)."""
+    placements = getattr(candidate, "placements", ())
+    return bool(placements) and all(p.mode == "insert" for p in placements)
 
 
 def _peak_memory(model, settings: LatencySettings) -> float:
@@ -275,9 +361,11 @@ def _peak_memory(model, settings: LatencySettings) -> float:
 
 def measure_latency(candidate, settings: LatencySettings, proxy_imgsz: int,
                     exclusive: Callable[[], ContextManager[list[str]]] | None = None,
-                    reference: Reference | None = None) -> LatencyResult:
+                    reference: Reference | None = None,
+                    table: Callable[[object], dict] | None = None) -> LatencyResult:
     """Validate ``candidate`` (space.validated_model: builds, finite forward at ``proxy_imgsz``, params, GFLOPs at
-    the latency size), then time it with :func:`time_model`, paired with ``reference`` when given."""
+    the latency size), then time it with :func:`time_model`, paired with ``reference`` when given; with ``table``
+    (search/latency/table.py ``predicted``, bound to a table) its ratio is predicted instead of timed."""
     import modules
     from space import SpaceError, validated_model
 
@@ -295,9 +383,32 @@ def measure_latency(candidate, settings: LatencySettings, proxy_imgsz: int,
         return LatencyResult(error=f"invalid candidate: does not build: {type(err).__name__}: {err}",
                              measure_s=time.perf_counter() - start)
     gflops = stats.gflops if h == w else _gflops_hw(model, h, w)
-    result = time_model(model, settings, reference, exclusive)
+    if table is not None:
+        result = _predicted(model, settings, table(candidate))
+    else:
+        result = time_model(model, settings, reference, exclusive, insert_only=insert_only(candidate))
     result.gflops = gflops
     result.measure_s = time.perf_counter() - start
+    return result
+
+
+def _predicted(model, settings: LatencySettings, prediction: dict) -> LatencyResult:
+    """A LatencyResult from a table prediction (search/latency/table.py): the ratio and interval predicted, the
+    own median as that ratio times the table's reference time, the windows of the placements timed for it."""
+    result = LatencyResult(params=sum(p.numel() for p in model.parameters()), threads=_threads(settings),
+                           backend=settings.backend, peak_mem_mb=_peak_memory(_fused(model), settings))
+    if prediction.get("error"):
+        result.error = prediction["error"]
+        return result
+    result.ratio, result.ci_low, result.ci_high = prediction["ratio"], prediction["ci_low"], prediction["ci_high"]
+    result.ci_level, result.accepted, result.windows = 0.95, prediction["accepted"], prediction["windows"]
+    result.reference_ms = prediction.get("reference_ms")
+    if result.reference_ms:
+        result.median_ms = result.ratio * result.reference_ms
+    result.n = sum(len(w["candidate_ms"]) for w in result.windows)
+    result.exclusive_s = sum(w["seconds"] for w in result.windows)
+    if not result.accepted:
+        result.rejected = ["a placement's cost was timed in no accepted window"]
     return result
 
 
