@@ -5,12 +5,18 @@ Workers return plain data and never touch the study. Latency isolation is cooper
 its device, waits until every training there is parked (on its GPU for a CUDA meter, on its node for a CPU one),
 times the model, and reopens it. So a latency is never measured while a training loads the
 device, and no training slot sits idle waiting for others to drain.
+
+The driver is a party of the gate too (``DRIVER_TAG``): between its steps it proposes candidates (multi-threaded
+numpy) and writes the study, which on a CPU meter's node would share the cores being timed. It tells the gate
+when it blocks waiting for results (idle: nothing to wait for) and passes a checkpoint before any other work, so a
+window opens only while the driver is idle or parked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import glob
 import json
 import mmap
@@ -28,6 +34,7 @@ from . import cluster
 from .driver import SearchAborted
 from .errors import SearchError
 from .latency import LatencyResult, LatencySettings, Reference, measure_latency, prepare_reference
+from .latency.table import BlockTable, predicted, table_path
 from .proxy import TrainJob, TrainResult, run_training
 from .work import Event
 
@@ -35,6 +42,7 @@ GATE_MAX_WAIT_S = 60.0  # longest wait for trainings to park before measuring an
 GATE_MAX_CLOSED_S = 600.0  # the gate reopens by itself after this, so a dead meter cannot park trainings forever
 NODE_DEATH_WAIT_S = 60.0  # Ray's health check marks an unreachable node dead within ~30 s by default
 START_GRACE_S = 10.0  # a submitted training not started after this is queued by Ray (no load), not waited for
+DRIVER_TAG = "driver"  # the driver's entry at the gate
 _WORKER_DEATHS = (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError,
                   rex.OwnerDiedError)
 
@@ -55,6 +63,7 @@ class DeviceGate:
         self._active: dict[str, tuple[str, tuple[str, ...]]] = {}  # training tag -> (node id, its Ray GPU ids)
         self._expected: dict[str, float] = {}  # submitted, not started yet: tag -> submit time
         self._parked: set[str] = set()
+        self._idle: set[str] = set()  # parties blocked on something else (the driver waiting for results)
         self._timer: asyncio.TimerHandle | None = None
         self._checkpoint_calls = 0
 
@@ -77,10 +86,17 @@ class DeviceGate:
         self._active.pop(tag, None)
         self._expected.pop(tag, None)
         self._parked.discard(tag)
+        self._idle.discard(tag)
 
     async def checkpoint(self, tag: str) -> None:
         self._checkpoint_calls += 1
+        self._idle.discard(tag)
         await self._wait_if_closed(tag)
+
+    def idle(self, tag: str) -> None:
+        """``tag`` blocks on something that uses no CPU until its next checkpoint (the driver in ``ray.wait``)."""
+        if tag in self._active:
+            self._idle.add(tag)
 
     def checkpoint_calls(self) -> int:
         return self._checkpoint_calls
@@ -103,7 +119,8 @@ class DeviceGate:
         deadline = time.monotonic() + max_wait_s
         while True:
             now = time.monotonic()
-            running = sorted(t for t in self._active if self._shares_device(t) and t not in self._parked)
+            running = sorted(t for t in self._active
+                             if self._shares_device(t) and t not in self._parked and t not in self._idle)
             starting = sorted(t for t, since in self._expected.items() if now - since < START_GRACE_S)
             if not (running or starting) or now > deadline:
                 return running + starting
@@ -172,6 +189,14 @@ class GateClient:
         if self.flag().closed:
             ray.get(self.actor.checkpoint.remote(tag))
 
+    def idle(self, tag: str) -> None:
+        """``tag`` is about to block without using the CPU; its next :meth:`busy` (or checkpoint) ends that."""
+        ray.get(self.actor.idle.remote(tag))  # waited for: Ray does not order an async actor's calls
+
+    def busy(self, tag: str) -> None:
+        """``tag`` is about to use the CPU: parks first while a window on its device is open."""
+        ray.get(self.actor.checkpoint.remote(tag))
+
     def leave(self, tag: str) -> None:
         self.actor.leave.remote(tag)
 
@@ -191,12 +216,16 @@ class LatencyMeter:
     """The one process per latency device that times candidates, one at a time (Ray runs its calls serially),
     each paired with the reference network (the base), prepared once here."""
 
-    def __init__(self, settings: LatencySettings, gate: GateClient, reference=None) -> None:
+    def __init__(self, settings: LatencySettings, gate: GateClient, reference=None, base=None,
+                 table_dir: str | None = None) -> None:
         import modules
 
         modules.register()
         self._settings = settings
         self._gate = gate
+        self._base = base  # the space Base, for --latency-estimator table (single-placement candidates)
+        self._table_dir = table_dir
+        self._table: BlockTable | None = None
         self._node = ray.get_runtime_context().get_node_id()
         # A CUDA meter sees all of its node's GPUs and times on the first: Ray's id of that GPU, for the gate.
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
@@ -215,10 +244,23 @@ class LatencyMeter:
         try:
             if self._reference is None and self._reference_candidate is not None:
                 self._reference = prepare_reference(self._reference_candidate, self._settings)
-            return measure_latency(candidate, self._settings, proxy_imgsz, exclusive=self._exclusive,
-                                   reference=self._reference)
+            timed = functools.partial(measure_latency, settings=self._settings, proxy_imgsz=proxy_imgsz,
+                                      exclusive=self._exclusive, reference=self._reference)
+            if self._settings.estimator == "table":
+                return timed(candidate, table=functools.partial(predicted, base=self._base, table=self._block_table(),
+                                                                time_single=timed))
+            return timed(candidate)
         except Exception as err:  # recorded as the trial's failure reason
             return LatencyResult(error=f"latency measurement failed: {type(err).__name__}: {err}")
+
+    def _block_table(self) -> BlockTable:
+        if self._table is None:
+            if self._base is None or self._table_dir is None or self._reference_candidate is None:
+                raise SearchError("--latency-estimator table needs the base and a table directory")
+            identity = self._settings.identity()
+            self._table = BlockTable(table_path(self._table_dir, identity, self._reference_candidate.hash),
+                                     about={k: identity[k] for k in ("backend", "backend_version", "device_model")})
+        return self._table
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[list[str]]:
@@ -274,7 +316,7 @@ def _placement(job: TrainJob) -> dict[str, Any]:
         if os.environ.get(GPU_AS_CPU_ENV) == "1":
             device = f"cpu ({GPU_AS_CPU_ENV}=1; gpu ids {gpu_ids}, CUDA_VISIBLE_DEVICES={visible})"
     return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "device": device,
-            "gpu_ids": gpu_ids}
+            "gpu_ids": gpu_ids, "pid": os.getpid()}
 
 
 @dataclass(frozen=True)
@@ -303,9 +345,10 @@ class Executor:
     ``wait`` for finished work."""
 
     def __init__(self, pool: PoolSettings, latency: LatencySettings, env: dict[str, str] | None = None, *,
-                 reference=None) -> None:
+                 reference=None, base=None, table_dir: str | None = None) -> None:
         """``reference``: the base as a space Candidate; when given, every candidate is timed paired with it
-        (``LatencyResult.ratio``), else alone as before."""
+        (``LatencyResult.ratio``), else alone as before. ``base`` (the space Base) and ``table_dir``: where
+        ``--latency-estimator table`` keeps its per-placement costs."""
         self.pool = pool
         self.workers = pool.workers
         env_vars = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", **(env or {})}
@@ -357,11 +400,14 @@ class Executor:
         self._meter_options = meter_options
         self._latency = latency
         self._reference = reference
+        self._base, self._table_dir = base, table_dir
         self.meter = self._new_meter()
         self._pending: dict[ray.ObjectRef, _Pending] = {}
+        self.gate.enter(DRIVER_TAG)  # the driver's own work must not share a window's device (module docstring)
 
     def _new_meter(self):
-        return LatencyMeter.options(**self._meter_options).remote(self._latency, self.gate, self._reference)
+        return LatencyMeter.options(**self._meter_options).remote(self._latency, self.gate, self._reference,
+                                                                  self._base, self._table_dir)
 
     def _meter_node(self) -> str:
         return self.latency_node.id
@@ -402,16 +448,25 @@ class Executor:
     def wait(self, timeout_s: float) -> list[Event]:
         """Finished work within ``timeout_s`` (maybe none); also times out trainings over ``trial_timeout_s``."""
         events: list[Event] = []
-        if self._pending:
-            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout_s)
-            if ready:
-                ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
-            for ref in ready:
-                events += self._collect(ref, self._pending.pop(ref))
-        else:
-            time.sleep(min(timeout_s, 0.1))
+        self.gate.idle(DRIVER_TAG)
+        try:
+            if self._pending:
+                ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout_s)
+                if ready:
+                    ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+            else:
+                ready = []
+                time.sleep(min(timeout_s, 0.1))
+        finally:
+            self.gate.busy(DRIVER_TAG)  # parks here while a latency window on this node is open
+        for ref in ready:
+            events += self._collect(ref, self._pending.pop(ref))
         events += self._expire()
         return events
+
+    def checkpoint(self) -> None:
+        """The driver between two pieces of work: parks while a latency window on its node is open."""
+        self.gate.checkpoint(DRIVER_TAG)
 
     def _collect(self, ref: ray.ObjectRef, p: _Pending) -> list[Event]:
         try:

@@ -37,6 +37,9 @@ class WorkPool(Protocol):
 
     def wait(self, timeout_s: float) -> list[Event]: ...
 
+    def checkpoint(self) -> None:
+        """Called by the driver between two pieces of its own work (a latency window may need the CPU)."""
+
     def cancel(self, key: Any) -> None: ...
 
     def cancel_all(self) -> list[Any]: ...
@@ -68,6 +71,9 @@ class InProcessPool:
         key, kind, work = self._queue.popleft()
         self.log.append((kind, key))
         return [Event(key, kind, work())]
+
+    def checkpoint(self) -> None:
+        """Nothing runs beside the driver here: latencies are timed inside :meth:`wait`."""
 
     def cancel(self, key: Any) -> None:
         self._queue = deque(item for item in self._queue if item[0] != key)

@@ -121,11 +121,12 @@ def test_a_gpu_meter_parks_only_the_trainings_on_its_gpu_a_cpu_meter_all_on_its_
 def test_the_meter_times_candidates_paired_with_the_base(local_ray):
     base = space.load_base("yolov8n.yaml")
     gate = GateClient(DeviceGate.remote())
-    settings = LatencySettings(imgsz=64, runs=6, min_runs=6, threads=1)
+    settings = LatencySettings(imgsz=64, runs=6, min_runs=6, threads=1, tries=1)
     meter = LatencyMeter.remote(settings, gate, space.make_candidate(base))
     with_cga = space.make_candidate(base, {"N4": space.Placement("N4", "CGA", "insert", ())})
     res = ray.get(meter.measure.remote(with_cga, 64))
-    assert res.error is None and res.n == 6 and res.reference_ms > 0
+    assert res.error is None and res.n == 6 and res.reference_ms > 0 and len(res.windows) == 1
+    assert len(res.windows[0]["reference_ms"]) == 7 and res.aa is not None, "raw runs and the A/A control recorded"
     assert res.ci_low <= res.ratio <= res.ci_high and res.params > 3_157_200
     assert ray.get(gate.actor.checkpoint_calls.remote()) == 0
     assert not gate.flag().closed, "the meter reopens the flag after timing"
