@@ -19,6 +19,7 @@ while the meter already times the first candidates; their trainings start when t
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -178,6 +179,7 @@ class Driver:
         # Ask only what the budget still needs: completed + in flight never exceeds it.
         while (len(self.running) < self.executor.workers + self.config.lookahead
                and self._completed() + self._in_flight() < self.config.budget):
+            self.executor.checkpoint()  # a proposal is up to 0.4 s of multi-threaded numpy: not inside a window
             self._start_one()
         for event in self.executor.wait(timeout_s=1.0):
             self._handle(event)
@@ -400,7 +402,15 @@ class Driver:
                  "latency_backend": lat.backend, "peak_mem_mb": lat.peak_mem_mb}
         if lat.ratio is not None:
             attrs.update({"latency_ratio": lat.ratio, "latency_ci_low": lat.ci_low, "latency_ci_high": lat.ci_high,
-                          "latency_ci_level": lat.ci_level, "latency_reference_ms": lat.reference_ms})
+                          "latency_ci_level": lat.ci_level, "latency_reference_ms": lat.reference_ms,
+                          "latency_aa": lat.aa, "latency_foreign_cpu_s": lat.foreign_cpu_s,
+                          "latency_windows": len(lat.windows),
+                          "latency_windows_rejected": [w["rejected"] for w in lat.windows if w["rejected"]]})
+            _write_windows(run.trial.user_attrs.get("run_dir"), lat)
+        if not lat.accepted:  # kept off the exported front until remeasure_contended() passes (search/study.py)
+            attrs["latency_contended"] = True
+            self.progress.note(f"trial {run.trial.number}: latency contended ({'; '.join(lat.rejected)}) after "
+                               f"{len(lat.windows)} window(s); timed again at the end of the run")
         if lat.contended:
             attrs["latency_contended_by"] = lat.contended
         for key, value in attrs.items():
@@ -495,6 +505,41 @@ class Driver:
         self.progress.completed(run.trial.number, f"{run.candidate.describe()}  ({time.time() - run.started:.0f} s)")
         for follower in run.followers:
             self._reuse(follower, self.done_by_hash[run.candidate.hash])
+
+    # -- latency re-measure ---------------------------------------------------------------------------------
+    def remeasure_contended(self) -> None:
+        """Time again, now that no training runs, every completed trial whose latency was recorded contended; the
+        results go to the study's ``REMEASURED_ATTR`` (a finished trial's values cannot change), from which the
+        front reads them (search/study.py ``front_trials``). Trials that fail again stay off the front."""
+        done = self.study.user_attrs.get(st.REMEASURED_ATTR) or {}
+        todo = [t for t in st.completed_trials(self.study) if t.user_attrs.get("latency_contended")
+                and "reused_from" not in t.user_attrs and str(t.number) not in done]
+        if not todo:
+            return
+        self.progress.note(f"timing {len(todo)} contended latenc{'y' if len(todo) == 1 else 'ies'} again")
+        pending = {}
+        for t in todo:
+            key = ("remeasure", t.number)
+            self.executor.submit_latency(key, self.space.suggest(optuna.trial.FixedTrial(t.params)),
+                                         self.config.schedule.imgsz)
+            pending[key] = t
+        info = self.study.user_attrs.get(st.LATENCY_REF_ATTR) or {}
+        while pending:
+            for event in self.executor.wait(timeout_s=1.0):
+                t = pending.pop(event.key, None)
+                if t is None:
+                    continue
+                lat: LatencyResult = event.result
+                ok = not lat.error and lat.accepted and lat.ratio is not None and "ms" in info
+                entry = {"accepted": bool(ok), "error": lat.error, "rejected": lat.rejected, "ratio": lat.ratio,
+                         "ci_low": lat.ci_low, "ci_high": lat.ci_high,
+                         "latency_ms": lat.ratio * info["ms"] if ok else None}
+                _write_windows(t.user_attrs.get("run_dir"), lat, "latency-windows-remeasured.json")
+                done = {**(self.study.user_attrs.get(st.REMEASURED_ATTR) or {}), str(t.number): entry}
+                self.study.set_user_attr(st.REMEASURED_ATTR, done)
+                verdict = (f"ratio {lat.ratio:.4f} [{lat.ci_low:.4f}, {lat.ci_high:.4f}]" if ok
+                           else f"still not trusted ({lat.error or '; '.join(lat.rejected)}): left off the front")
+                self.progress.note(f"trial {t.number:>3}  latency timed again: {verdict}")
 
     # -- confirmation --------------------------------------------------------------------------------------
     def confirm(self, seeds: int) -> None:
@@ -669,6 +714,15 @@ _RUNG_INTERNALS = frozenset({"checkpoint", "lr", "state_at_start", "state_at_end
 # Seconds a result carries in its extras (the executor adds them) that, like train_s, are a candidate's total over
 # the rungs it trained, with the split by rung in rung_<key>.
 _SUMMED_OVER_RUNGS = frozenset({"parked_s"})
+
+
+def _write_windows(run_dir: str | None, lat: LatencyResult, name: str = "latency-windows.json") -> None:
+    """Every window's raw runs beside the trial (the estimator can be re-read from them later); best effort."""
+    if not run_dir or not lat.windows:
+        return
+    with contextlib.suppress(OSError):
+        (Path(run_dir) / name).write_text(json.dumps({"ratio": lat.ratio, "accepted": lat.accepted,
+                                                      "windows": lat.windows}))
 
 
 def measured(trial: optuna.trial.FrozenTrial) -> LatencyResult:

@@ -66,9 +66,37 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
         "plots": plots + ["hypervolume.png"],
         "hypervolume": {"reference_point": dict(zip(obj.names(objectives), ref)),
                         "final": history[-1][1] if history else 0.0, "history": "hypervolume.csv"},
+        "latency": latency_summary(study),
     }
     (study_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return study_dir
+
+
+_REJECTION_KINDS = {"interval": "interval too wide", "A/A": "A/A control off",
+                    "insert-only": "insert-only candidate below the base"}
+
+
+def latency_summary(study: optuna.Study) -> dict[str, Any]:
+    """How the meter's windows went: windows timed and rejected (by reason), trials that needed a second window,
+    trials recorded contended and how their end-of-run re-measure went."""
+    timed = [t for t in study.get_trials(deepcopy=False) if "latency_windows" in t.user_attrs]
+    rejected: dict[str, int] = {label: 0 for label in _REJECTION_KINDS.values()}
+    for t in timed:
+        for reasons in t.user_attrs.get("latency_windows_rejected", []):
+            for reason in reasons:
+                label = next((v for k, v in _REJECTION_KINDS.items() if reason.startswith(k)), reason)
+                rejected[label] = rejected.get(label, 0) + 1
+    contended = [t.number for t in timed if t.user_attrs.get("latency_contended")]
+    again = study.user_attrs.get(st.REMEASURED_ATTR) or {}
+    return {
+        "trials_timed": len(timed),
+        "windows": sum(t.user_attrs["latency_windows"] for t in timed),
+        "windows_rejected": rejected,
+        "trials_timed_again": sum(1 for t in timed if t.user_attrs.get("latency_windows_rejected")),
+        "contended_trials": contended,
+        "remeasured_at_end": {n: {"accepted": e.get("accepted"), "ratio": e.get("ratio")} for n, e in again.items()},
+        "contended_off_the_front": [n for n in contended if not (again.get(str(n)) or {}).get("accepted")],
+    }
 
 
 _ATTR_COLUMNS = ("map50", "latency_p90_ms", "n_params", "gflops", "candidate_hash", "placements", "reused_from")

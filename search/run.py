@@ -27,7 +27,7 @@ from . import shapes  # noqa: E402
 from .data import DataInfo, builtin_name, check_data, safe_batch  # noqa: E402
 from .driver import SAMPLERS  # noqa: E402
 from .errors import SearchError  # noqa: E402
-from .latency import BACKENDS  # noqa: E402
+from .latency import BACKENDS, ESTIMATORS, STATISTICS  # noqa: E402
 from .settings import RunSettings, Settings, StudySettings, default, differences, run_settings, study_settings  # noqa: E402
 from .weights import check_user_checkpoint  # noqa: E402
 
@@ -100,7 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latency-runs", type=int, help="most timed pairs of base and candidate "
                    f"[{default('latency_runs')}]")
     g.add_argument("--latency-min-runs", type=int, help="pairs after which the meter stops once the ratio's 95%% "
-                   f"interval is within ±1%% [{default('latency_min_runs')}]")
+                   f"interval is within ±--latency-ci [{default('latency_min_runs')}]")
+    g.add_argument("--latency-ci", type=float, help="a window is accepted when the ratio's 95%% interval is within "
+                   f"± this fraction; 0 accepts every window [{default('latency_ci')}]")
+    g.add_argument("--latency-estimator", choices=ESTIMATORS, help="paired: time every candidate against the base; "
+                   "table: predict it from per-placement costs timed once per machine and cached under --out "
+                   f"(for shared machines) [{default('latency_estimator')}]")
+    g.add_argument("--latency-statistic", choices=STATISTICS, help="how a window's runs give the ratio "
+                   f"(search/latency/window.py) [{default('latency_statistic')}]")
+    g.add_argument("--latency-aa-tolerance", type=float, help="a window is accepted when its A/A control (the base "
+                   f"against itself) is within 1 ± this [{default('latency_aa_tolerance')}]")
+    g.add_argument("--latency-tries", type=int, help="windows timed before a trial is recorded latency_contended "
+                   f"[{default('latency_tries')}]")
     g.add_argument("--latency-threads", type=int, help=f"CPU threads for timing, 0 = all cores [{default('latency_threads')}]")
     g = p.add_argument_group("execution (may change between runs)")
     g.add_argument("--sampler", choices=SAMPLERS, default=run.sampler, help=f"[{run.sampler}]; see the README for the choice")

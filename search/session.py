@@ -176,7 +176,8 @@ def start_executor(prep: "Prepared") -> Executor:
     watchdog.start()
     try:
         # The meter times every candidate paired with the base network (search/latency).
-        return Executor(pool, prep.settings.study.latency, reference=make_candidate(prep.space.base))
+        return Executor(pool, prep.settings.study.latency, reference=make_candidate(prep.space.base),
+                        base=prep.space.base, table_dir=str(prep.settings.out / "latency-table"))
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         starting.clear()
@@ -248,6 +249,7 @@ def _run(prep: "Prepared", storage, existing, executor: Executor) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         driver.run()
+        driver.remeasure_contended()  # before confirmation: its trainings would share the windows' cores
         driver.confirm(prep.settings.study.fidelity.confirm_seeds)
     except StudyGone as err:
         progress.close()
@@ -315,8 +317,13 @@ def _say_what_runs(prep: "Prepared", study: optuna.Study, storage, executor: Exe
         f"fraction {schedule.as_dict()['fraction']}, {dict(schedule.train_args)}; rungs {list(fidelity.rungs)} "
         f"epochs (eta {fidelity.eta}), {fidelity.confirm_seeds} confirmation seed(s)")
     say(f"latency: {lat.backend} on {lat.device} at {lat.imgsz} px, batch {lat.batch}, paired with the base "
-        f"({min(lat.min_runs, lat.runs)}-{lat.runs} pairs)")
+        f"({min(lat.min_runs, lat.runs)}-{lat.runs} pairs, {lat.statistic}; a window is accepted within ±{lat.ci:.0%} "
+        f"and an A/A control within ±{lat.aa_tolerance:.0%}, {lat.tries} tries)")
     say(f"resources: {executor.describe()}; sampler {run.sampler}")
+    if lat.device == "cpu" and not run.ray_address:  # the meter shares this machine's cores
+        warning = busy_warning(len(os.sched_getaffinity(0)))
+        if warning:
+            say(warning)
 
 
 @dataclass

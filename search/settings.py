@@ -140,6 +140,9 @@ _FIELD_FLAGS = {
     "latency_runs": ("latency", "runs"), "latency_min_runs": ("latency", "min_runs"),
     "latency_threads": ("latency", "threads"), "latency_backend": ("latency", "backend"),
     "latency_half": ("latency", "half"), "latency_batch": ("latency", "batch"),
+    "latency_ci": ("latency", "ci"), "latency_statistic": ("latency", "statistic"),
+    "latency_estimator": ("latency", "estimator"),
+    "latency_aa_tolerance": ("latency", "aa_tolerance"), "latency_tries": ("latency", "tries"),
     "max_latency_ms": ("constraints", "max_latency_ms"), "max_params": ("constraints", "max_params"),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shlex
@@ -25,6 +26,9 @@ VERSIONS_ATTR = "attnas_versions"
 PATHS_ATTR = "attnas_paths"  # where its files are: out dir, artifact dir, storage URL as given
 RUNG_RESULTS = "rung_results"  # trial attr: {epochs: objective values} at each rung the candidate finished
 LATENCY_REF_ATTR = "attnas_latency_reference"  # study attr: reference windows (ms), the study's reference, fixed?
+# study attr: {trial: {"ratio", "ci_low", "ci_high", "accepted", "latency_ms"}}, the end-of-run re-measure of trials
+# whose latency was recorded contended (search/driver.py)
+REMEASURED_ATTR = "attnas_latency_remeasured"
 CONFIRM_ATTR = "attnas_confirmation"  # study attr: {trial: {"offsets", "values", "errors", "train_s": [...]}}
 DRIVER_ATTR = "attnas_driver"  # the driver running it now: host, pid, heartbeat
 OUTSIDE_ATTR = "attnas_outside_changes"  # trial number -> what another writer (the dashboard) did to it while it ran
@@ -217,17 +221,40 @@ def objectives_of(study: optuna.Study) -> tuple[obj.Objective, ...]:
 
 def pareto_trials(study: optuna.Study, objectives: Sequence[obj.Objective],
                   include_by_hand: bool = False) -> list[FrozenTrial]:
-    """``study.best_trials`` without the copies dedup made (they share their source's values) and, unless
-    ``include_by_hand``, without trials completed by hand in the dashboard (their values were typed, not measured),
-    listed by :func:`search.objectives.sort_key` (fastest first by default)."""
+    """Optuna's ``best_trials`` rule over :func:`front_trials`: without the copies dedup made (they share their
+    source's values), without trials whose latency is not trusted yet and, unless ``include_by_hand``, without
+    trials completed by hand in the dashboard (their values were typed, not measured), listed by
+    :func:`search.objectives.sort_key` (fastest first by default)."""
     by_hand = set() if include_by_hand else {
         int(n) for n, kind in outside_changes(study).items() if kind == "completed-by-hand"}
-    if by_hand:  # the front of the measured trials only: a typed value must not hide a real one
-        kept = [t for t in completed_trials(study) if t.number not in by_hand]
-        front = _nondominated(kept, study.directions)
-    else:
-        front = study.best_trials
+    kept = [t for t in front_trials(study, objectives) if t.number not in by_hand]
+    front = _nondominated(kept, study.directions)
     return sorted((t for t in front if "reused_from" not in t.user_attrs), key=obj.sort_key(objectives))
+
+
+def front_trials(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[FrozenTrial]:
+    """The completed trials a front may hold, with the values it compares. A trial whose latency was recorded
+    contended (no window passed the meter's acceptance rule) counts only once a re-measure at the end of the run
+    passed, with that latency (a finished trial's values cannot change, so the study keeps it in
+    ``REMEASURED_ATTR``); a copy made by dedup follows its source."""
+    remeasured = study.user_attrs.get(REMEASURED_ATTR) or {}
+    index = next((i for i, o in enumerate(objectives) if o.name == "latency_ms"), None)
+    out = []
+    for t in completed_trials(study):
+        source = str(t.user_attrs.get("reused_from", t.number))
+        if not t.user_attrs.get("latency_contended"):
+            out.append(t)
+            continue
+        again = remeasured.get(source)
+        if again is None or not again.get("accepted"):
+            continue
+        if index is not None:
+            t = copy.copy(t)
+            values = list(t.values)
+            values[index] = again["latency_ms"]
+            t.values = values
+        out.append(t)
+    return out
 
 
 def _nondominated(trials: list[FrozenTrial], directions) -> list[FrozenTrial]:
