@@ -1,23 +1,31 @@
-"""Latency you can trust: repeatability, ordering and cost of today's vs the paired measurement; backends; gate.
+"""Latency you can trust: today's meter against the new one, both in the same run, on a machine with a busy core.
 
-    python bench/latency.py [--minutes 10] [--repeats 5] [--imgsz 640]
+    python bench/latency.py [--windows 8] [--busy-cores 1] [--out bench/results/latency-DATE.json]
+    python bench/latency.py --table [--candidates 30]      # the table estimator against quiet paired timing
+    python bench/latency.py --gate                         # the gate's per-batch cost on a real local Ray
 
-Six candidates (five sampled from the default yolov8n space, plus a CGA insertion, which starts as an exact
-identity) are each measured ``--repeats`` times in separate exclusive windows spread over ``--minutes``, with two
-proxy trainings (Ultralytics on coco128 at 64 px, in subprocesses) running between the windows and stopped
-(SIGSTOP, as the gate parks them) during each window. Per candidate and window, "today" is the candidate timed
-alone (3 warm-up + 15 runs, median) and "paired" is the ratio to the base timed alternately in the same window
-times the study reference (median of the first 5 base windows). The CGA candidate gets twice the windows, for the
-ordering check (it must time slower than the base). Then: each candidate's torch vs onnxruntime latency in one
-window each, and the gate's per-batch cost open and closed on a real local Ray.
+Six candidates (a CGA insertion, which starts as an exact identity, so it can only be slower than the base, and
+five sampled from the default yolov8n space) at 640 px. First each is timed quietly (``--truth-pairs`` pairs of
+the new settings, three windows; the median is the truth), then ``--busy-cores`` foreign processes spin for the
+rest of the run and every candidate gets ``--windows`` windows of each meter, interleaved (today, new, today,
+new, ...), so both see the same machine:
+
+- today: the meter as it was (every core, 8 pairs, median of per-pair ratios, every window recorded);
+- new: the defaults of ``search.latency.LatencySettings`` (one thread, lower-quartile ratio, windows accepted
+  within ±2% with an A/A control, up to 3 windows).
+
+Printed: per candidate and meter the median ratio over windows, its CV across windows, the error of the median
+against the quiet truth, exclusive seconds per trial, and how often the identity insertion timed slower than the
+base. Raw windows go to ``--out`` as they finish (JSON with machine, versions and date).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import datetime
+import json
 import os
-import signal
+import platform
 import statistics
 import subprocess
 import sys
@@ -29,48 +37,180 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-TRAINING = """
-import sys; sys.path.insert(0, {repo!r})
-import modules; modules.register()
-from ultralytics import YOLO
-while True:
-    YOLO("yolov8n.yaml").train(data={data!r}, imgsz=64, epochs=3, batch=8, workers=0, plots=False, val=False,
-                               device="cpu", project={out!r}, name="t", exist_ok=True, verbose=False, amp=False)
-"""
+import torch  # noqa: E402
+
+import modules  # noqa: E402
+import space  # noqa: E402
+from search.latency import LatencySettings, device_model, paired_windows, prepare_reference  # noqa: E402
+from search.latency.backends import make_runner  # noqa: E402
+from search.latency.window import best_window, cv  # noqa: E402
+
+TODAY = LatencySettings(threads=0, warmup=1, runs=8, min_runs=6, statistic="pair_median", ci=0, tries=1)
+NEW = LatencySettings()
 
 
-def cv(values: list[float]) -> float:
-    return statistics.stdev(values) / statistics.mean(values) if len(values) > 1 else float("nan")
+def candidates(n_sampled: int = 5, seed: int = 0) -> list[tuple[str, object]]:
+    from space.sample import sample_candidates
+
+    base_space = space.build_space(space.load_base("yolov8n.yaml"))
+    cga = space.make_candidate(base_space.base, {"N4": space.Placement("N4", "CGA", "insert", ())})
+    sampled = [c for c, _ in sample_candidates(base_space, n=n_sampled, seed=seed, imgsz=64)]
+    return [("N4:CGA (identity)", cga)] + [(c.describe()[:44], c) for c in sampled]
 
 
-class Trainings:
-    """Two proxy trainings in subprocesses; stopped while a window times, running between windows."""
+class Meter:
+    """One meter's prepared runners: the base and every candidate, fused, at ``settings``' threads."""
 
-    def __init__(self, out: Path) -> None:
-        data = str(REPO.parent / "shared" / "datasets" / "coco128" / "coco128.yaml")
-        code = TRAINING.format(repo=str(REPO), data=data, out=str(out))
-        self.procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL) for _ in range(2)]
+    def __init__(self, settings: LatencySettings, cands: list[tuple[str, object]]) -> None:
+        self.settings = settings
+        self.threads = settings.threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(self.threads)
+        base = space.make_candidate(space.load_base("yolov8n.yaml"))
+        self.reference = prepare_reference(base, settings)
+        self.runs = {}
+        for name, c in cands:
+            model = space.build_model(c).model.fuse(verbose=False).eval()
+            self.runs[name] = make_runner(model, settings.backend, settings.device, settings.shape, False, self.threads)
+            self.runs[name]()
 
-    def __enter__(self):
-        for p in self.procs:
-            p.send_signal(signal.SIGSTOP)
-        return []
+    def trial(self, name: str, insert_only: bool) -> dict:
+        """What the meter records for one trial: its windows (retries included) and the chosen one."""
+        torch.set_num_threads(self.threads)
+        windows = paired_windows(self.runs[name], self.reference.run, self.settings, insert_only=insert_only)
+        chosen = best_window(windows)
+        return {"ratio": chosen.ratio, "ci": [chosen.ci_low, chosen.ci_high], "accepted": chosen.accepted,
+                "windows": [w.as_dict() for w in windows], "exclusive_s": sum(w.seconds for w in windows)}
 
-    def __exit__(self, *exc) -> None:
-        for p in self.procs:
-            p.send_signal(signal.SIGCONT)
 
-    def stop(self) -> None:
-        for p in self.procs:
-            p.send_signal(signal.SIGCONT)
+def machine_facts() -> dict:
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": device_model("cpu"),
+            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform()}
+
+
+def spinners(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def windows_bench(args: argparse.Namespace) -> None:
+    modules.register()
+    cands = candidates()
+    insert_only = {name: all(p.mode == "insert" for p in c.placements) for name, c in cands}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine_facts(), "busy_cores": args.busy_cores, "today": TODAY.as_dict(),
+              "new": NEW.as_dict(), "truth": {}, "trials": []}
+    new = Meter(NEW, cands)
+    truth_settings = LatencySettings(runs=args.truth_pairs, min_runs=args.truth_pairs, ci=0, tries=1)
+    truth_meter = Meter(truth_settings, cands)
+    print(f"{len(cands)} candidates; quiet truth: {args.truth_pairs} pairs x 3 windows, one thread", flush=True)
+    for name, _ in cands:
+        ratios = [truth_meter.trial(name, False)["ratio"] for _ in range(3)]
+        record["truth"][name] = {"ratio": statistics.median(ratios), "windows": ratios}
+        print(f"  {name:<46} truth {statistics.median(ratios):.4f}  (windows {', '.join(f'{r:.4f}' for r in ratios)})",
+              flush=True)
+    del truth_meter
+    today = Meter(TODAY, cands)
+    procs = spinners(args.busy_cores)
+    t0 = time.time()
+    try:
+        time.sleep(2)
+        for i in range(args.windows):
+            for name, _ in cands:
+                for label, meter in (("today", today), ("new", new)) if i % 2 == 0 else (("new", new), ("today", today)):
+                    got = meter.trial(name, insert_only[name])
+                    record["trials"].append({"meter": label, "candidate": name, "round": i, **got})
+                    print(f"  [{time.time() - t0:5.0f} s] {label:<5} {name:<46} ratio {got['ratio']:.4f} "
+                          f"[{got['ci'][0]:.4f}, {got['ci'][1]:.4f}] windows {len(got['windows'])} "
+                          f"{'accepted' if got['accepted'] else 'CONTENDED'}", flush=True)
+                    out.write_text(json.dumps(record))
+                    time.sleep(args.gap)
+    finally:
+        for p in procs:
             p.kill()
-            p.wait()
+    report(record)
 
 
-def gate_cost(batches: int = 2000) -> tuple[float, float]:
-    """Per-batch seconds of GateClient.checkpoint with the gate open (flag read) and closed-then-open
-    (the flag says closed, so every batch makes the actor round trip the project paid before)."""
+def report(record: dict) -> None:
+    """The table of a recorded run (also: ``--report FILE``)."""
+    names = list(record["truth"])
+    print(f"\n{record['machine']['cpu']}, {record['machine']['cores']} cores, torch {record['machine']['torch']}, "
+          f"{record['busy_cores']} foreign busy core(s); {record['machine']['date']}")
+    head = (f"{'candidate':<46}{'truth':>8} | {'today':>7}{'CV':>7}{'err':>7}{'excl s':>8} | "
+            f"{'new':>7}{'CV':>7}{'err':>7}{'excl s':>8}{'acc':>6}")
+    print(head + "\n" + "-" * len(head))
+    summary = {"today": {"cv": [], "err": [], "excl": []}, "new": {"cv": [], "err": [], "excl": []}}
+    for name in names:
+        truth = record["truth"][name]["ratio"]
+        cells = []
+        for label in ("today", "new"):
+            rows = [t for t in record["trials"] if t["meter"] == label and t["candidate"] == name]
+            ratios = [t["ratio"] for t in rows]
+            if not ratios:
+                cells.append(" " * 29)
+                continue
+            med, spread = statistics.median(ratios), cv(ratios)
+            err = med / truth - 1
+            excl = statistics.fmean(t["exclusive_s"] for t in rows)
+            summary[label]["cv"].append(spread)
+            summary[label]["err"].append(abs(err))
+            summary[label]["excl"].append(excl)
+            acc = f"{sum(t['accepted'] for t in rows)}/{len(rows)}" if label == "new" else ""
+            cells.append(f"{med:>7.4f}{spread:>7.1%}{err:>+7.1%}{excl:>8.2f}{acc:>6}")
+        print(f"{name:<46}{truth:>8.4f} | {cells[0]} | {cells[1]}")
+    identity = names[0]
+    for label in ("today", "new"):
+        rows = [t for t in record["trials"] if t["meter"] == label and t["candidate"] == identity]
+        slower = sum(t["ratio"] > 1 for t in rows)
+        s = summary[label]
+        if s["cv"]:
+            print(f"{label:<6} identity insertion slower than the base in {slower}/{len(rows)} trials; worst CV "
+                  f"{max(s['cv']):.1%}, worst |err| {max(s['err']):.1%}, mean exclusive s per trial "
+                  f"{statistics.fmean(s['excl']):.2f}")
+    if summary["today"]["excl"] and summary["new"]["excl"]:
+        print(f"exclusive time new / today: {statistics.fmean(summary['new']['excl']) / statistics.fmean(summary['today']['excl']):.2f}x")
+
+
+def table_bench(args: argparse.Namespace) -> None:
+    """The table estimator's prediction against quiet paired timing of the same candidates."""
+    import tempfile
+
+    from search.latency import measure_latency
+    from search.latency.table import BlockTable, predicted
+    from space.sample import sample_candidates
+
+    modules.register()
+    base_space = space.build_space(space.load_base("yolov8n.yaml"))
+    base = base_space.base
+    cands = [c for c, _ in sample_candidates(base_space, n=args.candidates, seed=args.seed, imgsz=64)]
+    settings = NEW
+    torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
+    reference = prepare_reference(space.make_candidate(base), settings)
+    timed = lambda c: measure_latency(c, settings, 64, reference=reference)  # noqa: E731
+    table = BlockTable(Path(tempfile.mkdtemp()) / "table.json")
+    out = Path(args.out)
+    rows = []
+    t0 = time.time()
+    for i, c in enumerate(cands):
+        pred = predicted(c, base, table, timed)
+        truth = timed(c)
+        err = pred["ratio"] / truth.ratio - 1
+        rows.append({"candidate": c.describe(), "placements": len(c.placements), "predicted": pred["ratio"],
+                     "paired": truth.ratio, "paired_accepted": truth.accepted, "error": err,
+                     "timed_for_table": pred["timed"]})
+        print(f"  [{time.time() - t0:5.0f} s] {i:>2} {c.describe()[:60]:<60} table {pred['ratio']:.4f}  paired "
+              f"{truth.ratio:.4f}  error {err:+.1%}", flush=True)
+        out.write_text(json.dumps({"machine": machine_facts(), "settings": settings.as_dict(), "rows": rows}))
+    errs = sorted(abs(r["error"]) for r in rows)
+    multi = [abs(r["error"]) for r in rows if r["placements"] > 1]
+    print(f"\ntable vs paired over {len(rows)} candidates: median |error| {statistics.median(errs):.1%}, worst "
+          f"{errs[-1]:.1%} (targets 3% and 8%); over the {len(multi)} with several placements: median "
+          f"{statistics.median(multi) if multi else float('nan'):.1%}; {len(table.costs)} blocks timed")
+
+
+def gate_cost(batches: int = 2000) -> None:
+    """Per-batch seconds of GateClient.checkpoint with the gate open (flag read) and closed-then-open (the actor
+    round trip a training pays only while a window is open)."""
     import ray
 
     from search.executor import DeviceGate, GateClient
@@ -92,103 +232,35 @@ def gate_cost(batches: int = 2000) -> tuple[float, float]:
         gate.flag(ray.get_runtime_context().get_node_id()).set(True)  # actor open: each call returns at once
         closed_s = ray.get(training.remote(gate, batches // 4))
         gate.flag().set(False)
-        return open_s, closed_s
+        print(f"gate per batch: open {open_s * 1e6:.1f} us (shared-memory flag), closed path {closed_s * 1e6:.0f} us")
     finally:
         ray.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=10.0, help="spread the windows over at least this long")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--imgsz", type=int, default=640)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-trainings", action="store_true")
+    stamp = datetime.date.today().isoformat()
+    ap.add_argument("--windows", type=int, default=8, help="trials of each meter per candidate under load")
+    ap.add_argument("--busy-cores", type=int, default=1, help="foreign processes spinning throughout")
+    ap.add_argument("--truth-pairs", type=int, default=30)
+    ap.add_argument("--gap", type=float, default=0.5, help="seconds between trials")
+    ap.add_argument("--out", help="raw results (JSON) [bench/results/latency-windows-DATE.json]")
+    ap.add_argument("--report", help="print the table of a recorded run and exit")
+    ap.add_argument("--table", action="store_true", help="the table estimator against quiet paired timing")
+    ap.add_argument("--candidates", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--gate", action="store_true", help="the gate's per-batch cost")
     args = ap.parse_args()
-
-    import torch
-
-    import modules
-    import space
-    from search.latency import LatencySettings, prepare_reference, study_reference_ms, time_model
-    from space.sample import sample_candidates
-
-    modules.register()
-    torch.manual_seed(0)
-    base_space = space.build_space(space.load_base("yolov8n.yaml"))
-    base = space.make_candidate(base_space.base)
-    sampled = [c for c, _ in sample_candidates(base_space, n=5, seed=0, imgsz=64)]
-    cga = space.make_candidate(base_space.base, {"N4": space.Placement("N4", "CGA", "insert", ())})
-    cands = [("CGA@N4 (identity)", cga)] + [(c.describe()[:40], c) for c in sampled]
-    models = {name: space.build_model(c).model.fuse(verbose=False).eval() for name, c in cands}
-    base_model = space.build_model(base).model.fuse(verbose=False).eval()
-    today = LatencySettings(imgsz=args.imgsz, warmup=3, runs=15, threads=args.threads)
-    paired = LatencySettings(imgsz=args.imgsz, threads=args.threads)
-    reference = prepare_reference(base_model, paired)
-
-    schedule = [name for _ in range(args.repeats) for name, _ in cands] + [cands[0][0]] * args.repeats
-    windows = 2 * len(schedule) + 2 * args.repeats  # today + paired per entry, and base alone (today) per repeat
-    gap = max(0.0, args.minutes * 60 / windows - 1.0)
-    print(f"{len(cands)} candidates, {windows} windows, {gap:.1f} s of training between windows, "
-          f"torch {torch.__version__}, threads {paired.threads or len(os.sched_getaffinity(0))}", flush=True)
-    trainings = None if args.no_trainings else Trainings(Path("/tmp") / f"bench-latency-{os.getpid()}")
-    window = trainings or contextlib.nullcontext([])
-    rec: dict[str, dict[str, list]] = {n: {"today": [], "ratio": [], "ref": [], "cost_today": [], "cost_paired": [],
-                                          "base_today": []} for n, _ in cands}
-    t_start = time.time()
-    try:
-        time.sleep(gap + 5)  # trainings start up
-        for i, name in enumerate(schedule):
-            # today's method: the base's own window, then the candidate's own window (the ordering compares them)
-            if name == cands[0][0]:
-                time.sleep(gap)
-                rec[name]["base_today"].append(time_model(base_model, today, exclusive=lambda: window).median_ms)
-            time.sleep(gap)
-            r = time_model(models[name], today, exclusive=lambda: window)
-            rec[name]["today"].append(r.median_ms)
-            rec[name]["cost_today"].append(r.exclusive_s)
-            time.sleep(gap)
-            r = time_model(models[name], paired, reference, exclusive=lambda: window)
-            rec[name]["ratio"].append(r.ratio)
-            rec[name]["ref"].append(r.reference_ms)
-            rec[name]["cost_paired"].append(r.exclusive_s)
-            print(f"  [{time.time() - t_start:5.0f} s] {name:<42} today {rec[name]['today'][-1]:7.2f} ms   "
-                  f"ratio {r.ratio:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}] n={r.n}  base {r.reference_ms:.2f} ms",
-                  flush=True)
-    finally:
-        if trainings:
-            trainings.stop()
-    elapsed = time.time() - t_start
-    refs = [v for n, _ in cands for v in rec[n]["ref"]]  # in schedule order per candidate; good enough to fix
-    study_ref = study_reference_ms(refs, settle=5)
-    print(f"\nRepeatability ({elapsed / 60:.1f} min, study reference {study_ref:.2f} ms = median of 5 base windows)")
-    print(f"{'candidate':<42}{'windows':>8}{'today ms':>10}{'CV today':>10}{'paired ms':>11}{'CV paired':>11}"
-          f"{'cost today s':>14}{'cost paired s':>15}")
-    for name, _ in cands:
-        d = rec[name]
-        obj = [x * study_ref for x in d["ratio"]]
-        print(f"{name:<42}{len(d['today']):>8}{statistics.median(d['today']):>10.2f}{cv(d['today']):>10.1%}"
-              f"{statistics.median(obj):>11.2f}{cv(obj):>11.1%}{statistics.mean(d['cost_today']):>14.2f}"
-              f"{statistics.mean(d['cost_paired']):>15.2f}")
-    d = rec[cands[0][0]]
-    slower_today = sum(c > b for c, b in zip(d["today"], d["base_today"]))
-    print(f"\nOrdering: CGA@N4 (starts as the identity, so strictly more work) slower than the base in "
-          f"{slower_today}/{len(d['base_today'])} repeats today, {sum(r > 1 for r in d['ratio'])}/{len(d['ratio'])} "
-          f"paired")
-
-    print("\nBackends (one paired window each, no trainings; ratio to the base on the same backend)")
-    ort = LatencySettings(imgsz=args.imgsz, backend="onnxruntime", threads=args.threads)
-    ort_ref = prepare_reference(base_model, ort)
-    print(f"{'candidate':<42}{'torch ms':>10}{'x base':>8}{'ort ms':>10}{'x base':>8}{'ort/torch':>11}")
-    for name, _ in cands:
-        a = time_model(models[name], paired, reference)
-        b = time_model(models[name], ort, ort_ref)
-        print(f"{name:<42}{a.median_ms:>10.2f}{a.ratio:>8.3f}{b.median_ms:>10.2f}{b.ratio:>8.3f}"
-              f"{b.median_ms / a.median_ms:>11.2f}")
-
-    open_s, closed_s = gate_cost()
-    print(f"\nGate per batch: open {open_s * 1e6:.1f} us (shared-memory flag), closed path {closed_s * 1e6:.0f} us "
-          f"(actor round trip, what every batch paid before)")
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+    elif args.table:
+        args.out = args.out or str(REPO / "bench" / "results" / f"latency-table-{stamp}.json")
+        table_bench(args)
+    elif args.gate:
+        gate_cost()
+    else:
+        args.out = args.out or str(REPO / "bench" / "results" / f"latency-windows-{stamp}.json")
+        windows_bench(args)
 
 
 if __name__ == "__main__":

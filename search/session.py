@@ -27,6 +27,7 @@ from . import study as st
 from .driver import Driver, SearchAborted, SearchConfig, StudyGone, front_rows, make_sampler
 from .errors import SearchError
 from .executor import Executor, PoolSettings
+from .latency.audit import busy_warning
 from .proxy import TrainJob
 from .reconnect import DatabaseUnreachable
 from .weights import BaseCache, BaseWeights, base_cache_key, base_training_job, prepare_base_weights, stored_base_weights
