@@ -7,7 +7,8 @@ at ``--before`` (a git worktree of this repository, the meter as it was), then t
 data, space and latency settings of their code; the proxy training is made cheap (``--search-arg`` defaults: no
 inherited weights, one epoch at 64 px on a quarter of the images) so windows come often while trainings run, which
 is the harder case for the meter. Then ``--sample`` completed trials of each study are timed again, quietly and
-alone (three windows of 30 pairs with that study's own thread count and statistic; their median is the truth).
+alone: one window of 30 pairs with that study's own thread count and statistic in each of ``--processes`` fresh
+processes, their median being the truth (a ratio moves by up to ±3% between processes on this machine).
 
 Printed per study: trials, recorded intervals within ±2%, |recorded / re-timed - 1| over the sample (target: all
 within 3%), insert-only candidates recorded faster than the base, trials recorded contended, exclusive seconds per
@@ -73,8 +74,26 @@ def _insert_only(placements: str) -> bool:
     return placements not in ("", "base") and "(replace)" not in placements
 
 
-def retime(rows: list[dict], latency: dict, sample: int, seed: int) -> None:
-    """Quiet re-timing of ``sample`` trials (in place: ``truth``), with the study's own timing settings."""
+def retime(rows: list[dict], latency: dict, sample: int, seed: int, processes: int) -> None:
+    """Quiet re-timing of ``sample`` trials (in place: ``truth``), with the study's own timing settings: one window of
+    30 pairs per trial in each of ``processes`` fresh processes, the median over them. Fresh processes, because on
+    this machine a ratio measured in one process sits up to ±3% from the same ratio in another (memory layout),
+    while windows in one process agree within about 1%."""
+    pool = [r for r in rows if r["placements"] not in ("base", None)]
+    chosen = random.Random(seed).sample(pool, min(sample, len(pool)))
+    spec = json.dumps({"latency": latency, "trials": [r["params"] for r in chosen]})
+    per_process = []
+    for _ in range(processes):
+        done = subprocess.run([sys.executable, __file__, "--retime-worker"], input=spec, capture_output=True,
+                              text=True, check=True)
+        per_process.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for i, row in enumerate(chosen):
+        row["truth_windows"] = [ratios[i] for ratios in per_process]
+        row["truth"] = statistics.median(row["truth_windows"])
+
+
+def retime_worker() -> None:
+    """One process of :func:`retime`: the trials on stdin, their ratios as one JSON line on stdout."""
     import optuna
     import torch
 
@@ -82,19 +101,18 @@ def retime(rows: list[dict], latency: dict, sample: int, seed: int) -> None:
     import space
     from search.latency import LatencySettings, measure_latency, prepare_reference
 
+    spec = json.loads(sys.stdin.read())
     modules.register()
-    known = {k: v for k, v in latency.items() if k in LatencySettings.__dataclass_fields__}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    known = {k: v for k, v in spec["latency"].items() if k in LatencySettings.__dataclass_fields__}
     settings = LatencySettings(**{**known, "runs": 30, "min_runs": 30, "ci": 0, "tries": 1,
                                   "statistic": known.get("statistic", "pair_median")})
     torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
     base_space = space.build_space(space.load_base("yolov8n.yaml"))
     reference = prepare_reference(space.make_candidate(base_space.base), settings)
-    pool = [r for r in rows if r["placements"] not in ("base", None)]
-    for row in random.Random(seed).sample(pool, min(sample, len(pool))):
-        candidate = base_space.suggest(optuna.trial.FixedTrial(row["params"]))
-        ratios = [measure_latency(candidate, settings, 64, reference=reference).ratio for _ in range(3)]
-        row["truth"] = statistics.median(ratios)
-        row["truth_windows"] = ratios
+    ratios = [measure_latency(base_space.suggest(optuna.trial.FixedTrial(params)), settings, 64,
+                              reference=reference).ratio for params in spec["trials"]]
+    print(json.dumps(ratios))
 
 
 def report(record: dict) -> None:
@@ -119,9 +137,10 @@ def report(record: dict) -> None:
     after = record.get("after", {}).get("trials", [])
     aas = [r["aa"] for r in after if r.get("aa") is not None]
     if aas:
-        print(f"after: A/A controls median {statistics.median(aas):.4f}, within ±2% in {sum(abs(a - 1) <= 0.02 for a in aas)}"
-              f"/{len(aas)}; foreign CPU per window median "
-              f"{statistics.median(r['foreign_cpu_s'] for r in after if r['foreign_cpu_s'] is not None):.3f} s; "
+        within = sum(abs(a - 1) <= 0.02 for a in aas)
+        foreign = statistics.median(r["foreign_cpu_s"] for r in after if r["foreign_cpu_s"] is not None)
+        print(f"after: A/A controls median {statistics.median(aas):.4f}, within ±2% in {within}/{len(aas)}; "
+              f"foreign CPU per window median {foreign:.3f} s; "
               f"windows per trial {statistics.fmean(r['windows'] for r in after):.2f}")
     if record.get("before") and record.get("after"):
         b = statistics.fmean(r["exclusive_s"] for r in record["before"]["trials"])
@@ -139,7 +158,13 @@ def main() -> None:
     ap.add_argument("--out", help=f"raw results [bench/results/latency-search-DATE.json]")
     ap.add_argument("--report", help="print the table of a recorded run and exit")
     ap.add_argument("--only", choices=("before", "after"), help="run one side (the other is kept from --out)")
+    ap.add_argument("--processes", type=int, default=3, help="fresh processes of the quiet re-timing")
+    ap.add_argument("--retime", action="store_true", help="only re-time the sampled trials of --out again")
+    ap.add_argument("--retime-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.retime_worker:
+        retime_worker()
+        return
     if args.report:
         report(json.loads(Path(args.report).read_text()))
         return
@@ -148,6 +173,17 @@ def main() -> None:
     from search.latency import device_model
 
     record = json.loads(out.read_text()) if out.is_file() else {}
+    if args.retime:
+        for label in ("before", "after"):
+            if label in record:
+                for row in record[label]["trials"]:
+                    row.pop("truth", None)
+                    row.pop("truth_windows", None)
+                retime(record[label]["trials"], record[label]["latency_settings"], args.sample, args.seed,
+                       args.processes)
+                out.write_text(json.dumps(record, indent=1))
+        report(record)
+        return
     record.update({"machine": f"{device_model('cpu')}, {len(os.sched_getaffinity(0))} cores",
                    "date": datetime.datetime.now().isoformat(timespec="seconds"), "budget": args.budget,
                    "before_commit": args.before})
@@ -167,7 +203,7 @@ def main() -> None:
             wall = run_search(code, runs, args.budget, [])
             rows, latency = recorded_trials(runs)
             print(f"{label}: {len(rows)} trials timed in {wall:.0f} s; re-timing {args.sample} quietly", flush=True)
-            retime(rows, latency, args.sample, args.seed)
+            retime(rows, latency, args.sample, args.seed, args.processes)
             record[label] = {"wall_s": wall, "latency_settings": latency, "trials": rows}
             out.write_text(json.dumps(record, indent=1))
     finally:
