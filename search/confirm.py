@@ -86,7 +86,8 @@ class Confirmed:
 def confirmed(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[Confirmed]:
     """Every confirmed trial with its seed statistics (the trial's own run counts as one seed)."""
     records = recorded(study)
-    trials = {t.number: t for t in st.completed_trials(study)}
+    # front_trials: a trial whose latency is not trusted yet is left out, a re-measured one has its new latency
+    trials = {t.number: t for t in st.front_trials(study, objectives)}
     main = next(i for i, o in enumerate(objectives) if o.needs_training)
     stats = {}
     for key, entry in records.items():

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .latency import LatencySettings, measure_latency
+from .latency import LatencySettings, Reference, measure_latency, prepare_reference
 from .proxy import TrainJob, run_training
 
 
@@ -51,15 +51,24 @@ class InProcessPool:
     The functions are the real ones (``measure_latency``, ``run_training``), so a driver test exercises real
     candidates and trainings; only the parallelism of Ray is missing, which makes the order deterministic."""
 
-    def __init__(self, latency: LatencySettings, workers: int = 1) -> None:
+    def __init__(self, latency: LatencySettings, workers: int = 1, reference=None) -> None:
+        """``reference``: the base as a space Candidate; when given, candidates are timed paired with it."""
         self.workers = workers
         self._latency = latency
+        self._reference_candidate = reference
+        self._reference: Reference | None = None
         self._queue: deque[tuple[Any, str, Callable[[], Any]]] = deque()
         self.log: list[tuple[str, Any]] = []  # (kind, key) in the order the work ran
         self.jobs: dict[Any, list[TrainJob]] = {}  # every training submitted, by key
 
     def submit_latency(self, key: Any, candidate, proxy_imgsz: int) -> None:
-        self._queue.append((key, "latency", lambda: measure_latency(candidate, self._latency, proxy_imgsz)))
+        self._queue.append((key, "latency", lambda: measure_latency(candidate, self._latency, proxy_imgsz,
+                                                                    reference=self._paired_with())))
+
+    def _paired_with(self) -> Reference | None:
+        if self._reference is None and self._reference_candidate is not None:
+            self._reference = prepare_reference(self._reference_candidate, self._latency)
+        return self._reference
 
     def submit_train(self, key: Any, job: TrainJob, kind: str = "train") -> None:
         self.jobs.setdefault(key, []).append(job)

@@ -23,7 +23,7 @@ needs_mount_namespace = pytest.mark.skipif(shutil.which("unshare") is None or os
                                            reason="the node without the dataset needs root and unshare")
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4",
-        "--latency-imgsz", "64", "--latency-runs", "3", "--latency-min-runs", "3", "--latency-warmup", "1",
+        "--latency-imgsz", "64", "--latency-runs", "3", "--latency-ci", "0", "--latency-min-runs", "3", "--latency-warmup", "1",
         "--no-export"]
 
 

@@ -24,7 +24,7 @@ from search import study as st  # its open_storage retries the race of two proce
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4", "--latency-imgsz", "64",
-        "--latency-runs", "3", "--latency-warmup", "1", "--weights", "none"]
+        "--latency-runs", "3", "--latency-ci", "0", "--latency-warmup", "1", "--weights", "none"]
 
 
 def _free_port() -> int:

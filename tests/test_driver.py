@@ -218,3 +218,59 @@ def test_confirmation_retrains_the_front_and_the_base_with_more_seeds(tmp_path, 
     assert float(csv_row["mAP50-95_mean"]) == pytest.approx(row.mean[0]) and csv_row["mAP50-95_n"] == "3"
     assert float(csv_row["mAP50-95_sd"]) == pytest.approx(row.sd[0]) and csv_row["latency_ms_n"] == "1"
     assert csv_row["above_base_2se"] == "", "the base is not compared with itself"
+
+
+def test_a_contended_latency_stays_off_the_front_until_a_re_measure_at_the_end_passes(tmp_path, coco128, one_layer):
+    from space import make_candidate
+
+    study = new_study(tmp_path, enqueue_base=False)
+    # An interval target no window can meet: every latency is recorded contended after its one window.
+    strict = replace(LATENCY, runs=3, min_runs=3, ci=1e-12, tries=1)
+    pool = InProcessPool(strict, workers=1, reference=make_candidate(one_layer.base))
+    cfg = SearchConfig(budget=2, schedule=SCHEDULE, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
+                       study_dir=tmp_path, latency_imgsz=LATENCY.imgsz)
+    driver = Driver(study, one_layer, pool, cfg, None, Progress(study, TABLE, 2), storage_of(tmp_path))
+    driver.run()
+    done = st.completed_trials(study)
+    assert len(done) == 2 and all(t.user_attrs["latency_contended"] for t in done)
+    assert all((Path(t.user_attrs["run_dir"]) / "latency-windows.json").is_file() for t in done), "raw runs kept"
+    assert st.pareto_trials(study, TABLE) == [], "no trial with an untrusted latency is on the front"
+    driver.remeasure_contended()  # still impossible: recorded as failed, still off the front
+    again = study.user_attrs[st.REMEASURED_ATTR]
+    assert sorted(again) == ["0", "1"] and not any(e["accepted"] for e in again.values())
+    assert st.pareto_trials(study, TABLE) == []
+    study.set_user_attr(st.REMEASURED_ATTR, {})
+    pool._latency = replace(strict, ci=0)  # a quiet machine: every window passes
+    driver.remeasure_contended()
+    again = study.user_attrs[st.REMEASURED_ATTR]
+    assert all(e["accepted"] for e in again.values())
+    front = st.pareto_trials(study, TABLE)
+    assert front, "re-measured trials return to the front"
+    for t in front:
+        assert t.values[1] == pytest.approx(again[str(t.number)]["latency_ms"]), "with the re-measured latency"
+        assert study.trials[t.number].values[1] != t.values[1] or again[str(t.number)]["ratio"] == \
+            study.trials[t.number].user_attrs["latency_ratio"]
+    from search.export import latency_summary
+
+    summary = latency_summary(study)
+    assert summary["contended_trials"] == [0, 1] and summary["contended_off_the_front"] == []
+    assert summary["windows"] == 2 and summary["windows_rejected"]["interval too wide"] == 2
+
+
+def test_the_front_reads_re_measured_latencies_and_leaves_out_untrusted_ones():
+    study = optuna.create_study(directions=obj.directions(TABLE[:2]))
+    two = TABLE[:2]
+
+    def add(values, **attrs):
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs=attrs))
+
+    add([0.30, 50.0])
+    add([0.35, 40.0], latency_contended=True)  # recorded faster than it is
+    add([0.32, 60.0])
+    assert [t.number for t in st.pareto_trials(study, two)] == [0, 2]
+    study.set_user_attr(st.REMEASURED_ATTR, {"1": {"accepted": True, "latency_ms": 70.0}})
+    front = st.pareto_trials(study, two)
+    assert [(t.number, t.values[1]) for t in front] == [(0, 50.0), (2, 60.0), (1, 70.0)]
+    assert study.trials[1].values == [0.35, 40.0], "the study's own record is untouched"
+    study.set_user_attr(st.REMEASURED_ATTR, {"1": {"accepted": False, "latency_ms": None}})
+    assert [t.number for t in st.pareto_trials(study, two)] == [0, 2]

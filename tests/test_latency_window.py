@@ -125,3 +125,28 @@ def test_an_insert_only_candidate_timed_below_the_base_is_timed_again():
     plain = paired_windows(machine.runner(0.03), machine.runner(0.04), settings, clock=machine.clock,
                            sleep=machine.sleep)
     assert len(plain) == 1 and plain[0].accepted
+
+
+def test_a_busy_machine_is_named_at_start_and_our_own_processes_are_not():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from search.latency.audit import busy_warning
+
+    # Someone else's work: a spinner that is not our descendant (its shell parent exits at once).
+    out = subprocess.run(["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                         capture_output=True, text=True, check=True)
+    foreign = int(out.stdout.strip())
+    ours = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # like a local Ray the search started
+    try:
+        time.sleep(0.3)
+        warning = busy_warning(cores=2, seconds=1.0)
+    finally:
+        os.kill(foreign, signal.SIGKILL)
+        ours.kill()
+        ours.wait()
+    assert warning is not None and f"pid {foreign})" in warning and "of its 2 cores are taken" in warning
+    assert f"pid {ours.pid}" not in warning

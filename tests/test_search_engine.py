@@ -22,7 +22,7 @@ from search import export as search_export
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--imgsz", "64", "--epochs", "1", "--confirm-seeds", "0", "--fraction", "8,8", "--batch", "4",
-        "--latency-imgsz", "64", "--latency-runs", "3", "--latency-warmup", "1", "--base-epochs", "1"]
+        "--latency-imgsz", "64", "--latency-runs", "3", "--latency-ci", "0", "--latency-warmup", "1", "--base-epochs", "1"]
 
 
 def search_cmd(out: Path, coco128: Path, *extra: str) -> list[str]:

@@ -30,8 +30,8 @@ from .window import DEFAULT_STATISTIC, STATISTICS, Acceptance, Window, aa_contro
 STRIDE = 32  # a YOLO input side must be a multiple of the largest stride
 ESTIMATORS = ("paired", "table")
 
-__all__ = ["BACKENDS", "ESTIMATORS", "STATISTICS", "Acceptance", "LatencyResult", "LatencySettings", "Reference", "Window",
-           "device_model", "estimate", "insert_only", "measure_latency", "parse_imgsz", "peak_memory_mb",
+__all__ = ["BACKENDS", "ESTIMATORS", "STATISTICS", "Acceptance", "LatencyResult", "LatencySettings", "Reference",
+           "Window", "device_model", "estimate", "insert_only", "measure_latency", "parse_imgsz", "peak_memory_mb",
            "paired_windows", "prepare_reference", "study_reference_ms", "time_model", "time_paired"]
 
 
@@ -79,7 +79,7 @@ class LatencySettings:
     min_runs: int = 6  # paired: stop after this many pairs once the ratio's 95% interval is within ±ci
     # Paired windows: the ratio's 95% interval must be within ±ci (it also ends a window early) and the window's
     # A/A control within aa_tolerance of 1, else the window is timed again later, ``tries`` windows in all
-    # (search/latency/window.py). ci 0: every window runs all pairs and is accepted.
+    # (search/latency/window.py). ci 0: every window runs all pairs and is accepted as it is.
     ci: float = 0.02
     statistic: str = DEFAULT_STATISTIC
     # "paired": every candidate timed against the base; "table": predicted from per-placement costs timed once per
@@ -120,7 +120,8 @@ class LatencySettings:
 
             gpu_available = torch.cuda.is_available()
         for name, value, low in (("batch", self.batch, 1), ("warmup", self.warmup, 0), ("runs", self.runs, 1),
-                                 ("threads", self.threads, 0), ("min-runs", self.min_runs, 1), ("tries", self.tries, 1)):
+                                 ("threads", self.threads, 0), ("min-runs", self.min_runs, 1),
+                                 ("tries", self.tries, 1)):
             if value < low:
                 raise SearchError(f"--latency-{name} must be >= {low}, got {value}")
         if not 0 <= self.ci < 1:
@@ -159,7 +160,8 @@ class LatencySettings:
 
     def acceptance(self) -> Acceptance:
         """The rule a paired window must pass (search/latency/window.py)."""
-        return Acceptance(max_half_width=self.ci or 0.999, aa_tolerance=self.aa_tolerance, tries=self.tries)
+        return Acceptance(max_half_width=self.ci or 0.999, aa_tolerance=self.aa_tolerance, tries=self.tries,
+                          check=self.ci > 0)
 
     def identity(self) -> dict:
         """The settings plus what else decides the numbers: the runtime's version and the processor's model.

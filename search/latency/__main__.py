@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--imgsz", default="640", help="SIDE or HEIGHT,WIDTH, multiples of 32 [640]")
     p.add_argument("--half", action="store_true", help="fp16 (CUDA only)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores [0]")
     defaults = LatencySettings()
+    p.add_argument("--threads", type=int, default=defaults.threads,
+                   help=f"CPU threads, 0 = all cores [{defaults.threads}]")
     p.add_argument("--runs", type=int, default=defaults.runs, help=f"most timed pairs [{defaults.runs}]")
     p.add_argument("--min-runs", type=int, default=defaults.min_runs, help=f"[{defaults.min_runs}]")
     p.add_argument("--warmup", type=int, default=defaults.warmup, help=f"[{defaults.warmup}]")
@@ -96,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                "peak MB": f"{res.peak_mem_mb:.1f}", "median ms": f"{res.median_ms:.2f}", "p90 ms": f"{res.p90_ms:.2f}",
                "n": res.n}
         if res.ratio is not None:
+            verdict = "accepted" if res.accepted else "contended: " + "; ".join(res.rejected)
             row.update({"x reference": f"{res.ratio:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}]",
-                        "reference ms": f"{res.reference_ms:.2f}"})
+                        "reference ms": f"{res.reference_ms:.2f}", "windows": f"{len(res.windows)} ({verdict})"})
         rows.append(row)
     columns = ["model", "params", "GFLOPs", "peak MB", "median ms", "p90 ms", "n"]
     if reference is not None:
         columns[5:5] = ["x reference", "reference ms"]
+        columns.append("windows")
     print(table(rows, columns))
     return 0
 

@@ -173,6 +173,7 @@ class Acceptance:
     aa_tolerance: float = 0.03
     tries: int = 3
     backoff_s: tuple[float, ...] = (2.0, 8.0)
+    check: bool = True  # False: every window is accepted (``--latency-ci 0``)
 
     def __post_init__(self) -> None:
         if self.tries < 1:
@@ -184,7 +185,9 @@ class Acceptance:
 
     def reasons(self, window: Window, insert_only: bool = False) -> list[str]:
         """Why ``window`` is not accepted (empty: accepted)."""
-        out = []
+        out: list[str] = []
+        if not self.check:
+            return out
         if window.rel_half_width > self.max_half_width:
             out.append(f"interval ±{window.rel_half_width:.1%} > ±{self.max_half_width:.0%}")
         if window.aa is not None and abs(window.aa - 1) > self.aa_tolerance:
