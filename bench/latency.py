@@ -3,6 +3,8 @@
     python bench/latency.py [--windows 8] [--busy-cores 1] [--out bench/results/latency-DATE.json]
     python bench/latency.py --table [--candidates 30]      # the table estimator against quiet paired timing
     python bench/latency.py --gate                         # the gate's per-batch cost on a real local Ray
+    python bench/latency.py --statistics bench/results/latency-dev-windows-1thread-2026-12-07.json
+                                                           # the statistics replayed on recorded windows
 
 Six candidates (a CGA insertion, which starts as an exact identity, so it can only be slower than the base, and
 five sampled from the default yolov8n space) at 640 px. First each is timed quietly (``--truth-pairs`` pairs of
@@ -210,6 +212,34 @@ def table_bench(args: argparse.Namespace) -> None:
           f"{statistics.median(multi) if multi else float('nan'):.1%}; {len(table.costs)} blocks timed")
 
 
+def compare_statistics(path: str, pairs: tuple[int, ...] = (6, 8, 12)) -> None:
+    """Every statistic on recorded windows (the development data the default was chosen on): per condition and
+    number of pairs, the error against the quiet truth (median of each candidate's quiet windows, 30 pairs, ratio
+    of medians), the worst CV across a candidate's windows and how many windows pass the ±2% interval."""
+    import numpy as np
+
+    from search.latency.window import STATISTICS, estimate
+
+    d = json.loads(Path(path).read_text())
+    windows, names = d["windows"], d["cands"]
+    truth = {n: statistics.median(estimate(w["ref"], w["cand_ms"], "median_ratio").ratio for w in windows
+                                  if w["cand"] == n and w["cond"] == "quiet") for n in names}
+    print(f"{path}: {len(windows)} windows; truth " + ", ".join(f"{n[:16]} {r:.4f}" for n, r in truth.items()))
+    for cond in sorted({w["cond"] for w in windows}):
+        chosen = [w for w in windows if w["cond"] == cond]
+        print(f"\n{cond} ({len(chosen)} windows)\n{'statistic':<14}{'pairs':>6}{'|err| med':>11}{'p90':>8}{'max':>8}"
+              f"{'worst CV':>10}{'±2% ok':>8}")
+        for name in STATISTICS:
+            for k in pairs:
+                ests = [(w["cand"], estimate(w["ref"][:k + 1], w["cand_ms"][:k], name)) for w in chosen]
+                errs = np.array([abs(e.ratio / truth[n] - 1) for n, e in ests])
+                per = {n: [e.ratio for m, e in ests if m == n] for n in names}
+                worst = max((cv(v) for v in per.values() if len(v) > 1), default=float("nan"))
+                ok = np.mean([e.rel_half_width <= 0.02 for _, e in ests])
+                print(f"{name:<14}{k:>6}{np.median(errs):>11.2%}{np.quantile(errs, 0.9):>8.2%}{errs.max():>8.2%}"
+                      f"{worst:>10.2%}{ok:>8.0%}")
+
+
 def gate_cost(batches: int = 2000) -> None:
     """Per-batch seconds of GateClient.checkpoint with the gate open (flag read) and closed-then-open (the actor
     round trip a training pays only while a window is open)."""
@@ -253,8 +283,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="candidates' sampling seed (0 was used to choose the "
                     "statistic and the thread count: 1 and later are held out)")
     ap.add_argument("--gate", action="store_true", help="the gate's per-batch cost")
+    ap.add_argument("--statistics", nargs="+", metavar="FILE", help="replay recorded development windows through "
+                    "every statistic (bench/results/latency-dev-windows-*.json)")
     args = ap.parse_args()
-    if args.report:
+    if args.statistics:
+        for path in args.statistics:
+            compare_statistics(path)
+    elif args.report:
         report(json.loads(Path(args.report).read_text()))
     elif args.table:
         args.out = args.out or str(REPO / "bench" / "results" / f"latency-table-{stamp}.json")

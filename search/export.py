@@ -79,7 +79,8 @@ _REJECTION_KINDS = {"interval": "interval too wide", "A/A": "A/A control off",
 def latency_summary(study: optuna.Study) -> dict[str, Any]:
     """How the meter's windows went: windows timed and rejected (by reason), trials that needed a second window,
     trials recorded contended and how their end-of-run re-measure went."""
-    timed = [t for t in study.get_trials(deepcopy=False) if "latency_windows" in t.user_attrs]
+    timed = [t for t in study.get_trials(deepcopy=False)  # a reused result copies its source's attributes
+             if "latency_windows" in t.user_attrs and "reused_from" not in t.user_attrs]
     rejected: dict[str, int] = {label: 0 for label in _REJECTION_KINDS.values()}
     for t in timed:
         for reasons in t.user_attrs.get("latency_windows_rejected", []):

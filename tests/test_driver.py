@@ -232,12 +232,13 @@ def test_a_contended_latency_stays_off_the_front_until_a_re_measure_at_the_end_p
     driver = Driver(study, one_layer, pool, cfg, None, Progress(study, TABLE, 2), storage_of(tmp_path))
     driver.run()
     done = st.completed_trials(study)
+    timed = [t for t in done if "reused_from" not in t.user_attrs]  # a copy of the same candidate is not timed
     assert len(done) == 2 and all(t.user_attrs["latency_contended"] for t in done)
-    assert all((Path(t.user_attrs["run_dir"]) / "latency-windows.json").is_file() for t in done), "raw runs kept"
+    assert all((Path(t.user_attrs["run_dir"]) / "latency-windows.json").is_file() for t in timed), "raw runs kept"
     assert st.pareto_trials(study, TABLE) == [], "no trial with an untrusted latency is on the front"
     driver.remeasure_contended()  # still impossible: recorded as failed, still off the front
     again = study.user_attrs[st.REMEASURED_ATTR]
-    assert sorted(again) == ["0", "1"] and not any(e["accepted"] for e in again.values())
+    assert sorted(again) == sorted(str(t.number) for t in timed) and not any(e["accepted"] for e in again.values())
     assert st.pareto_trials(study, TABLE) == []
     study.set_user_attr(st.REMEASURED_ATTR, {})
     pool._latency = replace(strict, ci=0)  # a quiet machine: every window passes
@@ -253,8 +254,8 @@ def test_a_contended_latency_stays_off_the_front_until_a_re_measure_at_the_end_p
     from search.export import latency_summary
 
     summary = latency_summary(study)
-    assert summary["contended_trials"] == [0, 1] and summary["contended_off_the_front"] == []
-    assert summary["windows"] == 2 and summary["windows_rejected"]["interval too wide"] == 2
+    assert summary["contended_trials"] == [t.number for t in timed] and summary["contended_off_the_front"] == []
+    assert summary["windows"] == len(timed) and summary["windows_rejected"]["interval too wide"] == len(timed)
 
 
 def test_the_front_reads_re_measured_latencies_and_leaves_out_untrusted_ones():

@@ -10,8 +10,8 @@ tenant only ever makes a run *slower*, so the statistics differ in how they shed
 - ``min_ratio``: fastest over fastest;
 - ``pair_hl``: Hodges-Lehmann estimate (median of Walsh averages) of the log per-pair ratios.
 
-``bench/latency.py`` compares them on recorded windows against quiet re-timing; :data:`DEFAULT_STATISTIC` is the
-one chosen there. Every statistic gets the same interval: a seeded bootstrap over pairs (deterministic, so a
+``bench/latency.py --statistics`` compares them on recorded windows against quiet re-timing;
+:data:`DEFAULT_STATISTIC` is the one chosen there. Every statistic gets the same interval: a seeded bootstrap over pairs (deterministic, so a
 recorded window always gives the same numbers).
 
 The A/A control reads the reference runs alone: the even ones (R0 R2 R4 ...) bracket the odd ones (R1 R3 ...), so
@@ -57,9 +57,10 @@ def _pair_hl(r: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 STATISTICS: dict[str, Statistic] = {"pair_median": _pair_median, "median_ratio": _median_ratio,
                                     "q25_ratio": _q25_ratio, "min_ratio": _min_ratio, "pair_hl": _pair_hl}
-# Chosen on recorded windows against quiet re-timing (README "Latency"): with one thread it was as close to the
-# truth as any (median error 0.3-0.6%, worst 2.3% quiet / 3.1% with a foreign busy core, at 12 pairs) and its
-# intervals passed the ±2% rule most often; the ratio of quartiles and of minima followed single fast runs.
+# Chosen on recorded one-thread windows against quiet re-timing (bench/latency.py --statistics on
+# bench/results/latency-dev-windows-1thread-*.json): at 12 pairs its error was median 0.5% / worst 1.9% in quiet
+# windows and 0.7% / 2.8% beside a foreign busy core, with the ±2% interval met most often (73% / 67%);
+# Hodges-Lehmann tied, the ratios of medians, quartiles and minima had worst errors of 4-12%.
 DEFAULT_STATISTIC = "pair_median"
 BOOTSTRAP = 400  # resamples for an interval; ~2 ms a window
 
