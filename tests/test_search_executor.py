@@ -133,3 +133,25 @@ def test_the_meter_times_candidates_paired_with_the_base(local_ray):
     identity = ray.get(meter.identity.remote())
     assert identity["backend"] == "torch" and identity["backend_version"] == torch.__version__
     assert identity["device_model"]
+
+
+@pytest.mark.slow
+def test_the_meter_predicts_from_a_block_table_it_fills_once(local_ray, tmp_path):
+    import json
+
+    base = space.load_base("yolov8n.yaml")
+    gate = GateClient(DeviceGate.remote())
+    settings = LatencySettings(imgsz=64, runs=6, min_runs=6, threads=1, ci=0, tries=1, estimator="table")
+    meter = LatencyMeter.remote(settings, gate, space.make_candidate(base), base, str(tmp_path))
+    cga = space.Placement("N4", "CGA", "insert", ())
+    cot = space.Placement("N3", "CoT", "insert", ())
+    both = ray.get(meter.measure.remote(space.make_candidate(base, {"N4": cga, "N3": cot}), 64))
+    assert both.error is None and both.accepted and both.params > 3_157_200
+    (table_file,) = tmp_path.glob("*.json")
+    costs = json.loads(table_file.read_text())["costs"]
+    assert len(costs) == 2 and both.ratio == pytest.approx(1 + sum(c["cost"] for c in costs.values()))
+    assert len(both.windows) == 3, "the base once (the time scale) and each block once"
+    one = ray.get(meter.measure.remote(space.make_candidate(base, {"N4": cga}), 64))
+    assert one.windows == [], "a block in the table is not timed again"
+    assert one.ratio == pytest.approx(1 + next(c["cost"] for k, c in costs.items() if k.startswith("N4|")))
+    assert one.median_ms == pytest.approx(one.ratio * one.reference_ms)

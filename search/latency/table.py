@@ -69,9 +69,11 @@ class BlockTable:
         if reference_ms and not self.about.get("reference_ms"):
             self.about["reference_ms"] = round(reference_ms, 4)
 
-    def predict(self, placements) -> tuple[float, float, float]:
-        """(ratio, low, high) of a candidate with ``placements``, every one of which is in the table."""
-        parts = [self.costs[placement_key(p)] for p in placements]
+    def predict(self, placements, extra: dict[str, dict[str, Any]] | None = None) -> tuple[float, float, float]:
+        """(ratio, low, high) of a candidate with ``placements``, each in the table or in ``extra`` (costs used
+        once, not cached)."""
+        costs = {**self.costs, **(extra or {})}
+        parts = [costs[placement_key(p)] for p in placements]
         return (1 + sum(p["cost"] for p in parts), 1 + sum(p["low"] for p in parts),
                 1 + sum(p["high"] for p in parts))
 
@@ -99,6 +101,7 @@ def predicted(candidate, base, table: BlockTable, time_single: Callable[[Any], A
             return {"error": f"table: timing the base failed: {res.error or 'no reference time'}"}
         table.note_reference(res.reference_ms)
         windows += res.windows
+    uncached: dict[str, dict[str, Any]] = {}  # contended costs: used for this candidate, timed again next time
     for p in candidate.placements:
         if table.get(p) is not None:
             continue
@@ -109,14 +112,10 @@ def predicted(candidate, base, table: BlockTable, time_single: Callable[[Any], A
         table.note_reference(res.reference_ms)
         if res.accepted:
             table.put(p, res.ratio, res.ci_low, res.ci_high, len(res.windows))
-        else:  # used for this candidate, not cached: a contended cost is timed again next time
-            table.costs[placement_key(p)] = {"cost": res.ratio - 1, "low": res.ci_low - 1, "high": res.ci_high - 1}
+        else:
+            uncached[placement_key(p)] = {"cost": res.ratio - 1, "low": res.ci_low - 1, "high": res.ci_high - 1}
             accepted = False
         timed.append(p.describe())
-    ratio, low, high = table.predict(candidate.placements)
-    for p in candidate.placements:  # drop the uncached contended costs again
-        entry = table.costs.get(placement_key(p), {})
-        if "timed" not in entry:
-            table.costs.pop(placement_key(p), None)
+    ratio, low, high = table.predict(candidate.placements, uncached)
     return {"ratio": ratio, "ci_low": low, "ci_high": high, "accepted": accepted, "timed": timed,
             "windows": windows, "reference_ms": table.reference_ms, "error": None}
