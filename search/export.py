@@ -25,6 +25,7 @@ from . import confirm
 from . import objectives as obj
 from . import study as st
 from .errors import SearchError
+from .latency.window import REJECTIONS, rejection_kind
 
 
 def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.BaseStorage) -> Path:
@@ -72,20 +73,16 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
     return study_dir
 
 
-_REJECTION_KINDS = {"interval": "interval too wide", "A/A": "A/A control off",
-                    "insert-only": "insert-only candidate below the base"}
-
-
 def latency_summary(study: optuna.Study) -> dict[str, Any]:
     """How the meter's windows went: windows timed and rejected (by reason), trials that needed a second window,
     trials recorded contended and how their end-of-run re-measure went."""
     timed = [t for t in study.get_trials(deepcopy=False)  # a reused result copies its source's attributes
              if "latency_windows" in t.user_attrs and "reused_from" not in t.user_attrs]
-    rejected: dict[str, int] = {label: 0 for label in _REJECTION_KINDS.values()}
+    rejected: dict[str, int] = {label: 0 for label in REJECTIONS.values()}
     for t in timed:
         for reasons in t.user_attrs.get("latency_windows_rejected", []):
             for reason in reasons:
-                label = next((v for k, v in _REJECTION_KINDS.items() if reason.startswith(k)), reason)
+                label = rejection_kind(reason)
                 rejected[label] = rejected.get(label, 0) + 1
     contended = [t.number for t in timed if t.user_attrs.get("latency_contended")]
     again = study.user_attrs.get(st.REMEASURED_ATTR) or {}

@@ -161,6 +161,16 @@ class Window:
                                               "candidate_ms")}
 
 
+# What each reason of Acceptance.reasons starts with, and how a summary names it.
+REJECTIONS = {"interval": "interval too wide", "A/A": "A/A control off",
+              "insert-only": "insert-only candidate below the base"}
+
+
+def rejection_kind(reason: str) -> str:
+    """The summary's name for one of :meth:`Acceptance.reasons` (the reason itself if it is of no known kind)."""
+    return next((label for prefix, label in REJECTIONS.items() if reason.startswith(prefix)), reason)
+
+
 @dataclass(frozen=True)
 class Acceptance:
     """When a window's ratio is trusted, and how often a rejected one is timed again.
