@@ -39,8 +39,7 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search import confirm  # noqa: E402
-from search import study as st  # noqa: E402
+from search.front import confirm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {

@@ -245,7 +245,7 @@ def gate_cost(batches: int = 2000) -> None:
     round trip a training pays only while a window is open)."""
     import ray
 
-    from search.executor import DeviceGate, GateClient
+    from search.engine.gate import DeviceGate, GateClient
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
     try:

@@ -34,11 +34,11 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-from search.data import check_data, safe_batch  # noqa: E402
-from search.fidelity import kendall_tau_b, spearman_rho, tau_on_separated_pairs  # noqa: E402
-from search.proxy import ProxySchedule, TrainJob, run_training  # noqa: E402
+from search.training.data import check_data, safe_batch  # noqa: E402
+from search.front.fidelity import kendall_tau_b, spearman_rho, tau_on_separated_pairs  # noqa: E402
+from search.training.proxy import ProxySchedule, TrainJob, run_training  # noqa: E402
 from search.settings import FINETUNE_TRAIN_ARGS, SCRATCH_TRAIN_ARGS, StudySettings, parse_train_args  # noqa: E402
-from search.weights import STATE_FILE, WeightsPlan, prepare_base_weights  # noqa: E402
+from search.training.weights import STATE_FILE, WeightsPlan, prepare_base_weights  # noqa: E402
 from space import build_space, load_base, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
 

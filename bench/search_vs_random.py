@@ -10,7 +10,7 @@
 random effects per slot×module, slot×module×mode and slot×module×hyper-parameter value, plus pairwise slot
 interactions; latency is a base value plus seeded positive costs per slot×module and smaller per value and mode.
 Each seed draws a new objective and a new sampler seed. Every run is an Optuna study driven like
-``search.driver`` drives one: the base model is trial 0, ``--workers`` trials are in flight (ask ahead, tell the
+``search.engine.driver`` drives one: the base model is trial 0, ``--workers`` trials are in flight (ask ahead, tell the
 oldest), a candidate whose network was already evaluated completes with that result and counts as a trial,
 an invalid one is pruned and does not count.
 
@@ -86,10 +86,10 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from search.driver import make_sampler as driver_sampler  # noqa: E402
-from search.rungs import pareto_ranks  # noqa: E402
-from search.strategy import EvolutionSampler  # noqa: E402
-from search.study import loss_hypervolume  # noqa: E402
+from search.strategy import make_sampler as driver_sampler  # noqa: E402
+from search.front.ranks import pareto_ranks  # noqa: E402
+from search.strategy.evolution import EvolutionSampler  # noqa: E402
+from search.front.pareto import loss_hypervolume  # noqa: E402
 from space import Candidate, SearchSpace, SpaceConfig, build_space, load_base  # noqa: E402
 
 CHECKPOINTS = (10, 25, 50)
@@ -126,7 +126,7 @@ class KnownObjective:
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int, budget: int) -> optuna.samplers.BaseSampler:
-    """The samplers compared, as ``search.driver.make_sampler`` makes them; ``evolution:beta=2,n_children=16`` tries
+    """The samplers compared, as ``search.strategy.make_sampler`` makes them; ``evolution:beta=2,n_children=16`` tries
     the default strategy with other settings."""
     if name.startswith("evolution:"):
         options = dict(kv.split("=") for kv in name.partition(":")[2].split(",") if kv)
@@ -137,7 +137,7 @@ def make_sampler(name: str, space: SearchSpace, seed: int, budget: int) -> optun
 
 def run_search(space: SearchSpace, sampler: optuna.samplers.BaseSampler, objective, n_trials: int,
                workers: int = 1) -> list[tuple[float, float]]:
-    """(mAP, latency) of each counted trial in completion order, driven like ``search.driver`` drives a study."""
+    """(mAP, latency) of each counted trial in completion order, driven like ``search.engine.driver`` drives a study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     study.enqueue_trial({"placement": "none"})

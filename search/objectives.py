@@ -3,7 +3,7 @@
 Everything that handles a trial's values (the study's directions and metric names, the tell, reuse, the progress
 bar, the Pareto files, the hypervolume, the plots, the summary) iterates over :data:`OBJECTIVES` entries chosen with
 ``--objectives``; nothing indexes ``values[0]``. Adding an objective is one row here (plus, if it needs a new
-measurement, a field on :class:`~search.proxy.TrainResult` or :class:`~search.latency.LatencyResult`).
+measurement, a field on :class:`~search.training.proxy.TrainResult` or :class:`~search.latency.LatencyResult`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import SearchError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: latency and training import torch, and they import this table
     from .latency import LatencyResult
-    from .proxy import TrainResult
+    from .training.proxy import TrainResult
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,22 @@ difference by name. A new setting is a new field here: it is recorded and checke
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, replace
+import json
+import shlex
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from space import SpaceConfig
 
 from . import objectives as obj
 from .errors import SearchError
-from .latency import LatencySettings
-from .proxy import ProxySchedule
-from .weights import WeightsPlan
+from .latency import LatencySettings, parse_imgsz
+from .training.data import parse_fraction
+from .training.proxy import FAULTS, RESERVED_ARGS, ProxySchedule
+from .training.weights import WeightsPlan
 
 # Ultralytics train arguments. Training from scratch (the base for --weights auto, or every candidate with
 # --weights none): AdamW at 0.003 with the usual warm-up; measured on the built-in data, 20 epochs reach mAP50-95
@@ -31,6 +36,8 @@ SCRATCH_TRAIN_ARGS = (("lr0", 0.003), ("optimizer", "AdamW"), ("warmup_epochs", 
 # varies with the seed by sd 0.005 this way, 0.018 with the scratch arguments.
 FINETUNE_TRAIN_ARGS = (("lr0", 0.001), ("optimizer", "AdamW"), ("warmup_bias_lr", 0.0), ("warmup_epochs", 3))
 SETTINGS_LAYOUT = 2  # bumped when the recorded form changes incompatibly
+RAY_CONNECT_S = 10.0  # a --ray-address whose port does not accept a TCP connection within this is refused
+RAY_START_S = 120.0  # starting or joining Ray takes longer than this: refused (search/session.py)
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,9 @@ class StudySettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How this run executes; may change between runs of a study."""
+    """How this run executes; may change between runs of a study. Each field is the flag of the same name
+    (``--max-failures-in-a-row`` sets ``max_failures_in_a_row``; a field true by default is turned off by
+    ``--no-<name>``): :func:`run_settings` reads them all and :meth:`Settings.resume_command` repeats them."""
 
     budget: int = 50
     workers: int = 2
@@ -107,12 +116,29 @@ class RunSettings:
     gpus_per_trial: float = 0.0
     ray_address: str | None = None
     latency_node: str = "driver"  # the one node every latency is timed on: driver, a node id, IP or hostname
-    ship_data: bool = False  # copy the dataset to every node through Ray (search/cluster.py)
+    ship_data: bool = False  # copy the dataset to every node through Ray (search/engine/cluster.py)
     trial_timeout: float | None = None
     save_weights: bool = False
     max_failures_in_a_row: int = 5
     export: bool = True
-    faults: tuple[tuple[int, str], ...] = ()  # test hook: (trial number, fault kind)
+    faults: tuple[tuple[int, str], ...] = ()  # test hook (--inject-fault KIND@TRIAL): (trial number, fault kind)
+
+    def __post_init__(self) -> None:
+        if self.budget <= 0:
+            raise SearchError(f"--budget must be at least 1, got {self.budget}")
+        if self.workers < 1:
+            raise SearchError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_trial < 0 or (self.cpus_per_trial is not None and self.cpus_per_trial <= 0):
+            raise SearchError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
+        if self.trial_timeout is not None and self.trial_timeout <= 0:
+            raise SearchError(f"--trial-timeout must be positive, got {self.trial_timeout}")
+        if self.max_failures_in_a_row < 1:
+            raise SearchError(f"--max-failures-in-a-row must be at least 1, got {self.max_failures_in_a_row}")
+
+    @property
+    def train_device(self) -> str:
+        """Ultralytics' device for a training: the first GPU Ray gives the trial, or the CPU."""
+        return "0" if self.gpus_per_trial > 0 else "cpu"
 
 
 @dataclass(frozen=True)
@@ -129,6 +155,23 @@ class Settings:
     @property
     def study_dir(self) -> Path:
         return self.out / self.study_name
+
+    def resume_command(self, study_name: str, budget: int | None = None) -> str:
+        """The exact command that continues (or, with a larger ``budget``, extends) the study: its settings come
+        from the study (``--resume``); this run's execution flags that differ from their defaults are repeated."""
+        argv = ["python", "-m", "search.run", "--resume", "--study-name", study_name, "--out", str(self.out),
+                "--storage", self.storage_url, "--budget", str(budget or self.run.budget)]
+        defaults = RunSettings()
+        for f in fields(RunSettings):
+            value = getattr(self.run, f.name)
+            if f.name in ("budget", "faults") or value == getattr(defaults, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+        return shlex.join(argv)
 
 
 # -- from the command line --------------------------------------------------------------------------------------
@@ -176,16 +219,12 @@ def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> St
         if getattr(args, dest) is not None:
             parts[part] = replace(parts[part], **{name: getattr(args, dest)})
     if args.latency_imgsz is not None:
-        from .latency import parse_imgsz
-
         parts["latency"] = replace(parts["latency"], imgsz=parse_imgsz(args.latency_imgsz))
     rungs = _rungs(args)
     if rungs is not None:
         parts["fidelity"] = replace(parts["fidelity"], rungs=rungs)
     parts["proxy"] = replace(parts["proxy"], epochs=parts["fidelity"].rungs[-1])
     if args.fraction is not None:
-        from .data import parse_fraction
-
         fraction = parse_fraction(args.fraction)
         parts["proxy"] = replace(parts["proxy"], fraction=tuple(fraction) if isinstance(fraction, list) else fraction)
     if args.weights is not None:
@@ -201,23 +240,9 @@ def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> St
 
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
-    run = RunSettings(budget=args.budget, workers=args.workers, sampler=args.sampler,
-                      cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                      ray_address=args.ray_address, latency_node=args.latency_node, ship_data=args.ship_data,
-                      trial_timeout=args.trial_timeout, save_weights=args.save_weights,
-                      max_failures_in_a_row=args.max_failures_in_a_row, export=not args.no_export,
-                      faults=parse_faults(args.inject_fault))
-    if run.budget <= 0:
-        raise SearchError(f"--budget must be at least 1, got {run.budget}")
-    if run.workers < 1:
-        raise SearchError(f"--workers must be at least 1, got {run.workers}")
-    if run.gpus_per_trial < 0 or (run.cpus_per_trial is not None and run.cpus_per_trial <= 0):
-        raise SearchError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
-    if run.trial_timeout is not None and run.trial_timeout <= 0:
-        raise SearchError(f"--trial-timeout must be positive, got {run.trial_timeout}")
-    if run.max_failures_in_a_row < 1:
-        raise SearchError(f"--max-failures-in-a-row must be at least 1, got {run.max_failures_in_a_row}")
-    return run
+    """Every :class:`RunSettings` field from the flag of the same name (``--inject-fault`` items are parsed)."""
+    given = {f.name: getattr(args, f.name) for f in fields(RunSettings)}
+    return RunSettings(**{**given, "faults": parse_faults(given["faults"])})
 
 
 def check(s: StudySettings) -> None:
@@ -239,13 +264,21 @@ def check(s: StudySettings) -> None:
             raise SearchError(f"{flag} must be positive, got {value:g}")
 
 
+def parse_rungs(text: str) -> tuple[int, ...]:
+    """``"1,3,9"`` -> (1, 3, 9): strictly increasing positive epoch counts."""
+    try:
+        rungs = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--rungs {text!r}: expected increasing epoch counts, e.g. 1,3,9") from None
+    if not rungs or rungs[0] < 1 or any(b <= a for a, b in zip(rungs, rungs[1:])):
+        raise ValueError(f"--rungs {text!r}: expected strictly increasing positive epoch counts, e.g. 1,3,9")
+    return rungs
+
+
 def parse_train_args(items: list[str] | tuple[str, ...], flag: str = "--train-arg") -> tuple[tuple[str, Any], ...]:
     """``KEY=VALUE`` items -> sorted (key, value) pairs, each key an Ultralytics train argument the search does not
     set itself."""
-    import yaml
-    from ultralytics.cfg import DEFAULT_CFG_DICT
-
-    from .proxy import RESERVED_ARGS
+    from ultralytics.cfg import DEFAULT_CFG_DICT  # ultralytics takes ~1 s to import: only when the flag is given
 
     out: dict[str, Any] = {}
     for item in items:
@@ -262,8 +295,6 @@ def parse_train_args(items: list[str] | tuple[str, ...], flag: str = "--train-ar
 
 
 def parse_faults(items: list[str]) -> tuple[tuple[int, str], ...]:
-    from .proxy import FAULTS
-
     faults = []
     for item in items:
         kind, _, number = item.partition("@")
@@ -275,8 +306,6 @@ def parse_faults(items: list[str]) -> tuple[tuple[int, str], ...]:
 
 def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
     """Human-readable differences between two recorded settings, e.g. ``proxy.epochs: study has 10, this run 3``."""
-    import json
-
     def show(value: Any) -> str:
         text = json.dumps(value, sort_keys=True, default=str)
         return text if len(text) <= 80 else text[:77] + "..."
@@ -302,8 +331,6 @@ def json_ready(value: Any) -> Any:
 
 def _rungs(args: argparse.Namespace) -> tuple[int, ...] | None:
     """``--rungs 1,3,9``, or ``--epochs N`` (one rung: every candidate trains N epochs); None when neither is given."""
-    from .rungs import parse_rungs
-
     if args.epochs is not None and args.rungs is not None:
         raise SearchError("give --rungs or --epochs, not both (--epochs N is --rungs N)")
     if args.epochs is not None and args.epochs < 1:
@@ -331,5 +358,6 @@ def _space_raw(d: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["Constraints", "Fidelity", "RunSettings", "Settings", "StudySettings", "FINETUNE_TRAIN_ARGS", "SCRATCH_TRAIN_ARGS",
-           "default", "differences", "json_ready", "parse_faults", "parse_train_args", "run_settings",
+           "default", "differences", "json_ready", "parse_faults", "parse_rungs", "parse_train_args", "run_settings",
            "study_settings"]
+

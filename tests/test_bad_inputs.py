@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from search import run as search_run
+from search.settings import RAY_CONNECT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_labels_that_do_not_fit_the_names_are_refused_with_the_count_and_an_exam
 
 
 def test_some_bad_labels_are_ignored_and_said(tmp_path, coco128):
-    from search.data import check_data
+    from search.training.data import check_data
 
     yaml = tmp_path / "forty.yaml"  # coco128 with its first 40 classes: images with a higher class are unusable
     names = {i: f"c{i}" for i in range(40)}
@@ -137,5 +138,5 @@ def test_an_unreachable_ray_address_is_refused_quickly_and_creates_nothing(tmp_p
     wall = time.monotonic() - t0
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--ray-address 127.0.0.1:1: cannot reach a Ray cluster there" in proc.stderr
-    assert wall < search_run.RAY_CONNECT_S + 30, "bounded: refused within the connect timeout (plus start-up)"
+    assert wall < RAY_CONNECT_S + 30, "bounded: refused within the connect timeout (plus start-up)"
     assert not out.exists() or not list(out.rglob("*.db"))

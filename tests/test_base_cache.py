@@ -5,8 +5,8 @@ from dataclasses import replace
 import torch
 
 import space
-from search.proxy import ProxySchedule, TrainResult
-from search.weights import STATE_FILE, BaseCache, WeightsPlan, base_cache_key, base_training_job, store_base_weights, \
+from search.training.proxy import ProxySchedule, TrainResult
+from search.training.weights import STATE_FILE, BaseCache, WeightsPlan, base_cache_key, base_training_job, store_base_weights, \
     stored_base_weights
 
 SCHEDULE = ProxySchedule(epochs=3, imgsz=64, batch=4, fraction=(8, 8))

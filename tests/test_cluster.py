@@ -118,13 +118,14 @@ def test_half_gpus_run_four_trainings_at_once_each_on_its_device(cluster, tmp_pa
     are all running at once, two on each GPU, each told the GPU Ray gave it (trained on CPU by the test switch)."""
     import ray
 
-    from search.executor import Executor, PoolSettings
+    from search.engine.executor import Executor
+    from search.settings import RunSettings
     from search.latency import LatencySettings
-    from search.proxy import ProxySchedule, TrainJob
+    from search.training.proxy import ProxySchedule, TrainJob
 
     ray.shutdown()  # the Executor joins the cluster itself
     monkeypatch.setenv("ATTNAS_GPU_AS_CPU", "1")
-    pool = PoolSettings(workers=4, cpus_per_trial=0.25, gpus_per_trial=0.5, ray_address=cluster.address)
+    pool = RunSettings(workers=4, cpus_per_trial=0.25, gpus_per_trial=0.5, ray_address=cluster.address)
     executor = Executor(pool, LatencySettings())
     try:
         schedule = ProxySchedule(epochs=1, imgsz=64, batch=4)
@@ -199,15 +200,16 @@ def test_a_node_without_the_dataset_is_named_ship_data_runs_and_a_killed_node_tr
 def test_the_latency_meter_is_pinned_to_its_node_and_that_node_dying_stops_the_search_naming_it(cluster):
     import ray
 
-    from search.driver import SearchAborted
-    from search.executor import Executor, PoolSettings
+    from search.engine.driver import SearchAborted
+    from search.engine.executor import Executor
+    from search.settings import RunSettings
     from search.latency import LatencySettings
 
     from search.errors import SearchError
 
     ray.shutdown()  # the Executor joins the cluster itself
     with pytest.raises(SearchError, match=r"--latency-node nowhere: names no alive node; nodes: .*node "):
-        Executor(PoolSettings(ray_address=cluster.address, latency_node="nowhere"), LatencySettings())
+        Executor(RunSettings(ray_address=cluster.address, latency_node="nowhere"), LatencySettings())
     node = cluster.add_node(num_cpus=0)  # meters need no CPU slot
     # Not Cluster.wait_for_nodes: it counts every live node, and the nodes of earlier tests (a `ray start` node, a
     # killed raylet) may still be alive or not yet declared dead.
@@ -215,7 +217,7 @@ def test_the_latency_meter_is_pinned_to_its_node_and_that_node_dying_stops_the_s
     while node.node_id not in cluster.global_state._live_node_ids():
         assert time.time() < deadline, "the latency node did not join"
         time.sleep(0.2)
-    executor = Executor(PoolSettings(workers=1, ray_address=cluster.address, latency_node=node.node_id[:16]),
+    executor = Executor(RunSettings(workers=1, ray_address=cluster.address, latency_node=node.node_id[:16]),
                         LatencySettings())
     try:
         assert ray.get(executor.meter.identity.remote(), timeout=120)["node_id"] == node.node_id

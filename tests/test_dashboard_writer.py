@@ -19,7 +19,8 @@ import pytest
 import requests
 from optuna.trial import TrialState
 
-from search import study as st  # its open_storage retries the race of two processes creating one database
+from search.storage import study as st  # its open_storage retries the race of two processes creating one database
+from search.front import pareto
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -171,9 +172,9 @@ def test_dashboard_actions_during_a_real_search(tmp_path, coco128):
     assert len(done) == 3 and any(t.user_attrs.get("requeued_from") == 3 for t in done)
     from search import objectives as obj
 
-    front = st.pareto_trials(study, obj.parse("mAP50-95,latency_ms"))
+    front = pareto.pareto_trials(study, obj.parse("mAP50-95,latency_ms"))
     assert 2 not in {t.number for t in front}, "a trial completed by hand is left out of the front"
-    assert 2 in {t.number for t in st.pareto_trials(study, obj.parse("mAP50-95,latency_ms"), include_by_hand=True)}
+    assert 2 in {t.number for t in pareto.pareto_trials(study, obj.parse("mAP50-95,latency_ms"), include_by_hand=True)}
     assert not any("trial-0002" in p.name for p in (out / "live" / "pareto").glob("*.yaml"))
 
 

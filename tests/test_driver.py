@@ -1,5 +1,5 @@
 """The driver's bookkeeping without Ray: real candidates, real latency and real (tiny) trainings, run one at a time
-in this process by search.work.InProcessPool, on a real SQLite study."""
+in this process by search.engine.work.InProcessPool, on a real SQLite study."""
 
 import csv
 import warnings
@@ -12,19 +12,21 @@ import pytest
 from optuna.trial import TrialState
 
 from search import objectives as obj
-from search import study as st
-from search.driver import Driver, SearchAborted, SearchConfig
+from search.storage import study as st
+from search.front import pareto
+from search.engine.driver import Driver, SearchAborted
+from search.engine.jobs import TrainJobs
 from search.latency import LatencySettings
-from search.proxy import ProxySchedule
-from search.rungs import pareto_ranks
-from search.session import Progress
-from search.settings import Constraints
-from search.weights import WeightsPlan, base_training_job
-from search.work import InProcessPool
+from search.training.proxy import ProxySchedule
+from search.front.ranks import pareto_ranks
+from search.progress import Progress
+from search.settings import Constraints, Fidelity, RunSettings, Settings, StudySettings
+from search.training.weights import BaseSource, WeightsPlan, base_training_job
+from search.engine.work import InProcessPool
 from space import SpaceConfig, build_space, load_base
 
 SCHEDULE = ProxySchedule(epochs=1, imgsz=64, batch=4, fraction=(8, 8), train_args=(("warmup_epochs", 0),))
-LATENCY = LatencySettings(imgsz=64, warmup=0, runs=2, threads=1)
+LATENCY = LatencySettings(imgsz=64, warmup=0, runs=2, threads=1, ci=0)  # ci 0: every window accepted, no retries
 TABLE = obj.parse("mAP50-95,latency_ms,params")
 
 
@@ -54,12 +56,26 @@ def new_study(tmp_path, enqueue_base: bool = True, storage=None) -> optuna.Study
     return study
 
 
+def make_driver(study, space, tmp_path, coco128, budget: int, pool=None, storage=None, schedule=SCHEDULE, rungs=None,
+                eta: int = 3, constraints=Constraints(), faults=None, max_failures_in_a_row: int = 5, base_job=None,
+                **driver_kw) -> Driver:
+    """A driver over ``study`` with the settings a run would give it (one worker, the test's tiny schedule)."""
+    pool = pool or InProcessPool(LATENCY, workers=1)
+    fidelity = Fidelity(rungs=rungs or (schedule.epochs,), eta=eta)
+    settings = Settings(StudySettings(objectives=obj.names(TABLE), proxy=schedule, fidelity=fidelity, latency=LATENCY,
+                                      constraints=constraints),
+                        RunSettings(budget=budget, workers=1, faults=tuple((faults or {}).items()),
+                                    max_failures_in_a_row=max_failures_in_a_row),
+                        study.study_name, "sqlite:///study.db", tmp_path)
+    jobs = TrainJobs(settings, str(coco128 / "coco128.yaml"), tmp_path, threads=1)
+    return Driver(study, space, pool, settings, jobs, BaseSource(job=base_job), Progress(study, TABLE, budget),
+                  storage or storage_of(tmp_path), **driver_kw)
+
+
 def drive(study, space, tmp_path, coco128, budget: int, **config) -> InProcessPool:
-    pool = InProcessPool(LATENCY, workers=1)
-    cfg = SearchConfig(budget=budget, schedule=SCHEDULE, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
-                       study_dir=tmp_path, latency_imgsz=LATENCY.imgsz, **config)
-    Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget), storage_of(tmp_path)).run()
-    return pool
+    driver = make_driver(study, space, tmp_path, coco128, budget, **config)
+    driver.run()
+    return driver.pool
 
 
 def test_base_trains_before_any_candidate_and_the_same_network_trains_once(tmp_path, coco128, base_only):
@@ -97,7 +113,7 @@ def test_infeasible_candidates_are_told_untrained_with_floor_values(tmp_path, co
     infeasible = study.get_trials(states=(TrialState.COMPLETE,))
     assert infeasible and all("params" in t.user_attrs["infeasible"] for t in infeasible)
     assert all(t.values[0] == 0.0 and t.values[2] > 1_000_000 for t in infeasible)
-    assert st.pareto_trials(study, TABLE) == [], "infeasible trials never enter the front"
+    assert pareto.pareto_trials(study, TABLE) == [], "infeasible trials never enter the front"
 
 
 def test_resume_requeues_what_a_stopped_driver_left_running_and_reuses_what_finished(tmp_path, coco128, base_only):
@@ -128,11 +144,8 @@ def two_slots():
 
 
 def rung_driver(study, space, tmp_path, coco128, budget: int, pool=None, storage=None, **config) -> Driver:
-    pool = pool or InProcessPool(LATENCY, workers=1)
-    schedule = replace(SCHEDULE, epochs=RUNGS[-1])
-    cfg = SearchConfig(budget=budget, schedule=schedule, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
-                       study_dir=tmp_path, latency_imgsz=LATENCY.imgsz, rungs=RUNGS, eta=2, lookahead=0, **config)
-    return Driver(study, space, pool, cfg, None, Progress(study, TABLE, budget), storage or storage_of(tmp_path))
+    return make_driver(study, space, tmp_path, coco128, budget, pool=pool, storage=storage,
+                       schedule=replace(SCHEDULE, epochs=RUNGS[-1]), rungs=RUNGS, eta=2, lookahead=0, **config)
 
 
 def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_at_the_top_rung(
@@ -158,7 +171,7 @@ def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_
         assert not Path(t.user_attrs["rung_checkpoint"]).exists(), "a stopped candidate's checkpoint is deleted"
     assert {t.number for t in study.best_trials} <= {t.number for t in top}, "fronts compare top-rung results only"
     for t in top:  # each promotion continued from the rung checkpoint, on the top rung's schedule
-        rung0, rung1 = driver.executor.jobs[t.number]
+        rung0, rung1 = driver.pool.jobs[t.number]
         assert rung0.stop_at == 1 and rung0.resume is None and rung1.stop_at == 2 and rung1.resume
         assert rung0.schedule.epochs == rung1.schedule.epochs == 2
     # The first promotion happened when rung 0 held two results: the better of the two by Pareto rank went on.
@@ -172,26 +185,26 @@ def test_rungs_promote_by_pareto_rank_continue_from_checkpoints_and_fronts_stay_
 def test_a_killed_driver_between_rungs_is_resumed_without_retraining(tmp_path, coco128, two_slots):
     study = new_study(tmp_path, enqueue_base=False)
     first = rung_driver(study, two_slots, tmp_path, coco128, budget=4)
-    while not first.paused:  # run until a candidate waits between rungs ...
+    while not first.rungs.paused:  # run until a candidate waits between rungs ...
         first._step()
-    waiting = {n: st.rung_results(study.trials[n]) for n in first.paused}
+    waiting = {n: st.rung_results(study.trials[n]) for n in first.rungs.paused}
     # ... then the process dies (kill -9): nothing is cleaned up, the storage holds RUNNING trials.
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
     resumed = optuna.load_study(study_name="d", storage=storage)
     requeued = dict(st.recover_stale_trials(resumed, storage))
     assert not set(waiting) & set(requeued), "candidates between rungs are adopted, not re-queued"
     second = rung_driver(resumed, two_slots, tmp_path, coco128, budget=4)
-    assert set(second.paused) | {n for n, r in second.running.items() if r.rung > 0} >= set(waiting)
+    assert set(second.rungs.paused) | {n for n, r in second.running.items() if r.rung > 0} >= set(waiting)
     second.run()
     for n, results in waiting.items():
         t = resumed.trials[n]
         assert st.rung_results(t)[1] == results[1], "rung 0 was not trained again"
-        assert all(job.resume for job in second.executor.jobs.get(n, [])), "only a continuation, from its checkpoint"
+        assert all(job.resume for job in second.pool.jobs.get(n, [])), "only a continuation, from its checkpoint"
     assert len(st.counted_trials(resumed)) == 4
 
 
 def test_confirmation_retrains_the_front_and_the_base_with_more_seeds(tmp_path, coco128, base_only):
-    from search import confirm
+    from search.front import confirm
 
     study = new_study(tmp_path)
     driver = rung_driver(study, base_only, tmp_path, coco128, budget=1)
@@ -200,7 +213,7 @@ def test_confirmation_retrains_the_front_and_the_base_with_more_seeds(tmp_path, 
     record = study.user_attrs[st.CONFIRM_ATTR]
     assert list(record) == ["0"] and record["0"]["offsets"] == [1, 2] and len(record["0"]["values"]) == 2
     assert len(record["0"]["train_s"]) == 2 and all(s > 0 for s in record["0"]["train_s"]), "its compute is kept"
-    seeds = {job.schedule.seed for job in driver.executor.jobs[("confirm", 0, 1)] + driver.executor.jobs[("confirm", 0, 2)]}
+    seeds = {job.schedule.seed for job in driver.pool.jobs[("confirm", 0, 1)] + driver.pool.jobs[("confirm", 0, 2)]}
     assert seeds == {1, 2}
     (row,) = confirm.confirmed(study, TABLE)
     runs = [study.trials[0].values[0], *(v[0] for v in record["0"]["values"])]
@@ -208,7 +221,7 @@ def test_confirmation_retrains_the_front_and_the_base_with_more_seeds(tmp_path, 
     assert row.sd[0] == pytest.approx(np.std(runs, ddof=1)) and row.above_base is None
     assert confirm.todo(study, TABLE, 2) == [], "a resumed run trains nothing more"
     # The exported front is the confirmed one, with each objective's seed mean, sd and n.
-    from search.export import export_study
+    from search.front.export import export_study
     from search.settings import StudySettings
 
     study.set_user_attr(st.SETTINGS_ATTR, StudySettings(space=SpaceConfig(max_layers=0)).as_dict())
@@ -227,31 +240,29 @@ def test_a_contended_latency_stays_off_the_front_until_a_re_measure_at_the_end_p
     # An interval target no window can meet: every latency is recorded contended after its one window.
     strict = replace(LATENCY, runs=3, min_runs=3, ci=1e-12, tries=1)
     pool = InProcessPool(strict, workers=1, reference=make_candidate(one_layer.base))
-    cfg = SearchConfig(budget=2, schedule=SCHEDULE, objectives=TABLE, data_yaml=str(coco128 / "coco128.yaml"),
-                       study_dir=tmp_path, latency_imgsz=LATENCY.imgsz)
-    driver = Driver(study, one_layer, pool, cfg, None, Progress(study, TABLE, 2), storage_of(tmp_path))
+    driver = make_driver(study, one_layer, tmp_path, coco128, budget=2, pool=pool)
     driver.run()
     done = st.completed_trials(study)
     timed = [t for t in done if "reused_from" not in t.user_attrs]  # a copy of the same candidate is not timed
     assert len(done) == 2 and all(t.user_attrs["latency_contended"] for t in done)
     assert all((Path(t.user_attrs["run_dir"]) / "latency-windows.json").is_file() for t in timed), "raw runs kept"
-    assert st.pareto_trials(study, TABLE) == [], "no trial with an untrusted latency is on the front"
+    assert pareto.pareto_trials(study, TABLE) == [], "no trial with an untrusted latency is on the front"
     driver.remeasure_contended()  # still impossible: recorded as failed, still off the front
     again = study.user_attrs[st.REMEASURED_ATTR]
     assert sorted(again) == sorted(str(t.number) for t in timed) and not any(e["accepted"] for e in again.values())
-    assert st.pareto_trials(study, TABLE) == []
+    assert pareto.pareto_trials(study, TABLE) == []
     study.set_user_attr(st.REMEASURED_ATTR, {})
     pool._latency = replace(strict, ci=0)  # a quiet machine: every window passes
     driver.remeasure_contended()
     again = study.user_attrs[st.REMEASURED_ATTR]
     assert all(e["accepted"] for e in again.values())
-    front = st.pareto_trials(study, TABLE)
+    front = pareto.pareto_trials(study, TABLE)
     assert front, "re-measured trials return to the front"
     for t in front:
         assert t.values[1] == pytest.approx(again[str(t.number)]["latency_ms"]), "with the re-measured latency"
         assert study.trials[t.number].values[1] != t.values[1] or again[str(t.number)]["ratio"] == \
             study.trials[t.number].user_attrs["latency_ratio"]
-    from search.export import latency_summary
+    from search.front.export import latency_summary
 
     summary = latency_summary(study)
     assert summary["contended_trials"] == [t.number for t in timed] and summary["contended_off_the_front"] == []
@@ -268,10 +279,10 @@ def test_the_front_reads_re_measured_latencies_and_leaves_out_untrusted_ones():
     add([0.30, 50.0])
     add([0.35, 40.0], latency_contended=True)  # recorded faster than it is
     add([0.32, 60.0])
-    assert [t.number for t in st.pareto_trials(study, two)] == [0, 2]
+    assert [t.number for t in pareto.pareto_trials(study, two)] == [0, 2]
     study.set_user_attr(st.REMEASURED_ATTR, {"1": {"accepted": True, "latency_ms": 70.0}})
-    front = st.pareto_trials(study, two)
+    front = pareto.pareto_trials(study, two)
     assert [(t.number, t.values[1]) for t in front] == [(0, 50.0), (2, 60.0), (1, 70.0)]
     assert study.trials[1].values == [0.35, 40.0], "the study's own record is untouched"
     study.set_user_attr(st.REMEASURED_ATTR, {"1": {"accepted": False, "latency_ms": None}})
-    assert [t.number for t in st.pareto_trials(study, two)] == [0, 2]
+    assert [t.number for t in pareto.pareto_trials(study, two)] == [0, 2]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from search.fidelity import kendall_tau_b, rung_taus, seed_sd, spearman_rho, tau_on_separated_pairs
+from search.front.fidelity import kendall_tau_b, rung_taus, seed_sd, spearman_rho, tau_on_separated_pairs
 
 
 def test_kendall_tau_b_on_known_orderings():

@@ -7,7 +7,7 @@ import pytest
 import requests
 from optuna.storages.journal import JournalFileSymlinkLock
 
-from search import study as st
+from search.storage import study as st
 from test_dashboard import dashboard_server
 from test_driver import new_study, rung_driver, two_slots  # noqa: F401 (two_slots: a fixture)
 
@@ -18,9 +18,9 @@ def test_a_journal_study_stopped_between_rungs_resumes_and_the_dashboard_reads_i
     url = str(tmp_path / "study.log")
     study = new_study(tmp_path, enqueue_base=False, storage=st.open_storage(url))
     first = rung_driver(study, two_slots, tmp_path, coco128, budget=3, storage=st.open_storage(url))
-    while not first.paused:  # run until a candidate waits between rungs, then the driver is gone
+    while not first.rungs.paused:  # run until a candidate waits between rungs, then the driver is gone
         first._step()
-    waiting = {n: st.rung_results(study.trials[n]) for n in first.paused}
+    waiting = {n: st.rung_results(study.trials[n]) for n in first.rungs.paused}
     storage = st.open_storage(url)  # what a new process reads from the file
     resumed = optuna.load_study(study_name="d", storage=storage)
     assert not set(waiting) & dict(st.recover_stale_trials(resumed, storage)).keys()

@@ -118,7 +118,7 @@ def _with(module: str) -> "space.Candidate":
 
 @pytest.mark.parametrize("module", ["STA", "CoT", "CGA", "DualViT", "GMA"])
 def test_onnxruntime_times_a_model_with_each_attention_layer(module):
-    settings = LatencySettings(imgsz=64, backend="onnxruntime", runs=3, min_runs=3, threads=1)
+    settings = LatencySettings(imgsz=64, backend="onnxruntime", runs=3, min_runs=3, threads=1, ci=0)  # no retries
     reference = prepare_reference(space.make_candidate(space.load_base("yolov8n.yaml")), settings)
     res = measure_latency(_with(module), settings, proxy_imgsz=64, reference=reference)
     assert res.error is None and res.backend == "onnxruntime" and res.n == 3

@@ -14,9 +14,10 @@ import psutil
 import pytest
 
 import space
-from search.executor import Executor, PoolSettings
+from search.engine.executor import Executor
+from search.settings import RunSettings
 from search.latency import LatencySettings
-from search.proxy import ProxySchedule, TrainJob
+from search.training.proxy import ProxySchedule, TrainJob
 
 pytestmark = pytest.mark.slow
 TICK_S = 0.02  # two clock ticks: what a process blocked on a lock may still be charged
@@ -42,7 +43,7 @@ def measure(executor: Executor, candidate, driver_work) -> object:
 def test_the_driver_and_a_parked_training_use_no_cpu_during_a_window(tmp_path, coco128):
     base = space.load_base("yolov8n.yaml")
     settings = LatencySettings(imgsz=320, runs=12, min_runs=12, threads=1, ci=0, tries=1)
-    executor = Executor(PoolSettings(workers=1, cpus_per_trial=1), settings, reference=space.make_candidate(base))
+    executor = Executor(RunSettings(workers=1, cpus_per_trial=1), settings, reference=space.make_candidate(base))
     try:
         job = TrainJob(trial=0, candidate_hash=space.make_candidate(base).hash,
                        yaml_text=space.to_yaml(space.make_candidate(base)), data=str(coco128 / "coco128.yaml"),

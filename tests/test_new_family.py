@@ -59,7 +59,7 @@ def tiny():
 
 
 def test_a_seventh_family_is_searched_built_trained_and_exported(tiny, coco128, tmp_path):
-    from search.proxy import ProxySchedule, TrainJob, run_training  # imported, not edited: the real proxy
+    from search.training.proxy import ProxySchedule, TrainJob, run_training  # imported, not edited: the real proxy
 
     # Found by the space: every slot of yolov8n can hold it, with both reductions (all yolov8n widths are even).
     space = build_space(load_base("yolov8n.yaml"), SpaceConfig(modules={"Tiny": {}}, min_layers=1, max_layers=2))

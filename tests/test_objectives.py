@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from search import objectives as obj
-from search import study as st
+from search.front import pareto
 from search.errors import SearchError
 from search.latency import LatencyResult
-from search.proxy import TrainResult
+from search.training.proxy import TrainResult
 
 
 def _union_volume(points: np.ndarray, ref: np.ndarray) -> float:
@@ -24,7 +24,7 @@ def _union_volume(points: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.mark.parametrize("n_obj", [2, 3, 4])
 def test_hypervolume_matches_inclusion_exclusion(n_obj):
-    """Fails loudly if Optuna's private hypervolume routine (wrapped once in search.study) changes behaviour."""
+    """Fails loudly if Optuna's private hypervolume routine (wrapped once in search.storage.study) changes behaviour."""
     rng = np.random.default_rng(n_obj)
     table = (obj.OBJECTIVES["mAP50-95"], obj.OBJECTIVES["latency_ms"], obj.OBJECTIVES["params"],
              obj.OBJECTIVES["gflops"])[:n_obj]
@@ -33,11 +33,11 @@ def test_hypervolume_matches_inclusion_exclusion(n_obj):
     # In minimisation form: mAP (maximised) is negated, its reference too.
     minimised = values * np.array([-1.0] + [1.0] * (n_obj - 1))
     expected = _union_volume(minimised, np.array([-0.0] + [1.0] * (n_obj - 1)))
-    assert st.hypervolume(values.tolist(), ref, table) == pytest.approx(expected, rel=1e-9)
+    assert pareto.hypervolume(values.tolist(), ref, table) == pytest.approx(expected, rel=1e-9)
     # A point worse than the reference in one objective adds nothing.
     worse = [*values.tolist(), [0.95] + [1.5] * (n_obj - 1)]
-    assert st.hypervolume(worse, ref, table) == pytest.approx(expected, rel=1e-9)
-    assert st.hypervolume([], ref, table) == 0.0
+    assert pareto.hypervolume(worse, ref, table) == pytest.approx(expected, rel=1e-9)
+    assert pareto.hypervolume([], ref, table) == 0.0
 
 
 def test_values_come_from_the_table_in_the_chosen_order():

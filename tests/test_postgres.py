@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
 from search import export as search_export
-from search import study as st
+from search.storage import study as st
 from search.errors import SearchError
-from search.reconnect import DatabaseUnreachable, ReconnectingStorage
+from search.storage.reconnect import DatabaseUnreachable, ReconnectingStorage
 from test_dashboard import dashboard_server
 from test_search_engine import REPO, _kill_group, search_cmd
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import space
-from search.proxy import ProxySchedule, TrainJob, run_training
+from search.training.proxy import ProxySchedule, TrainJob, run_training
 
 pytestmark = pytest.mark.slow
 SCHEDULE = ProxySchedule(epochs=3, imgsz=64, batch=4, fraction=(8, 4), train_args=(("warmup_epochs", 1),))

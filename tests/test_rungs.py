@@ -5,7 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from search.rungs import Ladder, crowding_distance, pareto_ranks, parse_rungs, promotion_order
+from search.engine.rungs import Ladder
+from search.settings import parse_rungs
+from search.front.ranks import crowding_distance, pareto_ranks, promotion_order
 
 
 def brute_force_ranks(points: np.ndarray) -> list[int]:

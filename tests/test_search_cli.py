@@ -62,7 +62,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, coco128
 @pytest.fixture(scope="module")
 def builtin_set(tmp_path_factory):
     """The default built-in set, generated once for this module (about 10 s a generation)."""
-    from search import shapes
+    from search.training import shapes
 
     return shapes.cached(shapes.DEFAULT, tmp_path_factory.mktemp("data")).parent
 

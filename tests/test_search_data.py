@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from search.data import SHAPES_CLASSES, SHAPES_SPLITS, check_data, default_dataset, parse_fraction, safe_batch
+from search.training.data import SHAPES_CLASSES, SHAPES_SPLITS, check_data, default_dataset, parse_fraction, safe_batch
 from search.errors import SearchError
 
 

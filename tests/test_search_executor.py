@@ -10,7 +10,8 @@ import ray
 import space
 import torch
 
-from search.executor import DeviceGate, GateClient, LatencyMeter
+from search.engine.executor import LatencyMeter
+from search.engine.gate import DeviceGate, GateClient
 from search.latency import LatencySettings, measure_latency
 
 

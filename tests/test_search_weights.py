@@ -74,7 +74,7 @@ def test_checkpoint_of_another_scale_is_refused_before_anything_runs(tmp_path, c
 
 
 def test_user_checkpoint_with_other_classes_keeps_all_but_the_class_branch(tmp_path):
-    from search.weights import WeightsPlan, check_user_checkpoint
+    from search.training.weights import WeightsPlan, check_user_checkpoint
     from space import load_base
     from ultralytics.nn.tasks import DetectionModel
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from search import shapes
-from search.data import builtin_name, check_data, default_dataset
+from search.training import shapes
+from search.training.data import builtin_name, check_data, default_dataset
 from search.errors import SearchError
 
 # MANIFEST.json of shapes-v2 as search/data.py wrote it before the generators moved to search/shapes.py: its

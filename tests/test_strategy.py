@@ -13,7 +13,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.strategy import EvolutionSampler, genome_from_params, params_from_genome, random_genome
+from search.strategy.evolution import EvolutionSampler
+from search.strategy.genome import genome_from_params, params_from_genome, random_genome
 from space import SpaceConfig, build_space, load_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

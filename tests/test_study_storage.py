@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import optuna
 
-from search.study import open_storage
+from search.storage.study import open_storage
 
 
 def _open(url: str) -> str:

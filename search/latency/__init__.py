@@ -20,10 +20,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ContextManager
 
+import modules
+from space import SpaceError, build_model, validated_model
+
 from ..errors import SearchError
+from .audit import cpu_snapshot, foreign_usage
 from .backends import BACKENDS, Runner, backend_version, make_runner
 from .memory import peak_memory_mb
-from .audit import cpu_snapshot, foreign_usage
 from .paired import study_reference_ms, time_paired
 from .window import DEFAULT_STATISTIC, STATISTICS, Acceptance, Window, aa_control, best_window, estimate
 
@@ -239,8 +242,6 @@ def prepare_reference(candidate_or_model, settings: LatencySettings, name: str =
     """The reference for paired timing: a space Candidate (usually the base) or an nn.Module."""
     model = candidate_or_model
     if not hasattr(model, "forward"):
-        from space import build_model
-
         model = build_model(candidate_or_model).model
         name = candidate_or_model.describe()
     params = sum(p.numel() for p in model.parameters())
@@ -368,9 +369,6 @@ def measure_latency(candidate, settings: LatencySettings, proxy_imgsz: int,
     """Validate ``candidate`` (space.validated_model: builds, finite forward at ``proxy_imgsz``, params, GFLOPs at
     the latency size), then time it with :func:`time_model`, paired with ``reference`` when given; with ``table``
     (search/latency/table.py ``predicted``, bound to a table) its ratio is predicted instead of timed."""
-    import modules
-    from space import SpaceError, validated_model
-
     modules.register()
     start = time.perf_counter()
     import torch

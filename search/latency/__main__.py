@@ -12,7 +12,9 @@ import re
 import sys
 from pathlib import Path
 
-from space.cli import run_cli
+import modules
+from space import SpaceError, build_model, load_base, make_candidate
+from space.cli import run_cli, table
 
 from ..errors import SearchError
 from . import BACKENDS, LatencySettings, _gflops_hw, parse_imgsz, prepare_reference, time_model
@@ -20,9 +22,6 @@ from . import BACKENDS, LatencySettings, _gflops_hw, parse_imgsz, prepare_refere
 
 def load_model(spec: str):
     """An eval nn.Module from an Ultralytics checkpoint (.pt) or a model YAML (a path or a bundled name)."""
-    import modules
-    from space import SpaceError, build_model, load_base, make_candidate
-
     modules.register()
     if spec.endswith(".pt"):
         if not Path(spec).is_file():
@@ -86,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ident['backend']} {ident['backend_version']} on {ident['device']} ({ident['device_model']}), "
           f"input {'x'.join(map(str, settings.shape))}{' fp16' if settings.half else ''}, "
           f"reference: {ref_spec if reference else 'none'}")
-    from space.cli import table
-
     rows = []
     for spec in args.models:
         model = load_model(spec)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from space import make_candidate
+
 TABLE_LAYOUT = 1
 
 
@@ -92,8 +94,6 @@ def predicted(candidate, base, table: BlockTable, time_single: Callable[[Any], A
 
     Returns ratio, ci_low, ci_high, accepted (every cost came from an accepted window), timed (placements timed
     now), windows (their raw windows) and error (a placement that could not be timed)."""
-    from space import make_candidate
-
     timed, windows, accepted = [], [], True
     if table.reference_ms is None:  # the table's time scale: the base timed against itself once
         res = time_single(make_candidate(base))

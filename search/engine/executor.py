@@ -1,214 +1,41 @@
 """Ray side of the search: a pool of proxy trainings, one latency meter per device, and the gate between them.
 
-Workers return plain data and never touch the study. Latency isolation is cooperative: every training calls the
-``DeviceGate`` before each batch; the ``LatencyMeter`` (pinned to the study's one latency node) closes the gate for
-its device, waits until every training there is parked (on its GPU for a CUDA meter, on its node for a CPU one),
-times the model, and reopens it. So a latency is never measured while a training loads the
-device, and no training slot sits idle waiting for others to drain.
-
-The driver is a party of the gate too (``DRIVER_TAG``): between its steps it proposes candidates (multi-threaded
-numpy) and writes the study, which on a CPU meter's node would share the cores being timed. It tells the gate
-when it blocks waiting for results (idle: nothing to wait for) and passes a checkpoint before any other work, so a
-window opens only while the driver is idle or parked.
+Workers return plain data and never touch the study. The ``LatencyMeter`` is pinned to the study's one latency
+node and times while the gate (:mod:`search.engine.gate`) holds the trainings on its device parked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import glob
 import json
-import mmap
 import os
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import ray
 import ray.exceptions as rex
 
+import modules
+import search
+import space
+
+from ..errors import SearchError
+from ..latency import LatencyResult, LatencySettings, Reference, measure_latency, prepare_reference
+from ..latency.table import BlockTable, predicted, table_path
+from ..settings import RunSettings
+from ..training.proxy import TrainJob, TrainResult, run_training
 from . import cluster
-from .driver import SearchAborted
-from .errors import SearchError
-from .latency import LatencyResult, LatencySettings, Reference, measure_latency, prepare_reference
-from .latency.table import BlockTable, predicted, table_path
-from .proxy import TrainJob, TrainResult, run_training
+from .gate import DRIVER_TAG, GATE_MAX_WAIT_S, DeviceGate, GateClient, flag_dir
+from .inflight import SearchAborted
 from .work import Event
 
-GATE_MAX_WAIT_S = 60.0  # longest wait for trainings to park before measuring anyway (recorded as contended)
-GATE_MAX_CLOSED_S = 600.0  # the gate reopens by itself after this, so a dead meter cannot park trainings forever
 NODE_DEATH_WAIT_S = 60.0  # Ray's health check marks an unreachable node dead within ~30 s by default
-START_GRACE_S = 10.0  # a submitted training not started after this is queued by Ray (no load), not waited for
-DRIVER_TAG = "driver"  # the driver's entry at the gate
 _WORKER_DEATHS = (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError,
                   rex.OwnerDiedError)
 
-
-@ray.remote(num_cpus=0)
-class DeviceGate:
-    """Parks trainings at batch boundaries while a latency measurement on their node needs the device.
-
-    Trainings reach it through a :class:`GateClient`, which asks this actor only while its node's shared-memory
-    flag says closed; ``checkpoint_calls`` counts the calls that did reach it.
-    """
-
-    def __init__(self) -> None:
-        self._open = asyncio.Event()
-        self._open.set()
-        self._node: str | None = None
-        self._gpu: str | None = None  # the closed GPU (Ray's id on the meter's node); None: the whole node (CPU)
-        self._active: dict[str, tuple[str, tuple[str, ...]]] = {}  # training tag -> (node id, its Ray GPU ids)
-        self._expected: dict[str, float] = {}  # submitted, not started yet: tag -> submit time
-        self._parked: set[str] = set()
-        self._idle: set[str] = set()  # parties blocked on something else (the driver waiting for results)
-        self._timer: asyncio.TimerHandle | None = None
-        self._checkpoint_calls = 0
-
-    def expect(self, tag: str) -> None:
-        """The driver submitted this training: its worker may be starting (importing torch: load) right now."""
-        if tag not in self._active:
-            self._expected[tag] = time.monotonic()
-
-    async def enter(self, tag: str, node: str, gpus: tuple[str, ...] = ()) -> None:
-        self._expected.pop(tag, None)
-        self._active[tag] = (node, tuple(gpus))
-        await self._wait_if_closed(tag)
-
-    def _shares_device(self, tag: str) -> bool:
-        """Whether this training loads the device being timed: its GPU, or (timing on CPU) any training on the node."""
-        node, gpus = self._active.get(tag, (None, ()))
-        return node == self._node and (self._gpu is None or self._gpu in gpus)
-
-    def leave(self, tag: str) -> None:
-        self._active.pop(tag, None)
-        self._expected.pop(tag, None)
-        self._parked.discard(tag)
-        self._idle.discard(tag)
-
-    async def checkpoint(self, tag: str) -> None:
-        self._checkpoint_calls += 1
-        self._idle.discard(tag)
-        await self._wait_if_closed(tag)
-
-    def idle(self, tag: str) -> None:
-        """``tag`` blocks on something that uses no CPU until its next checkpoint (the driver in ``ray.wait``)."""
-        if tag in self._active:
-            self._idle.add(tag)
-
-    def checkpoint_calls(self) -> int:
-        return self._checkpoint_calls
-
-    async def _wait_if_closed(self, tag: str) -> None:
-        if self._open.is_set() or not self._shares_device(tag):
-            return
-        self._parked.add(tag)
-        try:
-            await self._open.wait()
-        finally:
-            self._parked.discard(tag)
-
-    async def close(self, node: str, max_wait_s: float, gpu: str | None = None) -> list[str]:
-        """Stop trainings on ``node`` (only those on GPU ``gpu`` when given); returns once all are parked, or after
-        ``max_wait_s`` with those that are not."""
-        self._node, self._gpu = node, gpu
-        self._open.clear()
-        self._timer = asyncio.get_running_loop().call_later(GATE_MAX_CLOSED_S, self._open.set)
-        deadline = time.monotonic() + max_wait_s
-        while True:
-            now = time.monotonic()
-            running = sorted(t for t in self._active
-                             if self._shares_device(t) and t not in self._parked and t not in self._idle)
-            starting = sorted(t for t, since in self._expected.items() if now - since < START_GRACE_S)
-            if not (running or starting) or now > deadline:
-                return running + starting
-            await asyncio.sleep(0.02)
-
-    def open(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._open.set()
-
-
-class NodeFlag:
-    """One byte in shared memory per (gate, node), 1 while a measurement on that node holds the device.
-
-    A training reads it before every batch (an mmap read, no system call) and asks the gate actor only when it
-    is set, so the open path costs no Ray round trip. A file in /dev/shm rather than
-    ``multiprocessing.shared_memory``: the latter's resource tracker unlinks the segment when the process that
-    created it exits, and here any process on the node may be first.
-    """
-
-    def __init__(self, token: str, node: str) -> None:
-        self.path = os.path.join(_flag_dir(), f"attnas-gate-{token}-{node[:24]}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < 1:
-                os.ftruncate(fd, 1)  # a new file reads as 0: open
-            self._map = mmap.mmap(fd, 1)
-        finally:
-            os.close(fd)
-
-    @property
-    def closed(self) -> bool:
-        return self._map[0] != 0
-
-    def set(self, closed: bool) -> None:
-        self._map[0] = 1 if closed else 0
-
-
-def _flag_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-@dataclass
-class GateClient:
-    """What trainings and the meter hold: the gate actor plus the token that names its per-node flags."""
-
-    actor: Any
-    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    _flag: NodeFlag | None = field(default=None, repr=False, compare=False)
-
-    def __getstate__(self) -> dict:
-        return {"actor": self.actor, "token": self.token, "_flag": None}  # an mmap does not travel
-
-    def flag(self, node: str | None = None) -> NodeFlag:
-        if self._flag is None:
-            self._flag = NodeFlag(self.token, node or ray.get_runtime_context().get_node_id())
-        return self._flag
-
-    def enter(self, tag: str, gpus: tuple[str, ...] = ()) -> None:
-        node = ray.get_runtime_context().get_node_id()
-        self.flag(node)
-        ray.get(self.actor.enter.remote(tag, node, gpus))
-
-    def checkpoint(self, tag: str) -> None:
-        """Called before every batch: local when the flag is clear; parks at the actor while it is set."""
-        if self.flag().closed:
-            ray.get(self.actor.checkpoint.remote(tag))
-
-    def idle(self, tag: str) -> None:
-        """``tag`` is about to block without using the CPU; its next :meth:`busy` (or checkpoint) ends that."""
-        ray.get(self.actor.idle.remote(tag))  # waited for: Ray does not order an async actor's calls
-
-    def busy(self, tag: str) -> None:
-        """``tag`` is about to use the CPU: parks first while a window on its device is open."""
-        ray.get(self.actor.checkpoint.remote(tag))
-
-    def leave(self, tag: str) -> None:
-        self.actor.leave.remote(tag)
-
-    def close(self, node: str, max_wait_s: float, gpu: str | None = None) -> list[str]:
-        """Set this node's flag, then wait at the actor until every training here on the timed device is parked
-        (trainings on the node's other GPUs see the flag, ask the actor and go on)."""
-        self.flag(node).set(True)
-        return ray.get(self.actor.close.remote(node, max_wait_s, gpu))
-
-    def open(self) -> None:
-        self.flag().set(False)
-        ray.get(self.actor.open.remote())
 
 
 @ray.remote(num_cpus=0)
@@ -218,8 +45,6 @@ class LatencyMeter:
 
     def __init__(self, settings: LatencySettings, gate: GateClient, reference=None, base=None,
                  table_dir: str | None = None) -> None:
-        import modules
-
         modules.register()
         self._settings = settings
         self._gate = gate
@@ -319,18 +144,6 @@ def _placement(job: TrainJob) -> dict[str, Any]:
             "gpu_ids": gpu_ids, "pid": os.getpid()}
 
 
-@dataclass(frozen=True)
-class PoolSettings:
-    """Where and how trials run."""
-
-    workers: int = 2
-    cpus_per_trial: float | None = None  # None: the cluster's CPUs shared evenly by the workers
-    gpus_per_trial: float = 0.0
-    trial_timeout_s: float | None = None
-    ray_address: str | None = None  # None: a local Ray with this machine's CPUs/GPUs
-    latency_node: str = "driver"  # where every latency is timed: "driver", a node id, IP or hostname
-
-
 @dataclass
 class _Pending:
     key: Any
@@ -341,48 +154,44 @@ class _Pending:
 
 
 class Executor:
-    """Runs latency measurements and proxy trainings on Ray (a :class:`search.work.WorkPool`); the driver polls
+    """Runs latency measurements and proxy trainings on Ray (a :class:`search.engine.work.WorkPool`); the driver polls
     ``wait`` for finished work."""
 
-    def __init__(self, pool: PoolSettings, latency: LatencySettings, env: dict[str, str] | None = None, *,
+    def __init__(self, run: RunSettings, latency: LatencySettings, env: dict[str, str] | None = None, *,
                  reference=None, base=None, table_dir: str | None = None) -> None:
         """``reference``: the base as a space Candidate; when given, every candidate is timed paired with it
         (``LatencyResult.ratio``), else alone as before. ``base`` (the space Base) and ``table_dir``: where
         ``--latency-estimator table`` keeps its per-placement costs."""
-        self.pool = pool
-        self.workers = pool.workers
+        self.run = run
+        self.workers = run.workers
         env_vars = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", **(env or {})}
         if os.environ.get(GPU_AS_CPU_ENV):
             env_vars[GPU_AS_CPU_ENV] = os.environ[GPU_AS_CPU_ENV]
         runtime_env: dict[str, Any] = {"env_vars": env_vars}
-        if pool.ray_address:
-            import modules
-            import search
-            import space
-
+        if run.ray_address:
             # A remote cluster may not have this code: ship the three packages with every task.
             runtime_env["py_modules"] = [os.path.dirname(m.__file__) for m in (modules, space, search)]
         try:
             # "local": always a new Ray of our own when no address is given, even when this machine already runs a
             # cluster (ray.init() would join it, and refuse the num_cpus given here).
-            ray.init(address=pool.ray_address or "local", runtime_env=runtime_env, include_dashboard=False,
+            ray.init(address=run.ray_address or "local", runtime_env=runtime_env, include_dashboard=False,
                      log_to_driver=False, configure_logging=True, logging_level="warning",
-                     **({} if pool.ray_address else {"num_cpus": os.cpu_count(), "num_gpus": _local_gpus()}))
+                     **({} if run.ray_address else {"num_cpus": os.cpu_count(), "num_gpus": _local_gpus()}))
         except Exception as err:
-            raise SearchError(f"cannot start or join Ray at {pool.ray_address or 'local'}: {err}") from None
+            raise SearchError(f"cannot start or join Ray at {run.ray_address or 'local'}: {err}") from None
         resources = ray.cluster_resources()
         self.cpus = float(resources.get("CPU", 0))
         self.gpus = float(resources.get("GPU", 0))
-        if pool.gpus_per_trial > 0 and self.gpus == 0:
+        if run.gpus_per_trial > 0 and self.gpus == 0:
             self.shutdown()
-            raise SearchError(f"--gpus-per-trial {pool.gpus_per_trial} but Ray found no GPU "
+            raise SearchError(f"--gpus-per-trial {run.gpus_per_trial} but Ray found no GPU "
                               f"({int(self.cpus)} CPUs only); leave it at 0 for CPU trials")
         if latency.device == "cuda" and self.gpus == 0:
             self.shutdown()
             raise SearchError("--latency-device cuda but Ray found no GPU; use --latency-device cpu")
-        self.cpus_per_trial = pool.cpus_per_trial or max(1.0, float(int(self.cpus // max(1, pool.workers))))
+        self.cpus_per_trial = run.cpus_per_trial or max(1.0, float(int(self.cpus // max(1, run.workers))))
         try:
-            self.latency_node = cluster.resolve_node(pool.latency_node)
+            self.latency_node = cluster.resolve_node(run.latency_node)
             if latency.device == "cuda" and self.latency_node.gpus == 0:
                 raise SearchError(f"--latency-device cuda but the latency node {self.latency_node.describe()} has no "
                                   "GPU; pick a GPU node with --latency-node")
@@ -418,15 +227,15 @@ class Executor:
         return ray.get(self.meter.identity.remote())
 
     def describe(self) -> str:
-        where = self.pool.ray_address or "local Ray"
+        where = self.run.ray_address or "local Ray"
         nodes = len(cluster.alive_nodes())
         where += f" ({nodes} nodes; latency on {self.latency_node.describe()})" if nodes > 1 else ""
-        gpus = self.pool.gpus_per_trial
+        gpus = self.run.gpus_per_trial
         per = f"{self.cpus_per_trial:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
         fits = int(min(self.cpus // self.cpus_per_trial,
-                       self.gpus // self.pool.gpus_per_trial if self.pool.gpus_per_trial else 1e9))
-        note = f" (only {fits} fit at once)" if fits < self.pool.workers else ""
-        return (f"{where}: {self.cpus:g} CPUs, {self.gpus:g} GPUs; up to {self.pool.workers} trials training at once, "
+                       self.gpus // self.run.gpus_per_trial if self.run.gpus_per_trial else 1e9))
+        note = f" (only {fits} fit at once)" if fits < self.run.workers else ""
+        return (f"{where}: {self.cpus:g} CPUs, {self.gpus:g} GPUs; up to {self.run.workers} trials training at once, "
                 f"{per} each{note}")
 
     def submit_latency(self, key: Any, candidate, proxy_imgsz: int) -> None:
@@ -439,14 +248,14 @@ class Executor:
         # Waited for: Ray does not order an async actor's calls, so a fire-and-forget expect() could reach the gate
         # after a close() it must precede, and the meter would time while this worker starts up.
         ray.get(self.gate.actor.expect.remote(job.tag))
-        options: dict[str, Any] = {"num_cpus": self.cpus_per_trial, "num_gpus": self.pool.gpus_per_trial}
-        if self.pool.ray_address:  # on a cluster: over every node with room, not packed onto the first one
+        options: dict[str, Any] = {"num_cpus": self.cpus_per_trial, "num_gpus": self.run.gpus_per_trial}
+        if self.run.ray_address:  # on a cluster: over every node with room, not packed onto the first one
             options["scheduling_strategy"] = "SPREAD"
         ref = _train_task.options(**options).remote(job, self.gate)
         self._pending[ref] = _Pending(key, kind, time.monotonic(), job, job.tag)
 
     def wait(self, timeout_s: float) -> list[Event]:
-        """Finished work within ``timeout_s`` (maybe none); also times out trainings over ``trial_timeout_s``."""
+        """Finished work within ``timeout_s`` (maybe none); also times out trainings over ``--trial-timeout``."""
         events: list[Event] = []
         self.gate.idle(DRIVER_TAG)
         try:
@@ -511,7 +320,7 @@ class Executor:
         return Event(p.key, "latency", LatencyResult(error=message))
 
     def _expire(self) -> list[Event]:
-        limit = self.pool.trial_timeout_s
+        limit = self.run.trial_timeout
         if not limit:
             return []
         now = time.monotonic()
@@ -547,7 +356,7 @@ class Executor:
         with contextlib.suppress(Exception):
             ray.shutdown()
         if hasattr(self, "gate"):
-            for path in glob.glob(os.path.join(_flag_dir(), f"attnas-gate-{self.gate.token}-*")):
+            for path in glob.glob(os.path.join(flag_dir(), f"attnas-gate-{self.gate.token}-*")):
                 with contextlib.suppress(OSError):
                     os.remove(path)
 

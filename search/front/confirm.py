@@ -19,22 +19,18 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from . import objectives as obj
-from . import study as st
+from .. import objectives as obj
+from ..storage import study as st
+from . import pareto
 from .fidelity import rung_taus
-from .rungs import pareto_ranks
+from .ranks import pareto_ranks
 
-
-def base_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The study's reference: the completed trial of the base itself (placement none)."""
-    return next((t for t in st.completed_trials(study) if t.params.get("placement") == "none"
-                 and "reused_from" not in t.user_attrs), None)
 
 
 def targets(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[FrozenTrial]:
     """What confirmation retrains: the top-rung front and the base."""
-    chosen = st.pareto_trials(study, objectives)
-    base = base_trial(study)
+    chosen = pareto.pareto_trials(study, objectives)
+    base = pareto.base_trial(study)
     if base is not None and base.number not in {t.number for t in chosen}:
         chosen.append(base)
     return chosen
@@ -87,7 +83,7 @@ def confirmed(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[
     """Every confirmed trial with its seed statistics (the trial's own run counts as one seed)."""
     records = recorded(study)
     # front_trials: a trial whose latency is not trusted yet is left out, a re-measured one has its new latency
-    trials = {t.number: t for t in st.front_trials(study, objectives)}
+    trials = {t.number: t for t in pareto.front_trials(study, objectives)}
     main = next(i for i, o in enumerate(objectives) if o.needs_training)
     stats = {}
     for key, entry in records.items():
@@ -102,7 +98,7 @@ def confirmed(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[
             sd.append(statistics.stdev(column) if len(column) > 1 else 0.0)
             n.append(len(column))
         stats[t.number] = (tuple(mean), tuple(sd), tuple(n))
-    base = base_trial(study)
+    base = pareto.base_trial(study)
     out = []
     for number, (mean, sd, n) in stats.items():
         above = None

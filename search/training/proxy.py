@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from space import first_line
+import modules
+from space import first_line, inherit
 
 # Arguments the engine sets itself; --train-arg may not override them.
 RESERVED_ARGS = frozenset({"model", "data", "epochs", "imgsz", "batch", "fraction", "seed", "device", "project",
@@ -111,8 +112,6 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
     """
     import torch
 
-    import modules
-
     modules.register()  # registration is per process: every worker must do it before building a candidate
     torch.set_num_threads(max(1, job.threads))
     run_dir = Path(job.run_dir)
@@ -190,8 +189,6 @@ def _inheritor(job: TrainJob) -> Callable | None:
 
     def give(model):
         import torch
-
-        from space import inherit
 
         state = torch.load(job.weights, map_location="cpu", weights_only=True)
         return inherit(model, job.base_layers, state, job.skip_keys)

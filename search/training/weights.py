@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import modules
 from space import Base, SpaceError, build_model, check_checkpoint, make_candidate, to_yaml
 
-from .errors import SearchError
+from ..errors import SearchError
 from .proxy import ProxySchedule, TrainJob, TrainResult, run_training
 
 STATE_FILE = "base-weights.pt"
@@ -65,12 +66,21 @@ class BaseWeights:
     info: dict[str, Any]
 
 
+@dataclass
+class BaseSource:
+    """What a run's candidates inherit: stored weights, or the base training the pool runs first (``--weights auto``,
+    ``job``), and the cache a trained base is also kept in for other studies."""
+
+    weights: BaseWeights | None = None
+    job: TrainJob | None = None
+    cache: BaseCache | None = None
+    cache_key: str | None = None
+
+
 def check_user_checkpoint(plan: WeightsPlan, base: Base, nc: int) -> tuple[dict, tuple[str, ...]]:
     """Load ``--weights PATH`` and compare it with the base built for ``nc`` classes; SearchError if it is of
     another base or scale. Returns its float state dict and the head keys a class-count mismatch leaves out."""
     import torch
-
-    import modules
 
     modules.register()
     try:

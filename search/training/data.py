@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from . import shapes
-from .errors import SearchError
+from ..errors import SearchError
 
 SHAPES_NAME = shapes.DEFAULT  # the built-in set --data means when left out
 SHAPES_CLASSES = shapes.SETS[SHAPES_NAME].classes

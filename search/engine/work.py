@@ -1,7 +1,7 @@
 """What the driver hands work to: the :class:`WorkPool` interface, its :class:`Event`, and :class:`InProcessPool`.
 
 The driver only submits latency measurements and trainings and polls for finished ones, so any pool with these
-four methods runs a search: :class:`search.executor.Executor` on Ray (the real one), or :class:`InProcessPool`,
+four methods runs a search: :class:`search.engine.executor.Executor` on Ray (the real one), or :class:`InProcessPool`,
 which runs the same real functions synchronously in this process (driver tests and debugging, no Ray).
 """
 
@@ -11,8 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .latency import LatencySettings, Reference, measure_latency, prepare_reference
-from .proxy import TrainJob, run_training
+from ..latency import LatencySettings, Reference, measure_latency, prepare_reference
+from ..training.proxy import TrainJob, run_training
 
 
 @dataclass

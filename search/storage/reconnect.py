@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from space import first_line
 
-from .errors import SearchError
+from ..errors import SearchError
 
 RECONNECT_S = 60.0  # how long a search waits for its database before it stops (a restart takes seconds)
 

@@ -5,11 +5,12 @@ and every other parameter exists only when its slot is placed, so a generic samp
 a candidate uses nor that ``P4.module`` means the same thing in "P4" and "P3+P4". This sampler reads the
 structure from :class:`space.SearchSpace` instead:
 
-* a candidate is a *genome*: slot -> :class:`Gene` (module, mode, hyper-parameters);
-* a Bayesian linear model (a linear-kernel Gaussian process) over one-hot slot features (slot placed, slot×module,
-  slot×mode, slot×module×mode, slot×module×value, slot pairs) predicts every objective and constraint; it learns
-  from every candidate's best available values (:func:`search.study.best_available_values`: a candidate stopped
-  or waiting below the top rung of successive halving counts, with one learned offset per rung);
+* a candidate is a *genome* (:mod:`.genome`): slot -> ``Gene`` (module, mode, hyper-parameters);
+* a Bayesian linear model (:mod:`.surrogate`, a linear-kernel Gaussian process) over one-hot slot features (slot
+  placed, slot×module, slot×mode, slot×module×mode, slot×module×value, slot pairs) predicts every objective and
+  constraint; it learns from every candidate's best available values
+  (:func:`search.storage.study.best_available_values`: a candidate stopped or waiting below the top rung of
+  successive halving counts, with one learned offset per rung);
 * each proposal draws one function from the model's posterior (Thompson sampling) and proposes the candidate
   that adds the most hypervolume to the front under that draw (in-flight trials counted at their drawn values,
   so a batch spreads out), candidates predicted to break a constraint last. The candidates scored: because the
@@ -33,8 +34,8 @@ every trial of the study: completed, failed, infeasible and still in flight.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import optuna
@@ -44,10 +45,12 @@ from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
 from space import NONE, SearchSpace
 
-from .rungs import pareto_ranks
-from .study import loss_hypervolume
-
-from .study import best_available_values, rung_results
+from ..front.pareto import loss_hypervolume
+from ..front.ranks import pareto_ranks
+from ..storage.study import best_available_values, rung_results
+from .genome import (Gene, Genome, allowed_placements, crossover, distance, genome_from_params, genome_key, mutate,
+                     params_from_genome, placement_of, random_genome, slot_names, without)
+from .surrogate import Features, LinearGP
 
 PROPOSAL_ATTR = "attnas:proposal"  # trial system attr: the full parameter set proposed for the trial
 ACQUISITIONS = ("thompson", "optimistic", "alternate")  # alternate: Thompson on even trial numbers
@@ -56,304 +59,11 @@ ORIGIN_ATTR = "attnas:origin"  # trial system attr: how the proposal was made (f
 
 # -- the per-slot encoding ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Gene:
-    """One slot's attention layer; hyper-parameter values in their encoded (Optuna choice) form."""
-
-    module: str
-    mode: str
-    hparams: tuple[tuple[str, Any], ...]
-
-
-Genome = dict  # slot name -> Gene, only placed slots
-
-
-def genome_from_params(space: SearchSpace, params: dict[str, Any]) -> Genome | None:
-    """Read a genome from a trial's parameters; None when they do not describe a candidate of this space."""
-    placement = params.get("placement")
-    if placement not in space.placements:
-        return None
-    genome: Genome = {}
-    for name in ([] if placement == NONE else placement.split("+")):
-        options = space.options[name]
-        module = params.get(f"{name}.module", next(iter(options)) if len(options) == 1 else None)
-        if module not in options:
-            return None
-        modes = _modes(space, name)
-        mode = params.get(f"{name}.mode", modes[0]) if len(modes) > 1 else modes[0]
-        hparams = []
-        for hp, values in options[module].items():
-            encoded = _encoded(values)
-            value = params.get(f"{name}.{module}.{hp}") if len(values) > 1 else encoded[0]
-            if value not in encoded:
-                return None
-            hparams.append((hp, value))
-        genome[name] = Gene(module, mode, tuple(hparams))
-    return genome
-
-
-def params_from_genome(space: SearchSpace, genome: Genome) -> dict[str, Any]:
-    """The parameters ``SearchSpace.suggest`` asks for this genome (single-valued choices are not asked)."""
-    params: dict[str, Any] = {"placement": placement_of(space, genome)}
-    for name in _slot_names(space):
-        gene = genome.get(name)
-        if gene is None:
-            continue
-        params[f"{name}.module"] = gene.module
-        if len(_modes(space, name)) > 1:
-            params[f"{name}.mode"] = gene.mode
-        for hp, value in gene.hparams:
-            if len(space.options[name][gene.module][hp]) > 1:
-                params[f"{name}.{gene.module}.{hp}"] = value
-    return params
-
-
-def placement_of(space: SearchSpace, genome: Genome) -> str:
-    names = [n for n in _slot_names(space) if n in genome]
-    return "+".join(names) if names else NONE
-
-
-def genome_key(genome: Genome) -> tuple:
-    """A cheap identity for genomes (equal keys → equal networks; the canonical hash decides the rest)."""
-    return tuple(sorted(genome.items()))
-
-
-def random_gene(space: SearchSpace, slot: str, rng: np.random.Generator, module: str | None = None) -> Gene:
-    options = space.options[slot]
-    module = module if module is not None else _pick(rng, tuple(options))
-    modes = _modes(space, slot)
-    return Gene(module, _pick(rng, modes),
-                tuple((hp, _pick(rng, _encoded(values))) for hp, values in options[module].items()))
-
-
-def random_genome(space: SearchSpace, rng: np.random.Generator) -> Genome:
-    """A draw with RandomSampler's distribution over ``SearchSpace.suggest`` (placement first, then per slot)."""
-    placement = _pick(rng, space.placements)
-    return {name: random_gene(space, name, rng) for name in ([] if placement == NONE else placement.split("+"))}
-
 
 # -- mutation and crossover ------------------------------------------------------------------------------------
 
-def mutate(space: SearchSpace, genome: Genome, rng: np.random.Generator) -> tuple[Genome, str] | None:
-    """One per-slot change, chosen uniformly among those that apply; None if none applies."""
-    placed = [n for n in _slot_names(space) if n in genome]
-    empty = [n for n in _slot_names(space) if n not in genome]
-    allowed = _allowed(space)
-    ops = []
-    for name in placed:
-        gene = genome[name]
-        for hp, value in gene.hparams:
-            if len(space.options[name][gene.module][hp]) > 1:
-                ops.append(("hparam", name, hp))
-        if len(space.options[name]) > 1:
-            ops.append(("module", name, None))
-        if len(_modes(space, name)) > 1:
-            ops.append(("mode", name, None))
-        if placement_of(space, _without(genome, name)) in allowed:
-            ops.append(("remove", name, None))
-        for other in empty:
-            if placement_of(space, {**_without(genome, name), other: gene}) in allowed:
-                ops.append(("move", name, other))
-    for name in empty:
-        if placement_of(space, {**genome, name: None}) in allowed:
-            ops.append(("add", name, None))
-    if not ops:
-        return None
-    op, name, arg = ops[int(rng.integers(len(ops)))]
-    child = dict(genome)
-    if op == "hparam":
-        gene = genome[name]
-        current = dict(gene.hparams)[arg]
-        values = [v for v in _encoded(space.options[name][gene.module][arg]) if v != current]
-        new = _pick(rng, values)
-        child[name] = replace(gene, hparams=tuple((hp, new if hp == arg else v) for hp, v in gene.hparams))
-        return child, f"{name}.{gene.module}.{arg}"
-    if op == "module":
-        module = _pick(rng, tuple(m for m in space.options[name] if m != genome[name].module))
-        child[name] = random_gene(space, name, rng, module)
-        return child, f"{name} -> {module}"
-    if op == "mode":
-        others = tuple(m for m in _modes(space, name) if m != genome[name].mode)
-        child[name] = replace(genome[name], mode=_pick(rng, others))
-        return child, f"{name}.mode"
-    if op == "remove":
-        return _without(genome, name), f"remove {name}"
-    if op == "move":
-        del child[name]
-        child[arg] = _fit_gene(space, arg, genome[name], rng)
-        return child, f"move {name} -> {arg}"
-    child[name] = random_gene(space, name, rng)
-    return child, f"add {name}"
-
-
-def crossover(space: SearchSpace, a: Genome, b: Genome, rng: np.random.Generator) -> Genome | None:
-    """Each slot's layer (or its absence) from one parent or the other; None if the result is not allowed."""
-    child = {}
-    for name in _slot_names(space):
-        gene = (a if rng.random() < 0.5 else b).get(name)
-        if gene is not None:
-            child[name] = gene
-    return child if placement_of(space, child) in _allowed(space) else None
-
-
-def _fit_gene(space: SearchSpace, slot: str, gene: Gene, rng: np.random.Generator) -> Gene:
-    """``gene`` moved to ``slot``: values the slot does not allow (feature-size limits) are drawn again."""
-    options = space.options[slot]
-    if gene.module not in options:
-        return random_gene(space, slot, rng)
-    modes = _modes(space, slot)
-    hparams = []
-    for hp, values in options[gene.module].items():
-        encoded = _encoded(values)
-        value = dict(gene.hparams).get(hp)
-        hparams.append((hp, value if value in encoded else _pick(rng, encoded)))
-    return Gene(gene.module, gene.mode if gene.mode in modes else _pick(rng, modes), tuple(hparams))
-
 
 # -- the surrogate -----------------------------------------------------------------------------------------------
-
-class Features:
-    """Features of a genome in four groups, each with its own prior scale in :class:`LinearGP`:
-
-    * global (0): the number of layers (with the bias);
-    * per slot (1): slot placed, slot×module;
-    * fine (2): slot×mode, slot×module×mode, slot×module×value;
-    * pairs (3): two slots placed together (interactions between layers).
-
-    Every feature but the pairs belongs to one slot's layer, so a genome's linear score is a sum of per-slot gene
-    scores plus terms of its placement alone; :meth:`best_genes` uses that to optimise a linear score exactly.
-    (Features shared by a module across slots were tried: on the known-answer benchmark they made the latency
-    model worse, as the marginal likelihood then put the per-slot scale to zero.)
-    """
-
-    def __init__(self, space: SearchSpace) -> None:
-        self.space = space
-        names = list(_slot_names(space))
-        groups: dict[tuple, int] = {("layers",): 0}
-        for name in names:
-            groups[(name,)] = 1
-            for module, hps in space.options[name].items():
-                groups[(name, module)] = 1
-                groups.update({(name, module, "mode", mode): 2 for mode in _modes(space, name)})
-                for hp, values in hps.items():
-                    groups.update({(name, module, hp, v): 2 for v in _encoded(values)})
-            groups.update({(name, "mode", mode): 2 for mode in _modes(space, name)})
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                groups[(a, "&", b)] = 3
-        self.index = {c: i for i, c in enumerate(groups)}
-        self.groups = np.array(list(groups.values()))
-
-    def __call__(self, genome: Genome) -> np.ndarray:
-        x = np.zeros(len(self.index))
-        x[self.index[("layers",)]] = len(genome)
-        for name, gene in genome.items():
-            for key in self._gene_keys(name, gene):
-                x[self.index[key]] += 1.0
-        for key in self._pair_keys(genome):
-            x[self.index[key]] = 1.0
-        return x
-
-    def _gene_keys(self, name: str, gene: Gene) -> list[tuple]:
-        keys = [(name,), (name, gene.module), (name, "mode", gene.mode), (name, gene.module, "mode", gene.mode)]
-        return keys + [(name, gene.module, hp, v) for hp, v in gene.hparams]
-
-    def _pair_keys(self, genome: Genome) -> list[tuple]:
-        names = sorted(genome)
-        return [(a, "&", b) if (a, "&", b) in self.index else (b, "&", a)
-                for i, a in enumerate(names) for b in names[i + 1:]]
-
-    def best_genes(self, coef: np.ndarray) -> dict[str, Gene]:
-        """Per slot, the gene with the lowest ``coef`` · features (each value chosen on its own: the score is
-        additive over a gene's features)."""
-        best = {}
-        for name in _slot_names(self.space):
-            found = None
-            for module, hps in self.space.options[name].items():
-                mode = min(_modes(self.space, name), key=lambda m: coef[self.index[(name, "mode", m)]]
-                           + coef[self.index[(name, module, "mode", m)]])
-                hparams = tuple((hp, min(_encoded(values), key=lambda v: coef[self.index[(name, module, hp, v)]]))
-                                for hp, values in hps.items())
-                gene = Gene(module, mode, hparams)
-                score = sum(coef[self.index[k]] for k in self._gene_keys(name, gene))
-                if found is None or score < found[0]:
-                    found = (score, gene)
-            best[name] = found[1]
-        return best
-
-
-class LinearGP:
-    """A Gaussian process with a linear kernel over :class:`Features` (Bayesian linear regression): one prior
-    scale per feature group and the noise scale, chosen by marginal likelihood (coordinate ascent on a grid).
-
-    Hand-written (numpy) because Optuna's GP needs scipy, which is not a dependency, and its kernel treats
-    categorical parameters of a conditional space as absent whenever they are."""
-
-    PRIOR_VARS = ((0.1, 1.0), (0.03, 0.1, 0.3, 1.0, 3.0), (0.0, 0.03, 0.1, 0.3, 1.0), (0.0, 0.03, 0.1, 0.3))
-    NOISE_VARS = (0.001, 0.01, 0.1, 0.3)
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> None:
-        n_groups = len(self.PRIOR_VARS)
-        self.groups = np.append(groups, 0)  # a bias column, shared: the prior mean of the standardised target
-        self.x = np.hstack([x, np.ones((len(x), 1))])
-        self.mean, self.scale = float(y.mean()), float(y.std()) or 1.0
-        z = (y - self.mean) / self.scale
-        # Each group's prior is the variance its features add to a typical trial's standardised value, so the grid
-        # means the same whatever the number of features in the group.
-        grams = [self.x[:, self.groups == g] @ self.x[:, self.groups == g].T for g in range(n_groups)]
-        typical = [float(np.mean(np.diag(k))) or 1.0 for k in grams]
-        cache: dict[tuple, tuple] = {}
-
-        def fit(choice: tuple[int, ...]) -> tuple:
-            if choice not in cache:
-                priors = [grid[i] for grid, i in zip(self.PRIOR_VARS, choice)]
-                noise = self.NOISE_VARS[choice[-1]]
-                gram = sum(p / t * k for p, t, k in zip(priors, typical, grams))
-                chol = np.linalg.cholesky(gram + noise * np.eye(len(z)))
-                alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, z))
-                cache[choice] = (-0.5 * z @ alpha - np.log(np.diag(chol)).sum(), priors, noise, chol, alpha)
-            return cache[choice]
-
-        # Coordinate ascent from the grid's middle: a full product of the grids costs ~10x as many factorisations
-        # and chose the same scales on the benchmark's spaces.
-        grids = [*self.PRIOR_VARS, self.NOISE_VARS]
-        choice = tuple(len(g) // 2 for g in grids)
-        for _ in range(3):
-            before = choice
-            for axis, grid in enumerate(grids):
-                choice = max((choice[:axis] + (i,) + choice[axis + 1:] for i in range(len(grid))),
-                             key=lambda c: fit(c)[0])
-            if choice == before:
-                break
-        _, self.priors, self.noise, chol, self.alpha = fit(choice)
-        self.z = z
-        inverse_chol = np.linalg.solve(chol, np.eye(len(z)))
-        self.k_inverse = inverse_chol.T @ inverse_chol
-        # the prior variance of each feature's weight
-        self.weights = np.array([self.priors[g] / typical[g] for g in self.groups])
-
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation (of the latent function) at the rows of ``x``, in the target's units."""
-        x = np.hstack([x, np.ones((len(x), 1))])
-        cross = (x * self.weights) @ self.x.T
-        mean = cross @ self.alpha
-        var = np.maximum((x * x * self.weights).sum(1) - ((cross @ self.k_inverse) * cross).sum(1), 1e-12)
-        return mean * self.scale + self.mean, np.sqrt(var) * self.scale
-
-    def mean_weights(self) -> tuple[np.ndarray, float]:
-        """The posterior mean of the weights, as :meth:`sample` returns a draw."""
-        w = self.weights * (self.x.T @ self.alpha)
-        return w[:-1] * self.scale, float(w[-1] * self.scale + self.mean)
-
-    def sample(self, rng: np.random.Generator, spread: float | np.ndarray = 1.0) -> tuple[np.ndarray, float]:
-        """One draw of the weights from the posterior (Matheron's rule: a prior draw corrected by the data), as
-        (per-feature weights, offset) in the target's units: the drawn function is ``x @ weights + offset``.
-        ``spread`` < 1 draws closer to the posterior mean (its deviation scaled); one value, or one per feature."""
-        prior = rng.normal(size=len(self.weights)) * np.sqrt(self.weights)
-        noise = rng.normal(size=len(self.z)) * np.sqrt(self.noise)
-        w = prior + self.weights * (self.x.T @ (self.k_inverse @ (self.z - self.x @ prior - noise)))
-        w = spread * w + (1.0 - spread) * self.weights * (self.x.T @ self.alpha)
-        return w[:-1] * self.scale, float(w[-1] * self.scale + self.mean)
 
 
 # -- Optuna private API, behind one function ------------------------------------------------------------------------
@@ -568,7 +278,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         best genes) that differ from a front member in at most ``trust_radius`` slots; all of ``pool`` if none do."""
         front = [seen.parents[j][0] for j in np.flatnonzero(seen.parent_ranks == 0)]
         pool = pool + scorer.front_edits(front, self.n_directions, rng)
-        near = [c for c in pool if min(_distance(c[0], f) for f in front) <= self.trust_radius]
+        near = [c for c in pool if min(distance(c[0], f) for f in front) <= self.trust_radius]
         return near or pool
 
     def _select(self, ranks: np.ndarray, rng: np.random.Generator) -> int:
@@ -608,6 +318,41 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             except optuna.TrialPruned:
                 self._hash_cache[key] = None
         return self._hash_cache[key]
+
+
+
+def _trial_params(t: FrozenTrial) -> dict[str, Any] | None:
+    """A trial's parameters: its own once suggested, else those queued for it or proposed to it."""
+    if "placement" in t.params:
+        params = dict(t.params)
+        for source in (t.system_attrs.get(PROPOSAL_ATTR), t.system_attrs.get("fixed_params")):
+            for k, v in (source or {}).items():
+                params.setdefault(k, v)  # a trial asked but not fully suggested yet
+        return params
+    return t.system_attrs.get("fixed_params") or t.system_attrs.get(PROPOSAL_ATTR)
+
+
+def _constraints(t: FrozenTrial) -> dict[str, float]:
+    """Optuna constraint values (feasible when <= 0): ``constraints:<name>`` system attrs or the legacy list."""
+    found = {k.split(":", 1)[1]: float(v) for k, v in t.system_attrs.items() if k.startswith("constraints:")}
+    for i, v in enumerate(t.system_attrs.get("constraints") or ()):
+        found.setdefault(str(i), float(v))
+    return found
+
+
+def _infeasible(t: FrozenTrial) -> bool:
+    return "infeasible" in t.user_attrs or any(v > 0 for v in _constraints(t).values())
+
+
+def _append(fits: dict, name: str, genome: Genome, value: float, rung: int | None) -> None:
+    genomes, values, rungs = fits.setdefault(name, ([], [], []))
+    genomes.append(genome)
+    values.append(float(value))
+    rungs.append(rung)
+
+
+
+__all__ = ["EvolutionSampler"]
 
 
 class _Scorer:
@@ -678,12 +423,12 @@ class _Scorer:
                     rng: np.random.Generator) -> list[tuple[Genome, str]]:
         """Each front member with one slot emptied, or set to the model's best gene for that slot under each
         weighting (as in :meth:`optimal_genomes`)."""
-        allowed = _allowed(self.space)
+        allowed = allowed_placements(self.space)
         found = []
         for best in self.best_genes(n_directions, rng):
             for member in front:
-                for name in _slot_names(self.space):
-                    for child in ({**member, name: best[name]}, _without(member, name)):
+                for name in slot_names(self.space):
+                    for child in ({**member, name: best[name]}, without(member, name)):
                         if child != member and placement_of(self.space, child) in allowed:
                             found.append((child, "front edit"))
         return found
@@ -698,11 +443,6 @@ class _Scorer:
             excess += np.maximum(gp.predict(x)[0], 0.0)
         gains = _improvement(self.front, self.believed, predicted)
         return list(zip(excess.tolist(), gains.tolist()))
-
-
-def _distance(a: Genome, b: Genome) -> int:
-    """Slots whose layer differs between two genomes (added, removed or changed)."""
-    return sum(a.get(n) != b.get(n) for n in set(a) | set(b))
 
 
 def _padded(x: np.ndarray, gp: LinearGP) -> np.ndarray:
@@ -730,69 +470,3 @@ def _improvement(front: np.ndarray, believed: np.ndarray, points: np.ndarray) ->
         gain = box - loss_hypervolume(np.maximum(base, p), reference) if box > 0 else 0.0
         scores[j] = gain if gain > 1e-12 else -float(np.min(np.max(p - base, axis=1)))
     return scores
-
-
-def _trial_params(t: FrozenTrial) -> dict[str, Any] | None:
-    """A trial's parameters: its own once suggested, else those queued for it or proposed to it."""
-    if "placement" in t.params:
-        params = dict(t.params)
-        for source in (t.system_attrs.get(PROPOSAL_ATTR), t.system_attrs.get("fixed_params")):
-            for k, v in (source or {}).items():
-                params.setdefault(k, v)  # a trial asked but not fully suggested yet
-        return params
-    return t.system_attrs.get("fixed_params") or t.system_attrs.get(PROPOSAL_ATTR)
-
-
-def _constraints(t: FrozenTrial) -> dict[str, float]:
-    """Optuna constraint values (feasible when <= 0): ``constraints:<name>`` system attrs or the legacy list."""
-    found = {k.split(":", 1)[1]: float(v) for k, v in t.system_attrs.items() if k.startswith("constraints:")}
-    for i, v in enumerate(t.system_attrs.get("constraints") or ()):
-        found.setdefault(str(i), float(v))
-    return found
-
-
-def _infeasible(t: FrozenTrial) -> bool:
-    return "infeasible" in t.user_attrs or any(v > 0 for v in _constraints(t).values())
-
-
-def _append(fits: dict, name: str, genome: Genome, value: float, rung: int | None) -> None:
-    genomes, values, rungs = fits.setdefault(name, ([], [], []))
-    genomes.append(genome)
-    values.append(float(value))
-    rungs.append(rung)
-
-
-_ALLOWED: dict[int, tuple[SearchSpace, frozenset]] = {}  # holds the space, so its id is not reused
-
-
-def _allowed(space: SearchSpace) -> frozenset:
-    """The space's placements as a set, built once per space (mutations ask for it thousands of times)."""
-    if _ALLOWED.get(id(space), (None,))[0] is not space:
-        _ALLOWED[id(space)] = (space, frozenset(space.placements))
-    return _ALLOWED[id(space)][1]
-
-
-def _slot_names(space: SearchSpace) -> tuple[str, ...]:
-    return tuple(s.name for s in space.slots)
-
-
-def _modes(space: SearchSpace, name: str) -> tuple[str, ...]:
-    return space.modes(next(s for s in space.slots if s.name == name))
-
-
-def _encoded(values: Sequence) -> tuple:
-    from space.search_space import encode
-
-    return tuple(encode(v) for v in values)
-
-
-def _without(genome: Genome, name: str) -> Genome:
-    return {k: v for k, v in genome.items() if k != name}
-
-
-def _pick(rng: np.random.Generator, values: Sequence) -> Any:
-    return values[int(rng.integers(len(values)))]
-
-
-__all__ = ["EvolutionSampler", "Gene", "Features", "LinearGP", "genome_from_params", "params_from_genome",
-           "random_genome", "mutate", "crossover"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import SearchError
+from ..errors import SearchError
 
 IMGSZ = 128
 DONE = "MANIFEST.json"  # written last: a set without it is incomplete and regenerated

@@ -19,7 +19,8 @@ import ray
 import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .errors import SearchError
+from ..errors import SearchError
+from ..training.data import list_images
 
 SHIP_LIMIT_MB = 200  # --ship-data copies the dataset into every node's memory and disk; larger sets go on each node
 CACHE_ENV = "ATTNAS_DATA_CACHE"  # where shipped datasets go on each node [/tmp/attnas-data]
@@ -76,8 +77,6 @@ def dataset_files(data_yaml: Path) -> tuple[Path, dict[str, Path]]:
     """The dataset's root and its files (the YAML, the train/val images and their label files) by path relative
     to the root, as Ultralytics resolves them."""
     from ultralytics.data.utils import check_det_dataset, img2label_paths
-
-    from .data import list_images
 
     info = check_det_dataset(str(data_yaml), autodownload=False)
     root = Path(info["path"]).resolve()

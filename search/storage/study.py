@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import platform
 import shlex
@@ -10,16 +9,14 @@ import socket
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from . import objectives as obj
 from space import first_line
 
-from .errors import SearchError
+from ..errors import SearchError
+from .reconnect import ReconnectingStorage
 
 SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
 VERSIONS_ATTR = "attnas_versions"
@@ -43,7 +40,7 @@ def default_storage(out: Path, study_name: str) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from an RDB URL (sqlite:///, postgresql://, mysql://) or a journal file path.
 
-    A database server's storage outlives a restart of the server (:class:`search.reconnect.ReconnectingStorage`);
+    A database server's storage outlives a restart of the server (:class:`search.storage.reconnect.ReconnectingStorage`);
     its first connection is made here, so a wrong URL or a server that is down fails at once."""
     try:
         if "://" in url:
@@ -65,10 +62,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 def _server_storage(url: str) -> optuna.storages.BaseStorage:
     """PostgreSQL, MySQL, ...: pooled connections are checked before use (``pool_pre_ping``: the ones a server
     restart killed are replaced) and every call is retried while the server is unreachable."""
-    from optuna.storages._cached_storage import _CachedStorage  # what optuna.create_study wraps an RDBStorage in
+    from optuna.storages._cached_storage import (
+        _CachedStorage,  # what optuna.create_study wraps an RDBStorage in
+    )
     from sqlalchemy.engine import make_url
-
-    from .reconnect import ReconnectingStorage
 
     dialect = make_url(url).get_dialect()
     try:
@@ -90,7 +87,11 @@ def _journal_storage(path: Path) -> optuna.storages.JournalStorage:
     on every NFS version and optuna-dashboard locks the same journal the same way, so the search and the dashboard
     exclude each other. Where the file system refuses symlinks (some SMB mounts) the ``O_EXCL`` open lock is used;
     both take the same lock file name and fail on each other's lock, so mixed writers still exclude each other."""
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalFileSymlinkLock
+    from optuna.storages.journal import (
+        JournalFileBackend,
+        JournalFileOpenLock,
+        JournalFileSymlinkLock,
+    )
 
     probe = path.parent / f".{path.name}.symlink-probe-{os.getpid()}"
     try:
@@ -179,6 +180,14 @@ def heartbeat(study: optuna.Study, started: float) -> None:
                                       "heartbeat": time.time()})
 
 
+def beat(study: optuna.Study, started: float, last: float) -> float:
+    """A heartbeat when the last one (at ``last``) is HEARTBEAT_S old; returns when the latest was written."""
+    if time.time() - last <= HEARTBEAT_S:
+        return last
+    heartbeat(study, started)
+    return time.time()
+
+
 def release_driver_lock(study: optuna.Study) -> None:
     study.set_user_attr(DRIVER_ATTR, {})
 
@@ -214,55 +223,6 @@ def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStora
     return requeued
 
 
-def objectives_of(study: optuna.Study) -> tuple[obj.Objective, ...]:
-    """The study's objective table, from its metric names (set when the study was created)."""
-    return obj.parse(study.metric_names)
-
-
-def pareto_trials(study: optuna.Study, objectives: Sequence[obj.Objective],
-                  include_by_hand: bool = False) -> list[FrozenTrial]:
-    """Optuna's ``best_trials`` rule over :func:`front_trials`: without the copies dedup made (they share their
-    source's values), without trials whose latency is not trusted yet and, unless ``include_by_hand``, without
-    trials completed by hand in the dashboard (their values were typed, not measured), listed by
-    :func:`search.objectives.sort_key` (fastest first by default)."""
-    by_hand = set() if include_by_hand else {
-        int(n) for n, kind in outside_changes(study).items() if kind == "completed-by-hand"}
-    kept = [t for t in front_trials(study, objectives) if t.number not in by_hand]
-    front = _nondominated(kept, study.directions)
-    return sorted((t for t in front if "reused_from" not in t.user_attrs), key=obj.sort_key(objectives))
-
-
-def front_trials(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[FrozenTrial]:
-    """The completed trials a front may hold, with the values it compares. A trial whose latency was recorded
-    contended (no window passed the meter's acceptance rule) counts only once a re-measure at the end of the run
-    passed, with that latency (a finished trial's values cannot change, so the study keeps it in
-    ``REMEASURED_ATTR``); a copy made by dedup follows its source."""
-    remeasured = study.user_attrs.get(REMEASURED_ATTR) or {}
-    index = next((i for i, o in enumerate(objectives) if o.name == "latency_ms"), None)
-    out = []
-    for t in completed_trials(study):
-        source = str(t.user_attrs.get("reused_from", t.number))
-        if not t.user_attrs.get("latency_contended"):
-            out.append(t)
-            continue
-        again = remeasured.get(source)
-        if again is None or not again.get("accepted"):
-            continue
-        if index is not None:
-            t = copy.copy(t)
-            values = list(t.values)
-            values[index] = again["latency_ms"]
-            t.values = values
-        out.append(t)
-    return out
-
-
-def _nondominated(trials: list[FrozenTrial], directions) -> list[FrozenTrial]:
-    """Optuna's rule for ``best_trials`` (feasible trials only, then non-dominated) over a subset of trials."""
-    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
-
-    return _get_pareto_front_trials_by_trials(trials, directions, consider_constraint=True)
-
 
 def outside_changes(study: optuna.Study) -> dict[str, str]:
     """Trials another writer finished while the driver ran them: number (str) -> "stopped-from-dashboard" or
@@ -285,36 +245,28 @@ def find_renamed(storage: optuna.storages.BaseStorage) -> optuna.Study | None:
     return None
 
 
-def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float],
-                objectives: Sequence[obj.Objective]) -> float:
-    """Hypervolume that ``points`` (objective values in the objectives' own directions) dominate up to
-    ``reference``; points not better than the reference in every objective add nothing.
 
-    Optuna's samplers and hypervolume plot compute it with ``optuna._hypervolume.compute_hypervolume`` (exact, any
-    number of objectives), which Optuna does not export publicly; this is the project's one use of it, and
-    tests/test_objectives.py checks it against an independent formula so an Optuna change fails loudly there.
-    """
-    sign = np.array([-1.0 if o.maximize else 1.0 for o in objectives])
-    ref = np.asarray(reference, dtype=float) * sign
-    return loss_hypervolume(np.asarray(points, dtype=float).reshape(-1, len(objectives)) * sign, ref)
+def results_by_hash(study: optuna.Study, fidelity: str) -> dict[str, FrozenTrial]:
+    """The completed trial of each network (by candidate hash) at this fidelity, which a new trial of the same
+    network reuses; values typed in by hand in the dashboard are not a result."""
+    by_hand = outside_changes(study)
+    return {t.user_attrs["candidate_hash"]: t for t in completed_trials(study)
+            if t.user_attrs.get("fidelity") == fidelity and "candidate_hash" in t.user_attrs
+            and str(t.number) not in by_hand}
 
 
-def loss_hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:
-    """Hypervolume of minimised loss vectors below ``reference`` (the search strategy scores many candidates with it).
-
-    Two objectives take a numpy staircase (Optuna's general routine costs about a millisecond a call, and the
-    strategy scores ~100 children per proposal); more go to ``optuna._hypervolume.compute_hypervolume``."""
-    from optuna._hypervolume import compute_hypervolume
-
-    inside = losses[(losses < reference).all(1)] if len(losses) else losses
-    if not len(inside):
-        return 0.0
-    if inside.shape[1] == 2:
-        ordered = inside[np.argsort(inside[:, 0], kind="stable")]
-        best_y = np.minimum.accumulate(ordered[:, 1])  # the staircase's height from each x to the next
-        widths = np.diff(np.append(ordered[:, 0], reference[0]))
-        return float(np.sum(widths * (reference[1] - best_y)))
-    return float(compute_hypervolume(inside, reference))
+def copy_result(study: optuna.Study, trial: optuna.Trial, done: FrozenTrial) -> None:
+    """Complete ``trial`` with the result of ``done``, the same network at the same fidelity: its values, its
+    attributes (not its files or role) and its constraints; ``reused_from`` names the source."""
+    have = trial.user_attrs
+    for key, value in done.user_attrs.items():
+        if key not in have and key not in ("run_dir", "requeued_from", "role"):
+            trial.set_user_attr(key, value)
+    trial.set_user_attr("reused_from", done.number)
+    for name, value in done.system_attrs.items():  # the constraints of the same network are the same
+        if name.startswith("constraints:"):
+            trial.set_constraint(name.split(":", 1)[1], value)
+    study.tell(trial, list(done.values))
 
 
 def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -369,3 +321,9 @@ def trial_note(trial: optuna.Trial, describe: str, yaml_path: Path, artifact_id:
     else:
         lines.append(f"YAML: `{yaml_path}`")
     return "\n".join(lines) + "\n"
+
+
+def recorded_study_dir(study) -> Path | None:
+    """The directory a study's files were written to when it was created (kept when the study is renamed)."""
+    where = (study.user_attrs.get(PATHS_ATTR) or {}).get("study_dir")
+    return Path(where) if where else None
