@@ -146,14 +146,14 @@ class Driver:
             if training >= self.pool.workers:
                 return
             if run.ready and not run.training:
-                self.pool.submit_train(run.number, self.jobs.candidate(run, self.rungs.epochs))
+                self.pool.submit_train(run.number, self.jobs.candidate(run, self.rungs.stop_at(run)))
                 run.training = True
                 training += 1
 
     def _promote(self, number: int, rung: int) -> None:
         run = self.rungs.promote(number, rung)
         self.running[number] = run
-        self.pool.submit_train(number, self.jobs.candidate(run, self.rungs.epochs))
+        self.pool.submit_train(number, self.jobs.candidate(run, self.rungs.stop_at(run)))
 
     def _in_flight(self) -> int:
         """New candidates not evaluated yet (promoted ones were counted when they finished their first rung)."""

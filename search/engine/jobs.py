@@ -50,12 +50,13 @@ class TrainJobs:
                 st.save_note(trial, st.trial_note(trial, candidate.describe(), yaml_path, artifact_id))
         return yaml_text
 
-    def candidate(self, run: InFlight, rungs: tuple[int, ...]) -> TrainJob:
-        """``run`` trained to the epochs of its rung, from the checkpoint of the rung before."""
+    def candidate(self, run: InFlight, stop_at: int | None) -> TrainJob:
+        """``run`` trained until ``stop_at`` epochs (its rung's; None: the schedule's), from the checkpoint of the
+        rung before."""
         return self._job(run.number, run.candidate, run.yaml_text, run.trial.user_attrs["run_dir"],
                          save_weights=self.settings.run.save_weights,
                          fault=dict(self.settings.run.faults).get(run.number),
-                         stop_at=rungs[run.rung] if len(rungs) > 1 else None,
+                         stop_at=stop_at,
                          resume=run.checkpoint if run.rung > 0 else None)
 
     def confirmation(self, study_name: str, number: int, candidate: Candidate, offset: int) -> TrainJob:
