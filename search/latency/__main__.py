@@ -72,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=defaults.runs, help=f"most timed pairs [{defaults.runs}]")
     p.add_argument("--min-runs", type=int, default=defaults.min_runs, help=f"[{defaults.min_runs}]")
     p.add_argument("--warmup", type=int, default=defaults.warmup, help=f"[{defaults.warmup}]")
+    p.add_argument("--ci", type=float, default=defaults.ci, help="a window is accepted when the ratio's 95%% "
+                   f"interval is within ± this; 0 accepts every window, as search.run's --latency-ci [{defaults.ci}]")
     args = p.parse_args(argv)
     settings = LatencySettings(device=args.device, imgsz=parse_imgsz(args.imgsz), warmup=args.warmup,
                                runs=args.runs, threads=args.threads, backend=args.backend, half=args.half,
-                               batch=args.batch, min_runs=args.min_runs)
+                               batch=args.batch, min_runs=args.min_runs, ci=args.ci)
     settings.check()
     ref_spec = args.reference or header_base(args.models[0])
     reference = None
