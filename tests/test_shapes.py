@@ -67,3 +67,34 @@ def test_builtin_names_and_check_data(cache):
     v3 = check_data(None, cache)
     assert (v3.identity, v3.nc) == ("builtin:shapes-v3", 10)
     assert v3.fingerprint != v2.fingerprint
+
+
+def test_a_full_disk_while_generating_is_one_line_leaves_nothing_half_written_and_the_next_run_generates_it(
+        tmp_path, monkeypatch, capsys):
+    """ENOSPC injected at the 20th image written (issue 22): the run stops with one line naming the fault and where,
+    no partial set stays under --out, and once there is room the same command generates the whole set."""
+    import errno
+
+    from PIL import Image
+
+    from search import run as search_run
+
+    save, written = Image.Image.save, []
+
+    def full_disk(self, fp, *args, **kwargs):
+        if len(written) >= 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        written.append(fp)
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "runs"
+    assert search_run.main(["--out", str(out), "--data", "builtin:shapes-v2", "--budget", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("error: no space left on the device of") and "built-in dataset shapes-v2" in err, err
+    assert str(out / ".data") in err and "run the same command again" in err
+    assert list((out / ".data").iterdir()) == [], "the half-written set is removed"
+    monkeypatch.setattr(Image.Image, "save", save)  # room again
+    yaml_path = shapes.cached("shapes-v2", out / ".data")
+    assert (yaml_path.parent / shapes.DONE).read_text() == V2_MANIFEST, "the whole set, as always"

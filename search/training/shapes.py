@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..errors import SearchError
+from ..errors import SearchError, disk_fault
 
 IMGSZ = 128
 DONE = "MANIFEST.json"  # written last: a set without it is incomplete and regenerated
@@ -303,7 +303,14 @@ def cached(name: str, cache_dir: str | Path) -> Path:
     # Build beside the target and rename: a killed or concurrent generation never leaves a half-written set.
     tmp = root.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    generate(name, tmp)
+    try:
+        generate(name, tmp)
+    except OSError as err:  # a full disk: nothing half-written stays behind, the next run generates it again
+        shutil.rmtree(tmp, ignore_errors=True)
+        fault = disk_fault(err, f"generating the built-in dataset {name}", cache_dir)
+        if fault is None:
+            raise
+        raise fault from None
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first (or a stale incomplete set is in the way)
