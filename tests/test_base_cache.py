@@ -47,3 +47,20 @@ def test_a_second_study_gets_the_first_ones_base_and_a_miss_trains(tmp_path):
     got = torch.load(tmp_path / "out" / "second" / STATE_FILE, weights_only=True)
     assert got["weight"].dtype == torch.float32 and torch.equal(got["weight"], model.float().weight.detach())
     assert stored_base_weights(tmp_path / "out" / "third", cache, "another-key") is None
+
+
+def test_a_corrupt_cache_entry_is_detected_by_its_hash_removed_and_trained_again(tmp_path, capsys):
+    """Issue 22: a truncated base in the cache (a crash, a full disk) is not inherited by the next study."""
+    cache = BaseCache(tmp_path / "cache")
+    good = tmp_path / "base.pt"
+    torch.save({"weight": torch.arange(1000.0)}, good)
+    cache.put("k", good, {"source": "auto"})
+    state, info = cache.get("k")
+    assert info["sha256"] and torch.equal(torch.load(state, weights_only=True)["weight"], torch.arange(1000.0))
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    assert cache.get("k") is None, "a mismatching entry is a miss"
+    assert not state.exists() and not (tmp_path / "cache" / "k.json").exists(), "and is removed"
+    assert "does not match its recorded hash" in capsys.readouterr().err
+    assert stored_base_weights(tmp_path / "study", cache, "k") is None, "so the base is trained again"
+    cache.put("k", good, {"source": "auto"})
+    assert stored_base_weights(tmp_path / "study", cache, "k").info["source"] == "cache", "a sound entry is a hit"

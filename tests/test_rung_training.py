@@ -63,3 +63,23 @@ def test_every_epoch_has_the_uninterrupted_runs_learning_rate(runs):
     assert len(whole.extra["lr"]) == 3
     np.testing.assert_allclose(first.extra["lr"] + rest.extra["lr"], whole.extra["lr"], rtol=1e-12)
     assert len({tuple(lr) for lr in whole.extra["lr"]}) == 3, "the rate changes every epoch: the check can fail"
+
+
+def test_an_unusable_rung_checkpoint_is_trained_again_from_the_start(runs, tmp_path, coco128):
+    """Issue 22: a promoted candidate whose rung checkpoint is truncated (a crash, a full disk) or gone trains its
+    rung from the start instead of failing; the trial records why."""
+    from search.training.proxy import unusable_checkpoint
+
+    _, first, _, _ = runs
+    truncated = tmp_path / "last.pt"
+    truncated.write_bytes(open(first.extra["checkpoint"], "rb").read()[:5000])
+    assert "missing" in unusable_checkpoint(str(tmp_path / "gone.pt"))
+    assert "unreadable" in unusable_checkpoint(str(truncated))
+    cand = space.build_space(space.load_base("yolov8n.yaml"), space.SpaceConfig(max_layers=0)).suggest(
+        optuna.trial.FixedTrial({"placement": "none"}))
+    job = TrainJob(trial=0, candidate_hash=cand.hash, yaml_text=space.to_yaml(cand), data=str(coco128 / "coco128.yaml"),
+                   schedule=SCHEDULE, run_dir=str(tmp_path / "again"), stop_at=2, resume=str(truncated))
+    res = run_training(job)
+    assert res.error is None and "unreadable" in res.extra["rung_restarted"]
+    assert res.extra["start_epoch"] == 0 and res.extra["epochs_done"] == 2, "the rung from its first epoch"
+    assert res.extra["checkpoint"], "and a new checkpoint for the next rung"

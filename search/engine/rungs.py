@@ -205,8 +205,6 @@ class Rungs:
             if t.state != TrialState.RUNNING or not results:
                 continue
             run = self._adopted(t, space, results, max(reached))
-            if run is None:
-                continue
             promoted_to = t.user_attrs.get("promoted_to")
             if promoted_to in self.epochs and self.epochs.index(promoted_to) > run.rung:  # it was training that rung
                 self.ladder.mark_promoted(t.number, run.rung)
@@ -217,17 +215,11 @@ class Rungs:
         return training
 
     def _adopted(self, t: optuna.trial.FrozenTrial, space: SearchSpace, results: dict[int, list[float]],
-                 last: int) -> InFlight | None:
-        """The InFlight of a trial left between rungs; None (it failed, its parameters queued again) when its
-        checkpoint is gone."""
+                 last: int) -> InFlight:
+        """The InFlight of a trial left between rungs. Its checkpoint may be gone: the training it is promoted to
+        then starts its rung from the beginning (search/training/proxy.py ``unusable_checkpoint``)."""
         run = InFlight(optuna.Trial(self.study, t._trial_id), space.suggest(optuna.trial.FixedTrial(t.params)),
                        "", time.time(), latency=measured(t), rung=last, checkpoint=t.user_attrs.get("rung_checkpoint"),
                        ready=True, rung_results={str(e): v for e, v in results.items()})
         run.yaml_text = to_yaml(run.candidate, {"study": self.study.study_name, "trial": t.number})
-        if run.checkpoint and Path(run.checkpoint).is_file():
-            return run
-        run.trial.set_user_attr("fail_kind", "driver-stopped")
-        run.trial.set_user_attr("fail_reason", "its rung checkpoint is gone; parameters queued again")
-        self.study.tell(run.trial, state=TrialState.FAIL)
-        self.study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
-        return None
+        return run

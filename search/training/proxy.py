@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,6 +134,9 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
 
 
 def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) -> tuple[dict, dict]:
+    restarted = unusable_checkpoint(job.resume) if job.resume else None
+    if restarted:  # the rung is trained again from the start (inheriting the base), not lost
+        job = replace(job, resume=None)
     yaml_path = run_dir / f"candidate-{job.candidate_hash}.yaml"
     yaml_path.write_text(job.yaml_text)
     stops_early = job.stop_at is not None and job.stop_at < job.schedule.epochs
@@ -163,7 +166,25 @@ def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) 
                       "state_at_start": trainer.state_at_start, "state_at_end": state_digest(trainer)})
         if stops_early:
             extra["checkpoint"] = str(trainer.last)
+    if restarted:
+        extra["rung_restarted"] = restarted
     return metrics, extra
+
+
+def unusable_checkpoint(path: str) -> str | None:
+    """Why the rung checkpoint at ``path`` cannot be continued from (missing, truncated, not a training
+    checkpoint), or None when it can."""
+    import torch
+
+    if not Path(path).is_file():
+        return f"its rung checkpoint {path} is missing"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated zip, a disk error: any reason not to continue from it
+        return f"its rung checkpoint {path} is unreadable ({type(err).__name__}: {first_line(err)[:200]})"
+    if not isinstance(ckpt, dict) or ckpt.get("epoch", -1) < 0 or "optimizer" not in ckpt:
+        return f"its rung checkpoint {path} is not a checkpoint to continue from"
+    return None
 
 
 def state_digest(trainer) -> dict[str, str]:

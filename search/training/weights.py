@@ -150,13 +150,27 @@ class BaseCache:
         self.root = Path(root)
 
     def get(self, key: str) -> tuple[Path, dict[str, Any]] | None:
-        state, info = self.root / f"{key}.pt", self.root / f"{key}.json"
-        if not (state.is_file() and info.is_file()):
+        """The entry's state file and info; None on a miss, and for an entry whose content does not match the
+        hash recorded with it (a truncated copy, a disk error): it is removed, so the base is trained again."""
+        state, info_path = self.root / f"{key}.pt", self.root / f"{key}.json"
+        if not (state.is_file() and info_path.is_file()):
             return None
-        return state, json.loads(info.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+            sound = info.get("sha256") in (None, _sha256(state))  # entries from before hashes: trusted as before
+        except (OSError, ValueError):
+            info, sound = {}, False
+        if sound:
+            return state, info
+        _stderr(f"--weights auto: the cached base {state} does not match its recorded hash; removed, "
+                "the base is trained again")
+        for path in (state, info_path):
+            path.unlink(missing_ok=True)
+        return None
 
     def put(self, key: str, state_path: str | Path, info: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        info = {**info, "sha256": _sha256(Path(state_path))}
         for suffix, write in ((".pt", lambda f: shutil.copyfile(state_path, f)),
                               (".json", lambda f: Path(f).write_text(json.dumps(info, default=str)))):
             tmp = self.root / f".{key}{suffix}.tmp-{os.getpid()}"
