@@ -291,10 +291,8 @@ class Driver:
     # -- failures --------------------------------------------------------------------------------------------
     def _fail(self, run: InFlight, kind: str, reason: str) -> None:
         for trial in run.trials():
-            trial.set_user_attr("fail_kind", kind)
-            trial.set_user_attr("fail_reason", reason if trial is run.trial
-                                else f"same candidate as trial {run.number}, which failed: {reason}")
-            self.study.tell(trial, state=TrialState.FAIL)
+            st.fail(self.study, trial, kind, reason if trial is run.trial
+                    else f"same candidate as trial {run.number}, which failed: {reason}")
         del self.running[run.number]
         self.progress.failed(run.number, f"{kind}: {reason}")
         self.in_a_row.failed(f"{kind}: {reason}")

@@ -6,11 +6,11 @@ import contextlib
 from dataclasses import dataclass, field
 
 import optuna
-from optuna.trial import TrialState
 
 from space import Candidate
 
 from ..latency import LatencyResult
+from ..storage import study as st
 
 
 @dataclass
@@ -45,9 +45,8 @@ class InFlight:
         storage may be what failed)."""
         for trial in self.trials():
             with contextlib.suppress(Exception):
-                trial.set_user_attr("fail_kind", "driver-stopped")
-                trial.set_user_attr("fail_reason", "the driver stopped while this trial ran; parameters queued again")
-                study.tell(trial, state=TrialState.FAIL)
+                st.fail(study, trial, "driver-stopped",
+                        "the driver stopped while this trial ran; parameters queued again")
                 study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
 
 

@@ -61,10 +61,8 @@ class OutsideWriters:
             for follower in run.followers:  # trials waiting on this network's result: there will be none
                 if self._state(follower) != TrialState.RUNNING:
                     continue
-                follower.set_user_attr("fail_kind", "stopped-from-dashboard")
-                follower.set_user_attr("fail_reason", f"same candidate as trial {run.number}, which was "
-                                                      f"{verb} from outside while it ran")
-                self.study.tell(follower, state=TrialState.FAIL)
+                st.fail(self.study, follower, "stopped-from-dashboard",
+                        f"same candidate as trial {run.number}, which was {verb} from outside while it ran")
 
     def sync_paused(self, paused: dict[int, InFlight], drop_checkpoint: Callable[[InFlight], None]) -> None:
         """A candidate waiting between rungs that another writer finished: it waits no more."""

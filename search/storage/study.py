@@ -246,6 +246,13 @@ def find_renamed(storage: optuna.storages.BaseStorage) -> optuna.Study | None:
 
 
 
+def fail(study: optuna.Study, trial: optuna.Trial, kind: str, reason: str) -> None:
+    """Tell ``trial`` FAIL with why: ``fail_kind`` (what kind of failure) and ``fail_reason`` (one line)."""
+    trial.set_user_attr("fail_kind", kind)
+    trial.set_user_attr("fail_reason", reason)
+    study.tell(trial, state=TrialState.FAIL)
+
+
 def results_by_hash(study: optuna.Study, fidelity: str) -> dict[str, FrozenTrial]:
     """The completed trial of each network (by candidate hash) at this fidelity, which a new trial of the same
     network reuses; values typed in by hand in the dashboard are not a result."""
