@@ -50,10 +50,10 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
         w = csv.writer(f)
         w.writerow(["trial", "hypervolume"])
         w.writerows(history)
-    plots = _plot_fronts(study, objectives, done, front, study_dir)
+    base = pareto.base_trial(study)
+    plots = _plot_fronts(study, objectives, done, front, base, study_dir)
     _plot_hypervolume(study, ref, study_dir / "hypervolume.png")
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    base = pareto.base_trial(study)
     summary = {
         "study": study.study_name,
         "objectives": [{"name": o.name, "direction": o.direction, "unit": o.unit} for o in objectives],
@@ -190,7 +190,7 @@ def hypervolume_history(study: optuna.Study, objectives: tuple[obj.Objective, ..
 
 
 def _plot_fronts(study: optuna.Study, objectives: tuple[obj.Objective, ...], done: list[FrozenTrial],
-                 front: list[FrozenTrial], study_dir: Path) -> list[str]:
+                 front: list[FrozenTrial], base: FrozenTrial | None, study_dir: Path) -> list[str]:
     """Optuna's Pareto-front plot for every pair of objectives (the whole front projected on the pair; one plot,
     ``pareto.png``, for two objectives), with the front's trial numbers and the base model marked."""
     import matplotlib
@@ -207,7 +207,6 @@ def _plot_fronts(study: optuna.Study, objectives: tuple[obj.Objective, ...], don
         for t in front:
             ax.annotate(str(t.number), (t.values[j], t.values[i]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
-        base = pareto.base_trial(study)
         if base is not None:
             ax.scatter([base.values[j]], [base.values[i]], marker="*", s=160, c="tab:green", zorder=5,
                        label=f"base (trial {base.number})")
