@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import ray
 
 import space
 from search.engine.executor import Executor
@@ -86,6 +87,21 @@ def test_the_driver_and_a_parked_training_use_no_cpu_during_a_window(tmp_path, c
             rogue.join()
         used = {pid: cpu for _, pid, cpu in result.windows[0]["foreign"]}
         assert used.get(os.getpid(), 0.0) > 0.1, f"the audit missed a busy driver: {result.windows[0]['foreign']}"
+
+        # A trial stopped (from the dashboard) while the meter times it: its result is dropped, the meter is not
+        # interrupted (issue 22: cancelling its call killed it and failed the next candidate too).
+        executor.submit_latency("stopped", candidate, 64)
+        node = executor.latency_node.id
+        deadline = time.time() + 60
+        while not executor.gate.flag(node).closed and time.time() < deadline:  # inside its window
+            time.sleep(0.02)
+        assert executor.gate.flag(node).closed, "the meter never opened a window"
+        meter = executor.meter
+        executor.cancel("stopped")
+        result = measure(executor, candidate, lambda: None)  # only "lat" comes back; "stopped" is dropped
+        assert result.error is None and executor.meter is meter, "the next candidate is timed by the same meter"
+        stopped = ray.get(executor.abandoned[0], timeout=60)
+        assert stopped.error is None and stopped.ratio > 0, "the stopped trial's window ran to its end"
     finally:
         executor.cancel_all()
         executor.shutdown()

@@ -119,7 +119,7 @@ class Driver:
         the study holds the budget and nothing runs."""
         self.outside.check_study()
         self.outside.sync_running(self.running, self.pool.cancel)
-        self.outside.sync_paused(self.rungs.paused, self.rungs.drop_checkpoint)
+        self.outside.sync_paused(self.rungs.paused, self.rungs.withdraw)
         self._last_beat = st.beat(self.study, self.started, self._last_beat)
         if self._completed() >= self.budget and not self.running and self.rungs.ladder.next_promotion() is None:
             self.rungs.stop_all()

@@ -212,6 +212,7 @@ class Executor:
         self._base, self._table_dir = base, table_dir
         self.meter = self._new_meter()
         self._pending: dict[ray.ObjectRef, _Pending] = {}
+        self.abandoned: list[ray.ObjectRef] = []  # measurements of stopped trials, left to finish (see cancel)
         self.gate.enter(DRIVER_TAG)  # the driver's own work must not share a window's device (module docstring)
 
     def _new_meter(self):
@@ -333,14 +334,21 @@ class Executor:
         return events
 
     def cancel(self, key: Any) -> None:
-        """Stop the work of one key (its training is killed, freeing the worker; a latency result is dropped)."""
+        """Stop the work of one key: its training is killed, freeing the worker; its latency measurement is left to
+        finish and its result dropped (``abandoned``). Cancelling the meter's call would interrupt it inside a
+        window, and the meter is what every later candidate is timed by: one trial stopped from the dashboard must
+        not cost another."""
         for ref, p in list(self._pending.items()):
             if p.key == key:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=p.job is not None)
-                if p.job is not None:
-                    self.gate.leave(p.tag)
                 del self._pending[ref]
+                if p.job is None:
+                    if self.abandoned:  # keep only those still running
+                        self.abandoned = ray.wait(self.abandoned, num_returns=len(self.abandoned), timeout=0)[1]
+                    self.abandoned.append(ref)
+                    continue
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+                self.gate.leave(p.tag)
 
     def cancel_all(self) -> list[Any]:
         """Stop everything in flight; returns the keys that were running."""

@@ -64,14 +64,16 @@ class OutsideWriters:
                 st.fail(self.study, follower, "stopped-from-dashboard",
                         f"same candidate as trial {run.number}, which was {verb} from outside while it ran")
 
-    def sync_paused(self, paused: dict[int, InFlight], drop_checkpoint: Callable[[InFlight], None]) -> None:
-        """A candidate waiting between rungs that another writer finished: it waits no more."""
+    def sync_paused(self, paused: dict[int, InFlight], withdraw: Callable[[int], None]) -> None:
+        """A candidate waiting between rungs that another writer finished: it waits no more and is never promoted
+        (``withdraw`` takes it off the ladder)."""
         for number, run in list(paused.items()):
             state = self._state(run.trial)
             if state != TrialState.RUNNING:
-                del paused[number]
-                drop_checkpoint(run)
+                withdraw(number)
                 st.record_outside_change(self.study, number, _kind(state))
+                self.progress.note(f"trial {number}: {'failed' if state == TrialState.FAIL else 'completed'} from "
+                                   "outside (optuna-dashboard?) while it waited at a rung; it will not be promoted")
 
     def _follower_still_ours(self, follower: optuna.Trial, leader: InFlight) -> bool:
         state = self._state(follower)

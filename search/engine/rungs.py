@@ -62,6 +62,11 @@ class Ladder:
     def mark_promoted(self, key: Hashable, rung: int) -> None:
         self.promoted[rung].add(key)
 
+    def forget(self, key: Hashable) -> None:
+        """``key`` leaves the ladder (another writer finished it): it is neither promoted nor counted."""
+        for results in self.results:
+            results.pop(key, None)
+
     def promotable(self, rung: int) -> list[Hashable]:
         """Candidates at ``rung`` (below the top) in its best ``floor(n / eta)`` not promoted yet, best first."""
         if rung >= self.top:
@@ -182,6 +187,12 @@ class Rungs:
         run.trial.set_user_attr("stopped_because", why)
         self.study.tell(run.trial, state=TrialState.PRUNED)
 
+    def withdraw(self, number: int) -> None:
+        """A waiting candidate another writer finished (the dashboard): it leaves the ladder, its checkpoint goes."""
+        run = self.paused.pop(number)
+        self.ladder.forget(number)
+        self.drop_checkpoint(run)
+
     @staticmethod
     def drop_checkpoint(run: InFlight) -> None:
         if run.checkpoint:
@@ -192,8 +203,9 @@ class Rungs:
         """Rebuild the ladder from the study, and take over the candidates a stopped driver left between rungs
         (RUNNING with rung results): each waits again, or (returned) trains again the rung it was promoted to."""
         training = []
+        finished_outside = st.outside_changes(self.study)  # withdrawn from the ladder when that happened
         for t in self.study.get_trials(deepcopy=False):
-            results = st.rung_results(t)
+            results = st.rung_results(t) if str(t.number) not in finished_outside else {}
             for epochs, values in results.items():
                 if epochs in self.epochs:
                     self.ladder.record(t.number, self.epochs.index(epochs), values)
