@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from pathlib import Path
+from typing import Iterator
 
 
 class SearchError(ValueError):
     """A setting, dataset or storage the search cannot use; the message says what to change."""
 
 
-_DISK_FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
+DISK_FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
 
 
-def disk_fault(err: OSError, doing: str, where: str | Path) -> SearchError | None:
+AGAIN = "free space there (or pass --out on another disk) and run the same command again"
+
+
+def disk_error(err: BaseException) -> OSError | None:
+    """The full-disk, over-quota or read-only OSError behind ``err`` (itself or what caused it), or None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FAULTS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def disk_fault(err: BaseException, doing: str, where: str | Path, then: str = AGAIN) -> SearchError | None:
     """``err`` as a one-line SearchError when the disk under ``where`` is full, over quota or read-only (``doing``
-    says what was being written); None for any other error."""
-    what = _DISK_FAULTS.get(err.errno)
-    if what is None:
+    says what was being written, ``then`` what to do); None for any other error."""
+    found = disk_error(err)
+    if found is None:
         return None
-    return SearchError(f"{what} on the device of {where} while {doing}; free space there (or pass --out on "
-                       "another disk) and run the same command again")
+    return SearchError(f"{DISK_FAULTS[found.errno]} on the device of {where} while {doing}; {then}")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """An OSError inside names ``path`` (a failed ``write()`` names no file), so its message can say what failed."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err

@@ -12,12 +12,13 @@ import re
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from space import SearchSpace, SpaceError, build_space, canonical_hash, load_base
+from space import Base, SearchSpace, SpaceError, build_space, canonical_hash, load_base
 
+from . import disk
 from . import objectives as obj
 from .errors import SearchError
 from .settings import (RAY_CONNECT_S, RunSettings, Settings, StudySettings, default, differences, run_settings,
@@ -25,7 +26,11 @@ from .settings import (RAY_CONNECT_S, RunSettings, Settings, StudySettings, defa
 from .storage import study as st
 from .storage.study import recorded_study_dir
 from .training.data import DataInfo, builtin_name, check_data, safe_batch
-from .training.weights import check_user_checkpoint
+from .training.weights import STATE_FILE, check_user_checkpoint
+
+if TYPE_CHECKING:
+    import optuna
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one path component, no '..', no hidden directory
 
 
@@ -83,6 +88,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
             hint = "" if args.resume else "; pass --resume to take the study's settings, or a new --study-name"
             raise SearchError(f"study {study_name!r} was run with other settings: " + "; ".join(diffs) + hint)
     settings = Settings(s, run, study_name, storage_url, out, args.resume)
+    _warn_of_free_space(settings, base, data.nc, existing)
     return Prepared(settings, space, data, s.objective_table(), checkpoint)
 
 
@@ -138,6 +144,16 @@ def _check_space_at_proxy_size(base, s: StudySettings) -> None:
     except SpaceError as err:
         raise SearchError(f"the space is empty at --imgsz {s.proxy.imgsz} (candidates train at that size): "
                           f"{str(err).removeprefix('space: ')}") from None
+
+
+def _warn_of_free_space(settings: Settings, base: Base, nc: int, existing: optuna.Study | None) -> None:
+    """Warn (never refuse: a disk can be freed while the run goes on) when the device of ``--out`` has less free
+    space than the run may hold at its peak; an existing study's evaluated candidates and stored base need none."""
+    study_dir = (recorded_study_dir(existing) if existing is not None else None) or settings.study_dir
+    need = disk.peak_need(settings.study, settings.run, disk.base_params(base, nc),
+                          counted=len(st.counted_trials(existing)) if existing is not None else 0,
+                          base_stored=(study_dir / STATE_FILE).is_file())
+    disk.warn_if_short_of_space(settings.out, need)
 
 
 _LATENCY_FACTS = ("backend_version", "device_model", "node")

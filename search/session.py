@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -20,10 +22,10 @@ from space import make_candidate
 
 from . import objectives as obj
 from .engine import cluster
-from .engine.driver import Driver, SearchAborted, StudyGone
+from .engine.driver import DiskFull, Driver, SearchAborted, StudyGone
 from .engine.executor import Executor
 from .engine.jobs import TrainJobs
-from .errors import SearchError
+from .errors import SearchError, disk_fault
 from .front import confirm
 from .front.export import export_study
 from .front.report import report
@@ -32,9 +34,10 @@ from .prepare import Prepared
 from .progress import Progress, StudyNotes
 from .settings import RAY_START_S, differences
 from .storage import study as st
-from .storage.reconnect import DatabaseUnreachable
+from .storage.reconnect import DatabaseFull, DatabaseUnreachable
 from .storage.study import recorded_study_dir
 from .strategy import make_sampler
+from .training.proxy import QuietFileHandler
 from .training.weights import (BaseCache, BaseSource, base_cache_key, base_training_job, prepare_base_weights,
                                stored_base_weights)
 
@@ -61,8 +64,7 @@ def run_session(prep: Prepared) -> int:
                 # nothing to run: no Ray needed
                 print(f"study {s.study_name!r} already holds {run.budget} completed trial(s); raise --budget to "
                       "continue it", file=sys.stderr)
-                _finish(existing, storage, prep, 0.0, study_dir_of(prep, existing))
-                return 0
+                return _finish(existing, storage, prep, 0.0, study_dir_of(prep, existing))
         executor = start_executor(prep)
         try:
             prep = prepare_cluster(prep, executor, existing)
@@ -77,18 +79,23 @@ def run_session(prep: Prepared) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if storage is None:
             storage = st.open_storage(s.storage_url)
         return _run(prep, storage, existing, executor)
     except DatabaseUnreachable as err:  # nothing more can be written; the trials left RUNNING are re-queued on resume
-        print(f"error: {err}; stopped. Continue when it is back: {prep.settings.resume_command(s.study_name)}",
-              file=sys.stderr)
+        then = "then continue with" if isinstance(err, DatabaseFull) else "Continue when it is back"
+        print(f"error: {err}; stopped. {then}: {prep.settings.resume_command(s.study_name)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the driver ran (opening the study, storing the base weights): nothing lost
+        print(f"interrupted; continue with: {prep.settings.resume_command(s.study_name)}", file=sys.stderr)
+        return 130
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        signal.signal(signal.SIGTERM, previous)
         executor.shutdown()
 
 
@@ -170,6 +177,7 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
     study = _open_study(prep, storage, existing, study_dir, executor)
     _say_what_runs(prep, study, storage, executor)
     threads = max(1, int(executor.cpus_per_trial))
+    log = study_log(study_dir)
     try:
         base = _base_weights(prep, study, study_dir, threads)
     except DatabaseUnreachable:
@@ -177,6 +185,13 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        full = disk_fault(err, "storing the base weights", study_dir, "free space there")
+        if full is None:
+            raise
+        log.error("stopped: %s", full, exc_info=err)
+        print(f"error: {full}; then continue with: {prep.settings.resume_command(study.study_name)}", file=sys.stderr)
+        return 1
     notes = StudyNotes(study, prep.settings, study_dir, executor.describe())
     progress = Progress(study, prep.objectives, prep.settings.run.budget, on_update=notes.update)
     store = optuna.artifacts.FileSystemArtifactStore(str(study_dir / "artifacts"))
@@ -184,28 +199,32 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
     driver = Driver(study, prep.space, executor, prep.settings, jobs, base, progress, storage, store)
     t0 = time.time()
     status = 0
-    # SIGTERM (a scheduler stopping the job) gets the same orderly stop as Ctrl-C.
+    resume = prep.settings.resume_command(study.study_name)
+    # SIGTERM (a scheduler stopping the job) gets the same orderly stop as Ctrl-C, to the end of the export.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        driver.run()
-        driver.remeasure_contended()  # before confirmation: its trainings would share the windows' cores
-        driver.confirm(prep.settings.study.fidelity.confirm_seeds)
-    except StudyGone as err:
-        progress.close()
-        return _study_gone(prep, storage, study_dir, executor, err)
-    except SearchAborted as err:
-        progress.note(f"search stopped: {err}")
-        status = 1
-    except KeyboardInterrupt:
-        progress.note("interrupted: running trials were failed and queued again; continue with --resume")
-        status = 130
+        try:
+            driver.run()
+            driver.remeasure_contended()  # before confirmation: its trainings would share the windows' cores
+            driver.confirm(prep.settings.study.fidelity.confirm_seeds)
+        except StudyGone as err:
+            progress.close()
+            return _study_gone(prep, storage, study_dir, executor, err)
+        except SearchAborted as err:
+            log.error("search stopped: %s", err, exc_info=err)
+            progress.note(f"search stopped: {err}" + (f"; then continue with: {resume}"
+                                                      if isinstance(err, DiskFull) else ""))
+            status = 1
+        except KeyboardInterrupt:
+            progress.note(f"interrupted: running trials were failed and queued again; continue with: {resume}")
+            status = 130
+        finally:
+            progress.close()
+        with contextlib.suppress(Exception):
+            notes.update(status={0: "finished", 1: "stopped", 130: "interrupted"}.get(status, "stopped"))
+        return _finish(study, storage, prep, time.time() - t0, study_dir) or status
     finally:
         signal.signal(signal.SIGTERM, previous)
-        progress.close()
-    with contextlib.suppress(Exception):
-        notes.update(status={0: "finished", 1: "stopped", 130: "interrupted"}.get(status, "stopped"))
-    _finish(study, storage, prep, time.time() - t0, study_dir)
-    return status
 
 
 def _open_study(prep: Prepared, storage, existing, study_dir: Path, executor: Executor) -> optuna.Study:
@@ -309,9 +328,40 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _finish(study: optuna.Study, storage, prep: Prepared, wall: float, study_dir: Path) -> None:
+def _finish(study: optuna.Study, storage, prep: Prepared, wall: float, study_dir: Path) -> int:
+    """Print the front and export it; the exit status of the export (0 when it was written or not asked for)."""
     report(study, prep.objectives, prep.settings.study.fidelity.rungs, prep.settings.storage_url,
            study_dir / "artifacts", wall)
-    if prep.settings.run.export and st.completed_trials(study):
+    if not (prep.settings.run.export and st.completed_trials(study)):
+        return 0
+    again = shlex.join(["python", "-m", "search.export", "--study", study.study_name, "--out", str(study_dir.parent),
+                        *(["--storage", prep.settings.storage_url]
+                          if prep.settings.storage_url != st.default_storage(study_dir.parent, study.study_name)
+                          else [])])
+    try:
         written = export_study(study, study_dir, storage)
-        print(f"exported the front to {written}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"interrupted while exporting the front (the study is saved); export it with: {again}",
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        full = disk_fault(err, "exporting the front", study_dir, "free space there")
+        if full is None:
+            raise
+        study_log(study_dir).error("export failed: %s", full, exc_info=err)
+        print(f"error: {full}; then export it with: {again}", file=sys.stderr)
+        return 1
+    print(f"exported the front to {written}", file=sys.stderr)
+    return 0
+
+
+def study_log(study_dir: Path) -> logging.Logger:
+    """The study's own log, ``<study>/search.log``: the tracebacks behind the one-line messages of the console."""
+    log = logging.getLogger(f"attnas.study.{study_dir}")
+    if not log.handlers:
+        with contextlib.suppress(OSError):
+            handler = QuietFileHandler(study_dir / "search.log", delay=True)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+        log.propagate = False
+    return log

@@ -31,18 +31,23 @@ class Dashboard:
 
 
 class ActingPool(InProcessPool):
-    """InProcessPool that calls ``act()`` just before the work of (kind, key) runs: the dashboard acts while the
-    driver holds that trial at that stage."""
+    """InProcessPool that calls ``act()`` just before (or, ``after``, just after) the work of (kind, key) runs:
+    something outside the driver happens while it holds that trial at that stage."""
 
-    def __init__(self, when: tuple[str, object], act) -> None:
+    def __init__(self, when: tuple[str, object], act, after: bool = False) -> None:
         super().__init__(LATENCY, workers=1)
-        self.when, self.act, self.acted = when, act, False
+        self.when, self.act, self.after, self.acted = when, act, after, False
 
     def wait(self, timeout_s: float):
-        if self._queue and not self.acted and (self._queue[0][1], self._queue[0][0]) == self.when:
+        due = self._queue and not self.acted and (self._queue[0][1], self._queue[0][0]) == self.when
+        if due and not self.after:
             self.acted = True
             self.act()
-        return super().wait(timeout_s)
+        events = super().wait(timeout_s)
+        if due and self.after:
+            self.acted = True
+            self.act()
+        return events
 
 
 @pytest.fixture(scope="module")

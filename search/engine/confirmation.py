@@ -12,7 +12,9 @@ from space import SearchSpace
 from .. import objectives as obj
 from ..front import confirm
 from ..storage import study as st
+from ..training.proxy import DISK_FULL
 from .feasibility import measured
+from .inflight import DiskFull
 from .jobs import TrainJobs
 from .work import WorkPool
 
@@ -40,6 +42,8 @@ def confirm_front(study: optuna.Study, space: SearchSpace, pool: WorkPool, jobs:
                 if event.kind != "train" or event.key not in pending:
                     continue
                 trial, res = pending.pop(event.key), event.result
+                if res.error_kind == DISK_FULL:  # not recorded: a resume trains this seed again
+                    raise DiskFull(f"confirming trial {trial.number}: {res.error}")
                 values = None if res.error else obj.values(objectives, measured(trial), res)
                 confirm.record(study, trial.number, event.key[2], values, res.error, res.train_s)
                 shown = res.error or "  ".join(f"{o.name} {o.show(v)}" for o, v in zip(objectives, values)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -31,16 +32,16 @@ from optuna.trial import TrialState
 from space import SearchSpace
 
 from .. import objectives as obj
-from ..errors import SearchError
+from ..errors import SearchError, disk_fault
 from ..latency import LatencyResult
 from ..settings import Settings
 from ..storage import study as st
 from ..storage.reconnect import DatabaseUnreachable
-from ..training.proxy import TrainResult
+from ..training.proxy import DISK_FULL, TrainResult
 from ..training.weights import BaseSource, store_base_weights
 from .confirmation import confirm_front
 from .feasibility import LatencyBook
-from .inflight import InARow, InFlight, SearchAborted, StudyGone
+from .inflight import DiskFull, InARow, InFlight, SearchAborted, StudyGone
 from .jobs import TrainJobs
 from .outside import OutsideWriters
 from .rungs import Rungs
@@ -107,6 +108,13 @@ class Driver:
             return self._step()
         except (SearchAborted, DatabaseUnreachable):
             raise
+        except OSError as err:
+            written = Path(err.filename) if err.filename else None
+            full = disk_fault(err, f"writing {written.name}" if written else "writing the study's files",
+                              written.parent if written else self.jobs.study_dir, "free space there")
+            if full is None:
+                raise
+            raise DiskFull(str(full)) from err
         except Exception as err:  # a write that lost a race with another writer (the dashboard)?
             self.outside.check_study()
             if not isinstance(err, UpdateFinishedTrialError):
@@ -192,7 +200,11 @@ class Driver:
             self.progress.note(f"trial {trial.number}: same candidate as running trial {leader.number}, "
                                "will reuse its result")
             return
-        yaml_text = self.jobs.write_candidate(self.study, trial, candidate, self.store)
+        try:
+            yaml_text = self.jobs.write_candidate(self.study, trial, candidate, self.store)
+        except OSError:  # a full disk: the search stops, and this candidate is proposed again on resume
+            InFlight(trial, candidate, "", time.time()).requeue(self.study)
+            raise
         self.running[trial.number] = InFlight(trial, candidate, yaml_text, time.time())
         self.pool.submit_latency(trial.number, candidate, self.settings.study.proxy.imgsz)
 
@@ -224,6 +236,8 @@ class Driver:
         if event.kind == "retry":
             self.progress.note(f"base training: worker died ({event.info.get('reason')}); retrying once")
             return
+        if event.result.error_kind == DISK_FULL:
+            raise DiskFull(f"--weights auto: training the base stopped: {event.result.error}")
         try:
             weights = store_base_weights(self.base.job, event.result, self.jobs.study_dir, say=self.progress.note,
                                          cache=self.base.cache, key=self.base.cache_key)
@@ -247,6 +261,8 @@ class Driver:
         self._dispatch()
 
     def _on_train(self, run: InFlight, res: TrainResult) -> None:
+        if res.error_kind == DISK_FULL:  # kept in ``running``: re-queued (or adopted between rungs) on resume
+            raise DiskFull(f"trial {run.number}'s training stopped: {res.error}")
         run.trial.set_user_attr("train_s", self.rungs.seconds(run, "train_s", res.train_s))
         run.trial.set_user_attr("attempts", run.attempts)
         if res.error:
@@ -307,4 +323,4 @@ class Driver:
         self.running.clear()
 
 
-__all__ = ["BASE_KEY", "Driver", "SearchAborted", "StudyGone"]
+__all__ = ["BASE_KEY", "DiskFull", "Driver", "SearchAborted", "StudyGone"]

@@ -45,13 +45,16 @@ class InFlight:
         storage may be what failed)."""
         for trial in self.trials():
             with contextlib.suppress(Exception):
-                st.fail(study, trial, "driver-stopped",
-                        "the driver stopped while this trial ran; parameters queued again")
-                study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+                st.requeue(study, trial, "the driver stopped while this trial ran; parameters queued again")
 
 
 class SearchAborted(RuntimeError):
     """Too many trials in a row failed (or were invalid): the search stops instead of burning the budget."""
+
+
+class DiskFull(SearchAborted):
+    """A write failed for want of disk space (or quota, or a read-only disk): the search stops, and the trainings
+    it cut short run again on resume (they are not failed: nothing was wrong with them)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ import optuna
 
 from space import Candidate, to_yaml
 
+from ..errors import writing
 from ..settings import Settings
 from ..storage import study as st
 from ..training.proxy import TrainJob
@@ -40,7 +41,8 @@ class TrainJobs:
         yaml_path = run_dir / f"candidate-{candidate.hash}.yaml"
         run_dir.mkdir(parents=True, exist_ok=True)
         yaml_text = to_yaml(candidate, {"study": study.study_name, "trial": trial.number})
-        yaml_path.write_text(yaml_text)
+        with writing(yaml_path):
+            yaml_path.write_text(yaml_text)
         trial.set_user_attr("run_dir", str(run_dir))
         if store is not None:
             artifact_id = optuna.artifacts.upload_artifact(

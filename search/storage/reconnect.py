@@ -1,11 +1,16 @@
-"""A study storage on a database server that outlives a restart of the server: every call is retried while the
-database is unreachable, for a bounded time, without writing anything twice."""
+"""A study storage that waits out a database that is briefly unavailable: a database server restarting, or a SQLite
+file another process holds locked. Every call is retried for a bounded time, without writing anything twice."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import time
-from typing import Any, Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
@@ -14,13 +19,31 @@ from optuna.trial import FrozenTrial, TrialState
 
 from space import first_line
 
-from ..errors import SearchError
+from ..errors import DISK_FAULTS, SearchError, disk_error
 
 RECONNECT_S = 60.0  # how long a search waits for its database before it stops (a restart takes seconds)
+# SQLite's primary result codes (sqlite3 names them from Python 3.11); extended codes keep them in the low byte
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL = 5, 6, 13
+_ENOSPC_TEXT = "database or disk is full"  # SQLITE_FULL's message, for Pythons without sqlite_errorcode
 
 
 class DatabaseUnreachable(SearchError):
     """The study's database did not answer within the retry budget; the study is as the last write left it."""
+
+
+class DatabaseFull(DatabaseUnreachable):
+    """The disk under a SQLite study database is full (or over quota, or read-only): the write was not made and is
+    not retried (it would fail the same way until someone frees space)."""
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and what caused it (Optuna wraps SQLAlchemy's error, which wraps the driver's), innermost last."""
+    seen: BaseException | None = err
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def is_disconnect(err: BaseException) -> bool:
@@ -30,19 +53,119 @@ def is_disconnect(err: BaseException) -> bool:
     ``InterfaceError`` for a server that is down or restarting and flags a dropped connection as invalidated."""
     from sqlalchemy import exc
 
-    seen: BaseException | None = err
-    while seen is not None:
+    for seen in _chain(err):
         if isinstance(seen, (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)):
             return True
         if isinstance(seen, exc.DBAPIError) and seen.connection_invalidated:
             return True
-        seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _sqlite_error(err: BaseException) -> sqlite3.Error | None:
+    """The SQLite driver's own error under ``err``, if any."""
+    return next((seen for seen in _chain(err) if isinstance(seen, sqlite3.Error)), None)
+
+
+def _sqlite_code(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    return None if code is None else code & 0xFF
+
+
+def is_locked(err: BaseException) -> bool:
+    """True when ``err`` says another connection holds the SQLite database locked (SQLITE_BUSY / SQLITE_LOCKED:
+    "database is locked", "database table is locked"), which waiting cures; False for every other error (a missing
+    table, a file that is not a database, a full disk), which waiting does not."""
+    error = _sqlite_error(err)
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    code = _sqlite_code(error)
+    if code is not None:
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    text = str(error).lower()
+    return "is locked" in text or "busy" in text
+
+
+def disk_fault_of(err: BaseException) -> str | None:
+    """What is wrong with the disk ("no space left", "disk quota exceeded", "read-only file system") when ``err``
+    says a write failed on it: SQLite's SQLITE_FULL or an ``OSError`` from the driver; None for any other error."""
+    found = disk_error(err)
+    if found is not None:
+        return DISK_FAULTS[found.errno]
+    error = _sqlite_error(err)
+    if error is not None and (_sqlite_code(error) == _SQLITE_FULL or _ENOSPC_TEXT in str(error).lower()):
+        return "no space left"
+    return None
+
+
+def _cause(err: BaseException) -> str:
+    """What the database driver said, for a message: SQLAlchemy's error under Optuna's wrapper."""
+    cause = err.__cause__ or err
+    return f"{type(cause).__name__}: {first_line(cause)}"
+
+
+def _sqlite_cause(err: BaseException) -> str:
+    """SQLite's own words ("database is locked"), without SQLAlchemy's prefix and SQL."""
+    error = _sqlite_error(err)
+    return first_line(error) if error is not None else _cause(err)
+
+
+def _sqlite_full(path: Path, err: BaseException) -> str | None:
+    what = disk_fault_of(err)
+    if what is None:
+        return None
+    remedy = "make it writable" if what == "read-only file system" else "free space there"
+    return f"{what} on the device of {path} while writing the study database; {remedy}"
+
+
+def _no_disk_fault(err: BaseException) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Patience:
+    """Which failed storage calls are waited out, and what the waiting says.
+
+    ``transient(err)``: the call may succeed if tried again later. ``waiting`` is printed at the first failure,
+    ``back`` when a call succeeds after failures, ``gave_up`` is the :class:`DatabaseUnreachable` message; they
+    are formatted with ``url``, ``cause`` (``describe(err)``), ``budget`` and ``waited`` (seconds). ``disk_fault(err)``
+    is the :class:`DatabaseFull` message for a write the disk refused (raised at once), or None."""
+
+    transient: Callable[[BaseException], bool]
+    waiting: str
+    back: str
+    gave_up: str
+    describe: Callable[[BaseException], str] = _cause
+    disk_fault: Callable[[BaseException], str | None] = _no_disk_fault
+
+
+SERVER = Patience(
+    transient=is_disconnect,
+    waiting="database unreachable ({cause}), retrying for up to {budget} s…",
+    back="database reachable again after {waited} s",
+    gave_up="the study's database {url} did not answer for {budget} s ({cause})",
+)
+
+
+def sqlite_patience(path: Path) -> Patience:
+    """A SQLite file's: only a lock held by another process is waited out (SQLite's own busy timeout, 5 s, is each
+    statement's wait; this is the whole call's); a full disk fails at once; every other error is raised as it is."""
+    return Patience(
+        transient=is_locked,
+        waiting="study database {url} is locked by another process ({cause}), retrying for up to {budget} s…",
+        back="study database unlocked again after {waited} s",
+        gave_up=("the study database {url} stayed locked by another process for {waited} s ({cause}); close the "
+                 "program holding it (e.g. an open write transaction in another program or sqlite3 shell; "
+                 "optuna-dashboard holds it only briefly)"),
+        describe=_sqlite_cause,
+        disk_fault=partial(_sqlite_full, path),
+    )
 
 
 class ReconnectingStorage(BaseStorage):
     """Optuna's storage (``_CachedStorage`` over ``RDBStorage``) with every call retried, with backoff, while the
-    database is unreachable, for up to ``budget_s``; then :class:`DatabaseUnreachable`.
+    database is unavailable (``patience.transient``: a server unreachable, a SQLite file locked), for up to
+    ``budget_s``; then :class:`DatabaseUnreachable`. A full disk under a SQLite file raises :class:`DatabaseFull`
+    at once.
 
     Stale pooled connections are replaced by SQLAlchemy's ``pool_pre_ping`` (set where the engine is made); this
     covers the calls made while the server is down. Reads and attribute writes are idempotent and simply retried.
@@ -53,14 +176,16 @@ class ReconnectingStorage(BaseStorage):
     stopping search does not wait the budget again for every write it attempts.
     """
 
-    def __init__(self, backend: BaseStorage, url: str, budget_s: float = RECONNECT_S) -> None:
+    def __init__(self, backend: BaseStorage, url: str, budget_s: float = RECONNECT_S,
+                 patience: Patience = SERVER) -> None:
         self._backend = backend
         self._url = url
         self._budget_s = budget_s
-        self._gave_up = False
+        self._patience = patience
+        self._gave_up: float | None = None  # when the calls that ended in giving up began to fail
 
     def _retry(self, call: Callable[[], Any], on_retry: Callable[[BaseException], Any] | None = None) -> Any:
-        """``call()``; while the database is unreachable, again with backoff. ``on_retry(err)`` runs once the
+        """``call()``; while the database is unavailable, again with backoff. ``on_retry(err)`` runs once the
         database answers again after a failure and may return ``(True, result)`` when the lost call took effect."""
         start, delay, failed = time.monotonic(), 0.5, None
         while True:
@@ -72,30 +197,31 @@ class ReconnectingStorage(BaseStorage):
                 result = call()
                 return result if failed is None else self._recovered(start, result)
             except Exception as err:
-                if not is_disconnect(err):
+                full = self._patience.disk_fault(err)
+                if full is not None:  # waiting frees no space
+                    raise DatabaseFull(full) from None
+                if not self._patience.transient(err):
                     raise
                 if failed is None:
-                    if self._gave_up:
-                        raise DatabaseUnreachable(self._reason(err)) from None
-                    print(f"database unreachable ({type(err.__cause__ or err).__name__}: "
-                          f"{first_line(err.__cause__ or err)}), retrying for up to {self._budget_s:g} s…",
-                          file=sys.stderr, flush=True)
+                    if self._gave_up is not None:
+                        raise DatabaseUnreachable(self._message(self._patience.gave_up, err, self._gave_up)) from None
+                    print(self._message(self._patience.waiting, err, start), file=sys.stderr, flush=True)
                 failed = err
                 if time.monotonic() - start + delay > self._budget_s:
-                    self._gave_up = True
-                    raise DatabaseUnreachable(self._reason(err)) from None
+                    self._gave_up = start
+                    raise DatabaseUnreachable(self._message(self._patience.gave_up, err, start)) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     def _recovered(self, start: float, result: Any) -> Any:
-        print(f"database reachable again after {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
-        self._gave_up = False
+        print(self._patience.back.format(waited=f"{time.monotonic() - start:.0f}", url=self._url),
+              file=sys.stderr, flush=True)
+        self._gave_up = None
         return result
 
-    def _reason(self, err: BaseException) -> str:
-        cause = err.__cause__ or err
-        return (f"the study's database {self._url} did not answer for {self._budget_s:g} s "
-                f"({type(cause).__name__}: {first_line(cause)})")
+    def _message(self, template: str, err: BaseException, since: float) -> str:
+        return template.format(url=self._url, cause=self._patience.describe(err), budget=f"{self._budget_s:g}",
+                               waited=f"{time.monotonic() - since:.0f}")
 
     # -- writes that are not idempotent ----------------------------------------------------------------------
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
@@ -179,6 +305,9 @@ class ReconnectingStorage(BaseStorage):
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return self._retry(lambda: self._backend.get_trial(trial_id))
+
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        return self._retry(lambda: self._backend.get_best_trial(study_id))
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from space import first_line
 
 from ..errors import SearchError
-from .reconnect import ReconnectingStorage
+from .reconnect import RECONNECT_S, ReconnectingStorage, sqlite_patience
 
 SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
 VERSIONS_ATTR = "attnas_versions"
@@ -37,18 +37,20 @@ def default_storage(out: Path, study_name: str) -> str:
     return f"sqlite:///{(out / study_name / 'study.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, budget_s: float = RECONNECT_S) -> optuna.storages.BaseStorage:
     """An Optuna storage from an RDB URL (sqlite:///, postgresql://, mysql://) or a journal file path.
 
-    A database server's storage outlives a restart of the server (:class:`search.storage.reconnect.ReconnectingStorage`);
-    its first connection is made here, so a wrong URL or a server that is down fails at once."""
+    A database server's storage outlives a restart of the server and a SQLite file's waits out another process
+    holding it locked, each for up to ``budget_s`` (:class:`search.storage.reconnect.ReconnectingStorage`); the
+    first connection is made here, so a wrong URL or a server that is down fails at once."""
     try:
         if "://" in url:
-            if url.startswith("sqlite"):
-                if url.startswith("sqlite:///"):
-                    Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            if url.startswith("sqlite:///"):
+                Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                return sqlite_storage(url, budget_s)
+            if url.startswith("sqlite"):  # in memory: no other process can hold it
                 return _rdb_storage(url)
-            return _server_storage(url)
+            return _server_storage(url, budget_s)
         path = Path(url).expanduser()
         if not path.parent.is_dir():
             raise SearchError(f"journal storage {url}: directory {path.parent} does not exist")
@@ -59,7 +61,23 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise SearchError(f"bad storage {_shown(url)!r}: {type(err).__name__}: {first_line(err)}") from None
 
 
-def _server_storage(url: str) -> optuna.storages.BaseStorage:
+def sqlite_storage(url: str, budget_s: float = RECONNECT_S, busy_s: float | None = None) -> ReconnectingStorage:
+    """A ``sqlite:///`` file's storage: a call that finds the file locked by another process (a long transaction
+    in another program; optuna-dashboard holds it only briefly) is retried for up to ``budget_s``, and a write the
+    full disk refuses stops at once (:func:`search.storage.reconnect.sqlite_patience`).
+
+    ``busy_s`` is how long each statement waits for the lock (SQLite's busy timeout); None keeps pysqlite's default
+    (5 s). Only tests shorten it."""
+    from optuna.storages._cached_storage import _CachedStorage
+    from sqlalchemy.engine import make_url
+
+    path = Path(make_url(url).database or "").expanduser().absolute()  # without a ?query the URL may hold
+    engine_kwargs = None if busy_s is None else {"connect_args": {"timeout": busy_s}}
+    rdb = _rdb_storage(url, engine_kwargs=engine_kwargs)
+    return ReconnectingStorage(_CachedStorage(rdb), url, budget_s, sqlite_patience(path))
+
+
+def _server_storage(url: str, budget_s: float = RECONNECT_S) -> optuna.storages.BaseStorage:
     """PostgreSQL, MySQL, ...: pooled connections are checked before use (``pool_pre_ping``: the ones a server
     restart killed are replaced) and every call is retried while the server is unreachable."""
     from optuna.storages._cached_storage import (
@@ -79,7 +97,7 @@ def _server_storage(url: str) -> optuna.storages.BaseStorage:
         # a server host that is down (not refusing) would otherwise hold each connection attempt for minutes
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     rdb = _rdb_storage(url, engine_kwargs=engine_kwargs)
-    return ReconnectingStorage(_CachedStorage(rdb), _shown(url))
+    return ReconnectingStorage(_CachedStorage(rdb), _shown(url), budget_s)
 
 
 def _journal_storage(path: Path) -> optuna.storages.JournalStorage:
@@ -214,11 +232,8 @@ def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStora
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if RUNG_RESULTS in t.user_attrs:  # a candidate between rungs: the driver adopts it with its checkpoint
             continue
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped while this trial ran; "
-                                    "its parameters were queued again on resume")
-        storage.set_trial_user_attr(t._trial_id, "fail_kind", "driver-stopped")
-        study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+        requeue(study, optuna.Trial(study, t._trial_id), "driver stopped while this trial ran; its parameters were "
+                "queued again on resume")
         requeued.append((t.number, t.params))
     return requeued
 
@@ -251,6 +266,14 @@ def fail(study: optuna.Study, trial: optuna.Trial, kind: str, reason: str) -> No
     trial.set_user_attr("fail_kind", kind)
     trial.set_user_attr("fail_reason", reason)
     study.tell(trial, state=TrialState.FAIL)
+
+
+def requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """A trial a stopped driver cut short: FAIL (``driver-stopped``, ``reason``) and its parameters queued again,
+    as the base when it was the base (the base always reaches the top rung)."""
+    role = trial.user_attrs.get("role")
+    fail(study, trial, "driver-stopped", reason)
+    study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number, **({"role": role} if role else {})})
 
 
 def results_by_hash(study: optuna.Study, fidelity: str) -> dict[str, FrozenTrial]:

@@ -15,11 +15,14 @@ from typing import Any, Callable
 import modules
 from space import first_line, inherit
 
+from ..errors import disk_fault
+
 # Arguments the engine sets itself; --train-arg may not override them.
 RESERVED_ARGS = frozenset({"model", "data", "epochs", "imgsz", "batch", "fraction", "seed", "device", "project",
                            "name", "exist_ok", "plots", "save", "val", "workers", "verbose", "resume", "mode", "task",
                            "deterministic", "pretrained", "cfg"})
 FAULTS = ("raise", "die", "nan", "hang", "oom")
+DISK_FULL = "disk-full"  # error_kind of a training the disk refused (no space, quota, read-only)
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,11 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
     modules.register()  # registration is per process: every worker must do it before building a candidate
     torch.set_num_threads(max(1, job.threads))
     run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = _trial_log(run_dir / "train.log")
     start = time.perf_counter()
+    log = None
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = _trial_log(run_dir / "train.log")
         _inject(job)
         metrics, extra = _train(job, run_dir, checkpoint)
         return TrainResult(map50_95=float(metrics["metrics/mAP50-95(B)"]), map50=float(metrics["metrics/mAP50(B)"]),
@@ -126,11 +130,15 @@ def run_training(job: TrainJob, checkpoint: Callable[[], None] | None = None) ->
     except Diverged as err:
         return _failure("diverged", str(err), start)
     except Exception as err:  # a failing trial is recorded, never fatal to the study
+        full = disk_fault(err, "writing a training's files (its rung checkpoint, logs)", run_dir, "free space there")
+        if full is not None:  # not the candidate's fault: the driver stops and keeps it for the resume
+            return _failure(DISK_FULL, str(full), start, traceback.format_exc())
         kind = "oom" if _is_oom(err) else "exception"
         return _failure(kind, f"{type(err).__name__}: {first_line(err)[:500]}", start, traceback.format_exc())
     finally:
-        logging.getLogger("ultralytics").removeHandler(log)
-        log.close()
+        if log is not None:
+            logging.getLogger("ultralytics").removeHandler(log)
+            log.close()
 
 
 def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) -> tuple[dict, dict]:
@@ -319,10 +327,18 @@ def _finite(value: Any) -> bool:
         return False
 
 
+class QuietFileHandler(logging.FileHandler):
+    """A log file that never prints "--- Logging error ---" with a traceback on the console when a write fails: the
+    disk it is on may be the one that is full, which the run reports once, in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _trial_log(path: Path) -> logging.Handler:
     """Send Ultralytics' log of this trial to its run directory instead of the driver's console."""
     logger = logging.getLogger("ultralytics")
-    handler = logging.FileHandler(path, mode="a")
+    handler = QuietFileHandler(path, mode="a")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(handler)

@@ -9,6 +9,7 @@ The checked base state dict is stored with the study (``<study>/base-weights.pt`
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import modules
 from space import Base, SpaceError, build_model, check_checkpoint, make_candidate, to_yaml
 
-from ..errors import SearchError
+from ..errors import SearchError, writing
 from .proxy import ProxySchedule, TrainJob, TrainResult, run_training
 
 STATE_FILE = "base-weights.pt"
@@ -110,14 +111,12 @@ def prepare_base_weights(plan: WeightsPlan, base: Base, nc: int, data_yaml: str,
     if plan.mode == "none":
         return None
     if plan.mode == "path":
-        import torch
-
         state, skip = checked or check_user_checkpoint(plan, base, nc)
         if skip:
             print(f"--weights: the checkpoint has another class count than the data ({nc}); its class branch "
                   f"({len(skip)} tensors) is not inherited", file=sys.stderr)
         target = study_dir / STATE_FILE
-        torch.save(state, target)
+        save_state(state, target)
         return BaseWeights(str(target), skip, {"source": plan.path, "skipped_head_keys": len(skip)})
     stored = stored_base_weights(study_dir)
     if stored is not None:
@@ -137,7 +136,7 @@ def stored_base_weights(study_dir: Path, cache: "BaseCache | None" = None, key: 
     if hit is None:
         return None
     study_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(hit[0], target)
+    write_atomically(target, lambda tmp: shutil.copyfile(hit[0], tmp))
     return BaseWeights(str(target), (), {**hit[1], "source": "cache", "cache_key": key})
 
 
@@ -171,11 +170,8 @@ class BaseCache:
     def put(self, key: str, state_path: str | Path, info: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         info = {**info, "sha256": _sha256(Path(state_path))}
-        for suffix, write in ((".pt", lambda f: shutil.copyfile(state_path, f)),
-                              (".json", lambda f: Path(f).write_text(json.dumps(info, default=str)))):
-            tmp = self.root / f".{key}{suffix}.tmp-{os.getpid()}"
-            write(tmp)
-            os.replace(tmp, self.root / f"{key}{suffix}")
+        write_atomically(self.root / f"{key}.pt", lambda tmp: shutil.copyfile(state_path, tmp))
+        write_atomically(self.root / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(info, default=str)))
 
 
 def base_cache_key(job: TrainJob, data_fingerprint: str) -> str:
@@ -207,7 +203,7 @@ def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path,
     ckpt = torch.load(Path(job.run_dir) / "weights" / "last.pt", map_location="cpu", weights_only=False)
     state = _float_state(_model_of(ckpt))
     target = study_dir / STATE_FILE
-    torch.save(state, target)
+    save_state(state, target)
     (say or _stderr)(f"--weights auto: base mAP50-95 {result.map50_95:.4f} after {job.schedule.epochs} epochs "
                      f"({result.train_s:.0f} s); stored {target}")
     info = {"source": "auto", "base_map50_95": result.map50_95, "base_map50": result.map50,
@@ -215,6 +211,28 @@ def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path,
     if cache is not None and key:
         cache.put(key, target, info)
     return BaseWeights(str(target), (), info)
+
+
+def save_state(state: dict, target: Path) -> None:
+    """``torch.save`` through memory, then written atomically: torch's own file writer reports a full disk as an
+    opaque RuntimeError, a plain write as the OSError (ENOSPC) that :func:`search.errors.disk_fault` names."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(target, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` beside ``target``, then renamed onto it: a write cut short (a full disk, a crash) never leaves a
+    file that looks whole, nor a temporary one."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with writing(target):
+            write(tmp)
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _stderr(text: str) -> None:
