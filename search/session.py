@@ -198,13 +198,15 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
     jobs = TrainJobs(prep.settings, str(prep.data.yaml), study_dir, threads, base.weights)
     driver = Driver(study, prep.space, executor, prep.settings, jobs, base, progress, storage, store)
     t0 = time.time()
-    status = 0
+    status, stopped = 0, None  # stopped: the line that says why the run ended early, printed last
     resume = prep.settings.resume_command(study.study_name)
     # SIGTERM (a scheduler stopping the job) gets the same orderly stop as Ctrl-C, to the end of the export.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        confirming = False
         try:
             driver.run()
+            confirming = True
             driver.remeasure_contended()  # before confirmation: its trainings would share the windows' cores
             driver.confirm(prep.settings.study.fidelity.confirm_seeds)
         except StudyGone as err:
@@ -212,17 +214,21 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
             return _study_gone(prep, storage, study_dir, executor, err)
         except SearchAborted as err:
             log.error("search stopped: %s", err, exc_info=err)
-            progress.note(f"search stopped: {err}" + (f"; then continue with: {resume}"
-                                                      if isinstance(err, DiskFull) else ""))
+            stopped = f"search stopped: {err}" + (f"; then continue with: {resume}" if isinstance(err, DiskFull) else "")
             status = 1
         except KeyboardInterrupt:
-            progress.note(f"interrupted: running trials were failed and queued again; continue with: {resume}")
+            stopped = ("interrupted while confirming the front: the seeds not recorded yet train on resume"
+                       if confirming else "interrupted: running trials were failed and queued again")
+            stopped += f"; continue with: {resume}"
             status = 130
         finally:
             progress.close()
         with contextlib.suppress(Exception):
             notes.update(status={0: "finished", 1: "stopped", 130: "interrupted"}.get(status, "stopped"))
-        return _finish(study, storage, prep, time.time() - t0, study_dir) or status
+        exported = _finish(study, storage, prep, time.time() - t0, study_dir)
+        if stopped:
+            print(stopped, file=sys.stderr)
+        return status or exported
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -339,6 +345,9 @@ def _finish(study: optuna.Study, storage, prep: Prepared, wall: float, study_dir
                           if prep.settings.storage_url != st.default_storage(study_dir.parent, study.study_name)
                           else [])])
     try:
+        if ("export", "hang") in prep.settings.run.faults:  # test hook: a stop that arrives during the export
+            print("inject-fault: the export waits", file=sys.stderr, flush=True)
+            time.sleep(10**6)
         written = export_study(study, study_dir, storage)
     except KeyboardInterrupt:
         print(f"interrupted while exporting the front (the study is saved); export it with: {again}",

@@ -121,7 +121,7 @@ class RunSettings:
     save_weights: bool = False
     max_failures_in_a_row: int = 5
     export: bool = True
-    faults: tuple[tuple[int, str], ...] = ()  # test hook (--inject-fault KIND@TRIAL): (trial number, fault kind)
+    faults: tuple[tuple[int | str, str], ...] = ()  # test hook (--inject-fault): (trial number or "export", kind)
 
     def __post_init__(self) -> None:
         if self.budget <= 0:
@@ -294,13 +294,18 @@ def parse_train_args(items: list[str] | tuple[str, ...], flag: str = "--train-ar
     return tuple(sorted(out.items()))
 
 
-def parse_faults(items: list[str]) -> tuple[tuple[int, str], ...]:
-    faults = []
+def parse_faults(items: list[str]) -> tuple[tuple[int | str, str], ...]:
+    """``--inject-fault`` items (tests only): KIND@TRIAL, a training's fault, or ``hang@export``, which holds the
+    export at its start (a stop during the export)."""
+    faults: list[tuple[int | str, str]] = []
     for item in items:
-        kind, _, number = item.partition("@")
-        if kind not in FAULTS or not number.isdigit():
-            raise SearchError(f"--inject-fault {item!r}: expected KIND@TRIAL with KIND in {FAULTS}")
-        faults.append((int(number), kind))
+        kind, _, where = item.partition("@")
+        if item == "hang@export":
+            faults.append(("export", kind))
+        elif kind in FAULTS and where.isdigit():
+            faults.append((int(where), kind))
+        else:
+            raise SearchError(f"--inject-fault {item!r}: expected KIND@TRIAL with KIND in {FAULTS}, or hang@export")
     return tuple(faults)
 
 

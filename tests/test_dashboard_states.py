@@ -19,6 +19,8 @@ from space import SpaceConfig, build_space, load_base
 from test_driver import LATENCY, SCHEDULE, make_driver, new_study, rung_driver
 
 
+pytestmark = pytest.mark.slow  # real trainings, in this process
+
 class Dashboard:
     """The dashboard's tell, on its own connection to the study's database."""
 

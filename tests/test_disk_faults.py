@@ -20,6 +20,8 @@ from test_dashboard_states import ActingPool
 from test_driver import SCHEDULE, TABLE, make_driver, new_study, rung_driver, storage_of
 
 
+pytestmark = pytest.mark.slow  # real trainings, in this process
+
 @pytest.fixture(scope="module")
 def two_places():
     return build_space(load_base("yolov8n.yaml"), SpaceConfig(slots=("N4", "N5"), modules={"CGA": {}},

@@ -169,14 +169,14 @@ def test_failing_trials_are_recorded_and_the_study_finishes(tmp_path, coco128):
     # propose again, and dedup would then not train) makes the first trials distinct candidates.
     space = tmp_path / "no-base.yaml"
     space.write_text("min_layers: 1\n")
-    res = run_search(search_cmd(tmp_path, coco128, "--budget", "3", "--study-name", "f", "--trial-timeout", "25",
+    res = run_search(search_cmd(tmp_path, coco128, "--budget", "3", "--study-name", "f", "--trial-timeout", "15",
                                 "--sampler", "random", "--space", str(space), "--weights", "none", *faults))
     assert res.returncode == 0, res.stderr[-3000:]
     trials = {t.number: t for t in load(tmp_path, "f").trials}
     assert trials[1].state == TrialState.COMPLETE, "a dead worker is retried once"
     assert trials[1].user_attrs["attempts"] == 2 and "retried_after" in trials[1].user_attrs
     expected = {2: ("exception", "injected fault in trial 2"), 3: ("diverged", "loss became nan"),
-                4: ("timeout", "--trial-timeout 25")}
+                4: ("timeout", "--trial-timeout 15")}
     for number, (kind, reason) in expected.items():
         t = trials[number]
         assert t.state == TrialState.FAIL and t.user_attrs["fail_kind"] == kind

@@ -376,4 +376,9 @@ def _local_gpus() -> int:
 
 
 def _short(err: BaseException) -> str:
+    """One line for ``err``: for a task that raised, the task's own exception (Ray's text starts with the task's
+    name and pid)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {_short(cause)}"[:300]
     return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)[:300]

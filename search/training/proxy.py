@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -333,6 +334,10 @@ class QuietFileHandler(logging.FileHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:
         pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the buffered tail could not be flushed: the file is closed anyway
+            super().close()
 
 
 def _trial_log(path: Path) -> logging.Handler:
