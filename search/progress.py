@@ -4,9 +4,11 @@ on its optuna-dashboard page (progress, the front, the commands that resume or e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -18,41 +20,83 @@ from .front import pareto
 from .front.report import front_rows
 from .settings import Settings
 from .storage import study as st
+from .storage.companions import RungStudies
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How many training epochs a search spends, for the estimate of the time left: every candidate trains to the
+    first rung, ``1 / eta`` of those go on to each next rung (successive halving), and after the budget the front
+    and the base train again at the top rung with ``confirm_seeds`` more seeds."""
+
+    rungs: tuple[int, ...]
+    eta: int
+    budget: int
+    confirm_seeds: int
+    workers: int
+
+    def expected(self, front_size: int) -> float:
+        """Epochs of the whole run (an upper bound: a reused or infeasible candidate trains none)."""
+        total, before, reaching = 0.0, 0, float(self.budget)
+        for epochs in self.rungs:
+            total += reaching * (epochs - before)
+            before, reaching = epochs, reaching / self.eta
+        return total + self.confirm_seeds * (front_size + 1) * self.rungs[-1]
+
+    def seconds_left(self, spent: float, front_size: int, seconds_per_epoch: float | None) -> float | None:
+        """Wall seconds to the end, ``workers`` trainings at a time; None before any epoch was timed."""
+        if seconds_per_epoch is None:
+            return None
+        return max(0.0, self.expected(front_size) - spent) * seconds_per_epoch / max(1, self.workers)
+
+
+def epochs_spent(study: optuna.Study, top_epochs: int) -> int:
+    """Epochs the study's candidates and confirmations trained so far (each candidate up to the last rung it
+    finished; a reused or infeasible one none)."""
+    spent = 0
+    for t in st.counted_trials(study):
+        if "reused_from" in t.user_attrs or "infeasible" in t.user_attrs:
+            continue
+        results = st.rung_results(t)
+        spent += max(results) if results else top_epochs
+    confirmed = study.user_attrs.get(st.CONFIRM_ATTR) or {}
+    return spent + top_epochs * sum(len(entry.get("offsets", [])) for entry in confirmed.values())
 
 
 class Progress:
-    """tqdm bar of completed trials / budget with the best value of each objective and the Pareto size; one line
-    per finished trial."""
+    """What the console shows while a search runs: one live status line (candidates, trainings, epochs, the front,
+    the time left), a tqdm bar on a terminal and a plain line every ``every_s`` seconds elsewhere (a pipe, a log
+    file). Events (a trial finished, a rung result, a retry) go to the study's ``log``, and to the console too
+    with ``verbose``; what a person must see (a stage begins, a stop) is ``say``."""
 
-    def __init__(self, study: optuna.Study, objectives: tuple[obj.Objective, ...], budget: int,
-                 on_update=None) -> None:
+    def __init__(self, study: optuna.Study, objectives: tuple[obj.Objective, ...], plan: EpochPlan,
+                 log: logging.Logger | None = None, verbose: bool = True, on_update=None, every_s: float = 60.0,
+                 clock=time.monotonic) -> None:
         self.on_update = on_update  # called after each finished trial (the study's dashboard note)
-        self.study = study
-        self.objectives = objectives
-        self.budget = budget
+        self.study, self.objectives, self.plan = study, objectives, plan
+        self.log, self.verbose, self.every_s, self.clock = log, verbose, every_s, clock
+        self.spent = float(epochs_spent(study, plan.rungs[-1]))
+        self.timed_epochs, self.timed_seconds = 0.0, 0.0
+        self.running, self.base, self._last_line = 0, None, float("-inf")
         done = len(st.counted_trials(study))
-        # disable=None: a bar on a terminal; in logs (no TTY) only the one-line-per-trial records below.
-        self.bar = tqdm(total=budget, initial=min(done, budget), desc="trials", unit="trial", file=sys.stderr,
-                        dynamic_ncols=True, disable=None,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+        # disable=None: a bar on a terminal only; elsewhere the periodic status lines of tick().
+        self.bar = tqdm(total=plan.budget, initial=min(done, plan.budget), desc="candidates", unit="cand",
+                        file=sys.stderr, dynamic_ncols=True, disable=None,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {postfix}")
         self._refresh()
 
-    def _refresh(self) -> None:
-        done = st.counted_trials(self.study)
-        told = [t for t in done if t.values]  # candidates stopped below the top rung have no values
-        if told:
-            best = []
-            for i, o in enumerate(self.objectives):
-                pick = max if o.maximize else min
-                best.append(f"{o.name} {o.show(pick(t.values[i] for t in told))}")
-            front = pareto.pareto_trials(self.study, self.objectives)
-            self.bar.set_postfix_str(f"best {', '.join(best)}; Pareto {len(front)}")
-        self.bar.n = min(len(done), self.budget)
-        self.bar.refresh()
-        if self.on_update is not None:
-            self.on_update()
-
+    # -- what happened -----------------------------------------------------------------------------------------
     def note(self, text: str) -> None:
+        """An event: to the study's log; on the console with ``verbose``."""
+        if self.log is not None:
+            self.log.info(text)
+        if self.verbose:
+            self.bar.write(text, file=sys.stderr)
+
+    def say(self, text: str) -> None:
+        """A line for the console whatever ``verbose`` says (a stage begins, a stop), and the log."""
+        if self.log is not None:
+            self.log.info(text)
         self.bar.write(text, file=sys.stderr)
 
     def completed(self, number: int, text: str) -> None:
@@ -65,19 +109,72 @@ class Progress:
         self.note(f"{self._count()} trial {number:>3}  FAIL  {text}")
         self._refresh()
 
+    def trained(self, epochs: float, seconds: float) -> None:
+        """A training of ``epochs`` epochs finished in ``seconds``: the estimate learns the time of an epoch."""
+        self.spent += epochs
+        self.timed_epochs += epochs
+        self.timed_seconds += seconds
+
+    # -- the status line ---------------------------------------------------------------------------------------
+    def tick(self, running: int, base: tuple[int, int, float] | None = None) -> None:
+        """The driver's loop, with ``running`` trainings under way (and ``base``: epochs done, epochs, seconds so far
+        of the base training, while it runs): refresh the bar, or print the status line when ``every_s`` seconds
+        have passed since the last one (not a terminal)."""
+        self.running, self.base = running, base
+        if not self.bar.disable:
+            self.bar.set_postfix_str(self.status(), refresh=True)
+        elif self.clock() - self._last_line >= self.every_s:
+            self._last_line = self.clock()
+            print(f"{self._count()} {self.status()}", file=sys.stderr, flush=True)
+
+    def status(self) -> str:
+        """``2 training, 37/126 epochs, front: mAP50-95 0.412, latency_ms 3.21 (4 trials), ~21 min left``."""
+        front = pareto.pareto_trials(self.study, self.objectives)
+        parts = [f"{self.running} training", f"{self.spent:.0f}/{self.plan.expected(len(front)):.0f} epochs"]
+        if self.base is not None:  # candidates wait for it: its own epochs and time left come first
+            done, total, seconds = self.base
+            left = f", ~{_duration(seconds / done * (total - done))} left" if done else ""
+            parts.insert(0, f"base training: epoch {done}/{total}{left}")
+        if front:
+            best = ", ".join(f"{o.name} {o.show((max if o.maximize else min)(t.values[i] for t in front))}"
+                             for i, o in enumerate(self.objectives))
+            parts.append(f"front: {best} ({len(front)} trial{'s' if len(front) != 1 else ''})")
+        per_epoch = self.timed_seconds / self.timed_epochs if self.timed_epochs else None
+        left = self.plan.seconds_left(self.spent, len(front), per_epoch)
+        parts.append("time left: estimated after the first training" if left is None else f"~{_duration(left)} left")
+        return ", ".join(parts)
+
+    def _refresh(self) -> None:
+        self.bar.n = min(len(st.counted_trials(self.study)), self.plan.budget)
+        self.bar.set_postfix_str(self.status(), refresh=True)
+        if self.on_update is not None:
+            self.on_update()
+
     def _count(self) -> str:
-        return f"[{len(st.counted_trials(self.study))}/{self.budget}]"
+        return f"[{len(st.counted_trials(self.study))}/{self.plan.budget}]"
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``1 h 05 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 class StudyNotes:
     """The study's optuna-dashboard note (markdown on the study page): settings, the commands that resume or
     extend the study, progress and the current front, rewritten after every finished trial."""
 
-    def __init__(self, study: optuna.Study, settings: Settings, study_dir: Path, resources: str) -> None:
+    def __init__(self, study: optuna.Study, settings: Settings, study_dir: Path, resources: str,
+                 storage: optuna.storages.BaseStorage | None = None) -> None:
+        """``storage``: where the rung companions are looked up (none linked without it)."""
         self.study, self.settings, self.study_dir, self.resources = study, settings, study_dir, resources
+        self.storage = storage
 
     def update(self, status: str = "running") -> None:
         try:
@@ -100,7 +197,13 @@ class StudyNotes:
                  f"```\n{settings.resume_command(study.study_name)}\n```", "",
                  f"Extend to {2 * run.budget} completed trials:", "",
                  f"```\n{settings.resume_command(study.study_name, 2 * run.budget)}\n```", "",
-                 f"Files: `{self.study_dir}` (trials, artifacts, pareto/).", "", "### Pareto front", ""]
+                 f"Files: `{self.study_dir}` (trials, artifacts, pareto/).", ""]
+        rung_studies = RungStudies(study, self.storage).names() if self.storage is not None else []
+        if rung_studies:  # ids in the dashboard's own URLs: its studies are /dashboard/studies/<id>
+            links = ", ".join(f"[{name}](/dashboard/studies/{self.storage.get_study_id_from_name(name)})"
+                              for name in rung_studies)
+            lines += [f"Results below the top rung, one trial per candidate: {links}.", ""]
+        lines += ["### Pareto front", ""]
         rows = front_rows(study, settings.study.objective_table()) if st.completed_trials(study) else []
         if rows:
             keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-failures-in-a-row", type=int, default=run.max_failures_in_a_row,
                    help=f"stop the search after this many [{run.max_failures_in_a_row}]")
     g.add_argument("--no-export", dest="export", action="store_false", help="skip writing pareto/ and the plots at the end")
+    g.add_argument("--verbose", action="store_true", help="print every event (a trial finished, a rung result, a "
+                   "retry) on the console as well as in <study>/search.log; default: one status line")
     p.add_argument("--inject-fault", dest="faults", action="append", default=[], help=argparse.SUPPRESS)  # tests: KIND@TRIAL
     return p
 

@@ -31,7 +31,7 @@ from .front.export import export_study
 from .front.report import report
 from .latency.audit import busy_warning
 from .prepare import Prepared
-from .progress import Progress, StudyNotes
+from .progress import EpochPlan, Progress, StudyNotes
 from .settings import RAY_START_S, differences
 from .storage import study as st
 from .storage.reconnect import DatabaseFull, DatabaseUnreachable
@@ -85,7 +85,7 @@ def run_session(prep: Prepared) -> int:
             storage = st.open_storage(s.storage_url)
         return _run(prep, storage, existing, executor)
     except DatabaseUnreachable as err:  # nothing more can be written; the trials left RUNNING are re-queued on resume
-        then = "then continue with" if isinstance(err, DatabaseFull) else "Continue when it is back"
+        then = "Then continue with" if isinstance(err, DatabaseFull) else "Continue when it is back"
         print(f"error: {err}; stopped. {then}: {prep.settings.resume_command(s.study_name)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the driver ran (opening the study, storing the base weights): nothing lost
@@ -192,8 +192,10 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
         log.error("stopped: %s", full, exc_info=err)
         print(f"error: {full}; then continue with: {prep.settings.resume_command(study.study_name)}", file=sys.stderr)
         return 1
-    notes = StudyNotes(study, prep.settings, study_dir, executor.describe())
-    progress = Progress(study, prep.objectives, prep.settings.run.budget, on_update=notes.update)
+    notes = StudyNotes(study, prep.settings, study_dir, executor.describe(), storage)
+    fidelity, run = prep.settings.study.fidelity, prep.settings.run
+    plan = EpochPlan(fidelity.rungs, fidelity.eta, run.budget, fidelity.confirm_seeds, executor.workers)
+    progress = Progress(study, prep.objectives, plan, log, run.verbose, on_update=notes.update)
     store = optuna.artifacts.FileSystemArtifactStore(str(study_dir / "artifacts"))
     jobs = TrainJobs(prep.settings, str(prep.data.yaml), study_dir, threads, base.weights)
     driver = Driver(study, prep.space, executor, prep.settings, jobs, base, progress, storage, store)
@@ -227,6 +229,7 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
             notes.update(status={0: "finished", 1: "stopped", 130: "interrupted"}.get(status, "stopped"))
         exported = _finish(study, storage, prep, time.time() - t0, study_dir)
         if stopped:
+            log.info(stopped)
             print(stopped, file=sys.stderr)
         return status or exported
     finally:
@@ -367,6 +370,7 @@ def _finish(study: optuna.Study, storage, prep: Prepared, wall: float, study_dir
 def study_log(study_dir: Path) -> logging.Logger:
     """The study's own log, ``<study>/search.log``: the tracebacks behind the one-line messages of the console."""
     log = logging.getLogger(f"attnas.study.{study_dir}")
+    log.setLevel(logging.INFO)
     if not log.handlers:
         with contextlib.suppress(OSError):
             handler = QuietFileHandler(study_dir / "search.log", delay=True)

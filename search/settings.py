@@ -121,6 +121,7 @@ class RunSettings:
     save_weights: bool = False
     max_failures_in_a_row: int = 5
     export: bool = True
+    verbose: bool = False  # every event (trial finished, rung result, retry) on the console too, not only in search.log
     faults: tuple[tuple[int | str, str], ...] = ()  # test hook (--inject-fault): (trial number or "export", kind)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from search.engine.work import InProcessPool
 from search.storage import study as st
 from space import SpaceConfig, build_space, load_base
-from test_driver import LATENCY, SCHEDULE, make_driver, new_study, rung_driver
+from test_driver import LATENCY, SCHEDULE, make_driver, new_study, rung_driver, storage_of
 
 
 pytestmark = pytest.mark.slow  # real trainings, in this process
@@ -116,3 +116,68 @@ def test_the_dashboard_cannot_finish_a_trial_under_confirmation(tmp_path, coco12
     driver.confirm(seeds=1)
     assert refused and study.trials[0].state == TrialState.COMPLETE
     assert study.user_attrs[st.CONFIRM_ATTR]["0"]["offsets"] == [1] and not st.outside_changes(study)
+
+
+class DashboardServer:
+    """optuna-dashboard's own application (``optuna_dashboard.wsgi``) served on localhost from a thread."""
+
+    def __init__(self, storage) -> None:
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        import optuna_dashboard
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = make_server("127.0.0.1", 0, optuna_dashboard.wsgi(storage), handler_class=Quiet)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def get(self, path: str):
+        import requests
+
+        return requests.get(self.url + path, timeout=30).json()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_rung_results_are_plotted_in_the_dashboard_while_candidates_wait(tmp_path, coco128):
+    """Issue 21: each rung below the top has a companion study, ``d · rung 1``, with one COMPLETE trial per result
+    at that rung (the candidate's parameters), readable through the dashboard's API while the candidates wait;
+    the main study still tells only top-rung results."""
+    space = build_space(load_base("yolov8n.yaml"), SpaceConfig(slots=("N4", "N5"), modules={"CGA": {}},
+                                                               modes=("insert",), min_layers=1, max_layers=1))
+    study = new_study(tmp_path, enqueue_base=False)
+    driver = rung_driver(study, space, tmp_path, coco128, budget=3)
+    for _ in range(200):  # until two candidates have a rung-1 result (eta 2: one is promoted, one waits)
+        if len(driver.rungs.ladder.results[0]) >= 2:
+            break
+        driver._step()
+    assert driver.rungs.paused, "a candidate waits at rung 1"
+    waiting = {n: st.rung_results(study.trials[n])[1] for n in driver.rungs.ladder.results[0]}
+    server = DashboardServer(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}"))
+    try:
+        studies = {s["study_name"]: s["study_id"] for s in server.get("/api/studies")["study_summaries"]}
+        assert set(studies) == {"d", "d · rung 1"}
+        shown = server.get(f"/api/studies/{studies['d · rung 1']}")
+        assert shown["objective_names"] == ["mAP50-95", "latency_ms", "params"]
+        by_trial = {int(next(a["value"] for a in t["user_attrs"] if a["key"] == "trial")): t for t in shown["trials"]}
+        assert set(by_trial) == set(waiting)
+        for number, values in waiting.items():
+            t = by_trial[number]
+            assert t["state"] == "Complete" and t["values"] == pytest.approx(values)
+            assert {p["name"]: p["param_internal_value"] for p in t["params"]} == pytest.approx(
+                {k: study.trials[number].distributions[k].to_internal_repr(v)
+                 for k, v in study.trials[number].params.items()})
+        main = server.get(f"/api/studies/{studies['d']}")
+        assert all(t["state"] == "Running" and not t.get("values") for t in main["trials"]
+                   if t["number"] in driver.rungs.paused), "the main study holds top-rung results only"
+    finally:
+        server.close()
+    assert st.study_names(f"sqlite:///{tmp_path / 'study.db'}") == ["d"], "companions are not studies to resume"
+    driver.run()  # to the budget: a promoted candidate's top-rung result goes to the main study only
+    companion = optuna.load_study(study_name="d · rung 1", storage=storage_of(tmp_path))
+    assert len(companion.trials) == len(st.counted_trials(study)), "every candidate's rung-1 result, once"

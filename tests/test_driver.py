@@ -19,7 +19,7 @@ from search.engine.jobs import TrainJobs
 from search.latency import LatencySettings
 from search.training.proxy import ProxySchedule
 from search.front.ranks import pareto_ranks
-from search.progress import Progress
+from search.progress import EpochPlan, Progress
 from search.settings import Constraints, Fidelity, RunSettings, Settings, StudySettings
 from search.training.weights import BaseSource, WeightsPlan, base_training_job
 from search.engine.work import InProcessPool
@@ -68,7 +68,8 @@ def make_driver(study, space, tmp_path, coco128, budget: int, pool=None, storage
                                     max_failures_in_a_row=max_failures_in_a_row),
                         study.study_name, "sqlite:///study.db", tmp_path)
     jobs = TrainJobs(settings, str(coco128 / "coco128.yaml"), tmp_path, threads=1)
-    return Driver(study, space, pool, settings, jobs, BaseSource(job=base_job), Progress(study, TABLE, budget),
+    plan = EpochPlan(fidelity.rungs, eta, budget, confirm_seeds=0, workers=1)
+    return Driver(study, space, pool, settings, jobs, BaseSource(job=base_job), Progress(study, TABLE, plan),
                   storage or storage_of(tmp_path), **driver_kw)
 
 

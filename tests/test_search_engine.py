@@ -77,6 +77,7 @@ def test_end_to_end_study_is_complete_and_documented(e2e):
     assert settings["objectives"] == ["mAP50-95", "latency_ms"]
     assert {"torch", "ultralytics", "optuna", "ray"} <= set(study.user_attrs["attnas_versions"])
     assert done[0].params == {"placement": "none"}, "the base model is evaluated first, as the reference"
+    assert "Token authentication" not in result.stderr, "no notice a user cannot act on (issue 21)"
     # Pipelining: a trial beyond the two workers is sampled (and timed) before either training finishes.
     assert done[2].datetime_start < min(done[0].datetime_complete, done[1].datetime_complete)
     store = optuna.artifacts.FileSystemArtifactStore(str(out / "e2e" / "artifacts"))
@@ -170,7 +171,8 @@ def test_failing_trials_are_recorded_and_the_study_finishes(tmp_path, coco128):
     space = tmp_path / "no-base.yaml"
     space.write_text("min_layers: 1\n")
     res = run_search(search_cmd(tmp_path, coco128, "--budget", "3", "--study-name", "f", "--trial-timeout", "15",
-                                "--sampler", "random", "--space", str(space), "--weights", "none", *faults))
+                                "--sampler", "random", "--space", str(space), "--weights", "none", "--verbose",
+                                *faults))
     assert res.returncode == 0, res.stderr[-3000:]
     trials = {t.number: t for t in load(tmp_path, "f").trials}
     assert trials[1].state == TrialState.COMPLETE, "a dead worker is retried once"

@@ -25,7 +25,7 @@ def confirm_front(study: optuna.Study, space: SearchSpace, pool: WorkPool, jobs:
     todo = confirm.todo(study, objectives, seeds)
     if not todo:
         return
-    progress.note(f"confirming the front: {len(todo)} training(s) of {len({t.number for t, _ in todo})} "
+    progress.say(f"confirming the front: {len(todo)} training(s) of {len({t.number for t, _ in todo})} "
                   f"trial(s) with other seeds")
     pending: dict[tuple, optuna.trial.FrozenTrial] = {}
     last_beat = 0.0
@@ -38,6 +38,7 @@ def confirm_front(study: optuna.Study, space: SearchSpace, pool: WorkPool, jobs:
                 candidate = space.suggest(optuna.trial.FixedTrial(trial.params))
                 pool.submit_train(key, jobs.confirmation(study.study_name, trial.number, candidate, k))
                 pending[key] = trial
+            progress.tick(len(pending))
             for event in pool.wait(timeout_s=1.0):
                 if event.kind != "train" or event.key not in pending:
                     continue
@@ -45,6 +46,8 @@ def confirm_front(study: optuna.Study, space: SearchSpace, pool: WorkPool, jobs:
                 if res.error_kind == DISK_FULL:  # not recorded: a resume trains this seed again
                     raise DiskFull(f"confirming trial {trial.number}: {res.error}")
                 values = None if res.error else obj.values(objectives, measured(trial), res)
+                if not res.error:
+                    progress.trained(jobs.settings.study.proxy.epochs, res.train_s)
                 confirm.record(study, trial.number, event.key[2], values, res.error, res.train_s)
                 shown = res.error or "  ".join(f"{o.name} {o.show(v)}" for o, v in zip(objectives, values)
                                                if o.needs_training)

@@ -36,6 +36,7 @@ from ..errors import SearchError, disk_fault
 from ..latency import LatencyResult
 from ..settings import Settings
 from ..storage import study as st
+from ..storage.companions import RungStudies
 from ..storage.reconnect import DatabaseUnreachable
 from ..training.proxy import DISK_FULL, TrainResult
 from ..training.weights import BaseSource, store_base_weights
@@ -72,7 +73,8 @@ class Driver:
         self.latency = LatencyBook(study, self.objectives, settings.study.constraints, settings.study.latency.imgsz,
                                    progress)
         fidelity = settings.study.fidelity
-        self.rungs = Rungs(study, fidelity.rungs, fidelity.eta, self.objectives, progress)
+        companions = RungStudies(study, storage) if len(fidelity.rungs) > 1 else None  # the dashboard's view
+        self.rungs = Rungs(study, fidelity.rungs, fidelity.eta, self.objectives, progress, companions)
         self.outside = OutsideWriters(study, storage, progress)
         self.done_by_hash = st.results_by_hash(study, self.fidelity)
         self.in_a_row = InARow(settings.run.max_failures_in_a_row, max_pruned_in_a_row)
@@ -140,7 +142,18 @@ class Driver:
         for event in self.pool.wait(timeout_s=1.0):
             self._handle(event)
         self._dispatch()
+        self.progress.tick(sum(r.training for r in self.running.values()) + self.base_pending,
+                           self._base_progress() if self.base_pending else None)
         return False
+
+    def _base_progress(self) -> tuple[int, int, float]:
+        """Epochs the base training finished (Ultralytics writes a row of ``results.csv`` per epoch), its epochs,
+        and the seconds since it started."""
+        results = Path(self.base.job.run_dir) / "results.csv"
+        with contextlib.suppress(OSError):
+            done = max(0, len(results.read_text().strip().splitlines()) - 1)  # less the header
+            return done, self.base.job.schedule.epochs, time.time() - self.started
+        return 0, self.base.job.schedule.epochs, time.time() - self.started
 
     def _dispatch(self) -> None:
         """Start trainings while a worker is free: promotions first (ASHA), then timed trials, oldest first."""
@@ -239,7 +252,7 @@ class Driver:
         if event.result.error_kind == DISK_FULL:
             raise DiskFull(f"--weights auto: training the base stopped: {event.result.error}")
         try:
-            weights = store_base_weights(self.base.job, event.result, self.jobs.study_dir, say=self.progress.note,
+            weights = store_base_weights(self.base.job, event.result, self.jobs.study_dir, say=self.progress.say,
                                          cache=self.base.cache, key=self.base.cache_key)
         except SearchError as err:
             raise SearchAborted(str(err)) from None
@@ -270,6 +283,7 @@ class Driver:
                 run.trial.set_user_attr("traceback", res.traceback[-2000:])
             self._fail(run, res.error_kind or "exception", res.error)
             return
+        self.progress.trained(self.rungs.epochs_trained(run), res.train_s)
         run.trial.set_user_attr("map50_95", res.map50_95)
         run.trial.set_user_attr("map50", res.map50)
         for key, value in res.extra.items():  # e.g. what was inherited from the base weights

@@ -171,6 +171,10 @@ class Executor:
         if run.ray_address:
             # A remote cluster may not have this code: ship the three packages with every task.
             runtime_env["py_modules"] = [os.path.dirname(m.__file__) for m in (modules, space, search)]
+        if not run.ray_address:
+            # Our own local Ray keeps Ray's default, token authentication, said explicitly: left unset, Ray prints a
+            # notice about it at every start that a user cannot act on. A cluster's mode is its owner's.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         try:
             # "local": always a new Ray of our own when no address is given, even when this machine already runs a
             # cluster (ray.init() would join it, and refuse the num_cpus given here).

@@ -109,7 +109,7 @@ class LatencyBook:
                 and "reused_from" not in t.user_attrs and str(t.number) not in done]
         if not todo:
             return
-        self.progress.note(f"timing {len(todo)} contended latenc{'y' if len(todo) == 1 else 'ies'} again")
+        self.progress.say(f"timing {len(todo)} contended latenc{'y' if len(todo) == 1 else 'ies'} again")
         pending = {}
         for t in todo:
             key = ("remeasure", t.number)

@@ -29,6 +29,7 @@ from space import SearchSpace, to_yaml
 from .. import objectives as obj
 from ..front.ranks import promotion_order
 from ..storage import study as st
+from ..storage.companions import RungStudies
 from ..training.proxy import TrainResult
 from .feasibility import measured
 from .inflight import InFlight
@@ -112,8 +113,10 @@ class Rungs:
     checkpoint of their last rung; ``seen_hashes`` are the networks with any rung result (not evaluated again)."""
 
     def __init__(self, study: optuna.Study, epochs: tuple[int, ...], eta: int,
-                 objectives: tuple[obj.Objective, ...], progress) -> None:
+                 objectives: tuple[obj.Objective, ...], progress, companions: RungStudies | None = None) -> None:
+        """``companions``: where each result below the top rung is also written for the dashboard."""
         self.study = study
+        self.companions = companions
         self.epochs = epochs
         self.objectives = objectives
         self.progress = progress
@@ -128,6 +131,10 @@ class Rungs:
     def stop_at(self, run: InFlight) -> int | None:
         """The epochs after which ``run``'s training stops (None: one rung, the schedule's epochs)."""
         return self.epochs[run.rung] if self.several else None
+
+    def epochs_trained(self, run: InFlight) -> int:
+        """Epochs of the training that just took ``run`` to its rung (from the rung before)."""
+        return self.epochs[run.rung] - (self.epochs[run.rung - 1] if run.rung > 0 else 0)
 
     def seconds(self, run: InFlight, key: str, seconds: float) -> float:
         """A candidate's total ``key`` seconds over the rungs it trained; with rungs, the split by rung (epochs)
@@ -147,6 +154,8 @@ class Rungs:
         run.trial.set_user_attr("rung_epochs", epochs)
         self.ladder.record(run.number, run.rung, values)
         self.seen_hashes.add(run.candidate.hash)
+        if self.companions is not None and run.rung < self.ladder.top:
+            self.companions.record(run.trial, epochs, values)
         if run.rung == self.ladder.top:
             self.drop_checkpoint(run)  # the previous rung's; the top rung keeps none
             return False

@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from space import first_line
 
 from ..errors import SearchError
+from .companions import is_rung_study
 from .reconnect import RECONNECT_S, ReconnectingStorage, sqlite_patience
 
 SETTINGS_ATTR = "attnas_settings"  # what defines the study: base, data, space, proxy schedule, latency
@@ -171,7 +172,9 @@ def dashboard_command(url: str, artifact_dir: Path | None) -> str:
 
 
 def study_names(url: str) -> list[str]:
-    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)]
+    """The studies a user runs in ``url`` (not the rung companions written for the dashboard)."""
+    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)
+            if not is_rung_study(s.study_name)]
 
 
 def find_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
