@@ -27,7 +27,7 @@ from .engine.executor import Executor
 from .engine.jobs import TrainJobs
 from .errors import SearchError, disk_fault
 from .front import confirm
-from .front.export import export_study
+from .front.export import confirmation_state, export_study
 from .front.report import report
 from .latency.audit import busy_warning
 from .prepare import Prepared
@@ -363,7 +363,10 @@ def _finish(study: optuna.Study, storage, prep: Prepared, wall: float, study_dir
         study_log(study_dir).error("export failed: %s", full, exc_info=err)
         print(f"error: {full}; then export it with: {again}", file=sys.stderr)
         return 1
-    print(f"exported the front to {written}", file=sys.stderr)
+    state = confirmation_state(study, prep.objectives)
+    flag = (f" (unconfirmed: single top-rung runs; {state['trainings_pending']} confirmation training(s) still to "
+            "run on resume)" if state["trainings_pending"] else "")
+    print(f"exported the front to {written}{flag}", file=sys.stderr)
     return 0
 
 

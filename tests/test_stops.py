@@ -7,6 +7,7 @@ Real local Ray, SQLite and Ultralytics (tiny settings: one base-only candidate, 
 on a real small tmpfs (tests/conftest.py ``small_disk``), the study database beside it.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -90,7 +91,12 @@ def test_a_search_stopped_at_each_stage_continues_to_the_end(tmp_path, coco128, 
     # 2. Ctrl-C while the front is confirmed: the base and its trial are done, the confirmation seed is not.
     second = Search(cmd)
     second.signal_when("confirming the front", signal.SIGINT, after_s=0.5)
-    stopped(second, f"interrupted while confirming the front: the seeds not recorded yet train on resume; {resume}")
+    err = stopped(second, f"interrupted while confirming the front: the seeds not recorded yet train on resume; "
+                          f"{resume}")
+    assert (f"exported the front to {out / 's'} (unconfirmed: single top-rung runs; 1 confirmation training(s) "
+            "still to run on resume)") in err, "a stopped run leaves a usable, flagged answer (issue 21)"
+    assert json.loads((out / "s" / "summary.json").read_text())["confirmation"] == {
+        "seeds": 1, "trainings_pending": 1, "confirmed": False}
     study = load_study()
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 1 and done[0].user_attrs["requeued_from"] == 0 and done[0].user_attrs["role"] == "base"
@@ -119,7 +125,8 @@ def test_a_search_stopped_at_each_stage_continues_to_the_end(tmp_path, coco128, 
     assert search_run.main(cmd[3:]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "already holds 1 completed trial(s)" in err and "exported the front to" in err
-    assert (out / "s" / "summary.json").is_file() and len(list((out / "s" / "pareto").glob("*.yaml"))) == 1
+    assert len(list((out / "s" / "pareto").glob("*.yaml"))) == 1
+    assert json.loads((out / "s" / "summary.json").read_text())["confirmation"]["confirmed"] is True
     study = load_study()
     assert [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))] == [done[0].number]
     assert (out / "s" / "base-weights.pt").stat().st_mtime_ns == weights_stamp, "the base trained once more only"

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import glob
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -171,10 +172,7 @@ class Executor:
         if run.ray_address:
             # A remote cluster may not have this code: ship the three packages with every task.
             runtime_env["py_modules"] = [os.path.dirname(m.__file__) for m in (modules, space, search)]
-        if not run.ray_address:
-            # Our own local Ray keeps Ray's default, token authentication, said explicitly: left unset, Ray prints a
-            # notice about it at every start that a user cannot act on. A cluster's mode is its owner's.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        _quiet_token_notice()
         try:
             # "local": always a new Ray of our own when no address is given, even when this machine already runs a
             # cluster (ray.init() would join it, and refuse the num_cpus given here).
@@ -371,6 +369,21 @@ class Executor:
             for path in glob.glob(os.path.join(flag_dir(), f"attnas-gate-{self.gate.token}-*")):
                 with contextlib.suppress(OSError):
                     os.remove(path)
+
+
+class _TokenNotice(logging.Filter):
+    """Ray's notice, at every start of a local Ray, that it uses token authentication (its default, which we
+    keep): nothing a user of the search can act on (issue 21)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+def _quiet_token_notice() -> None:
+    """Drop Ray's token notice, and only it (a logger filter; Ray's behaviour is unchanged)."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenNotice) for f in logger.filters):
+        logger.addFilter(_TokenNotice())
 
 
 def _local_gpus() -> int:

@@ -64,6 +64,7 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
         "pareto": [{**_row(objectives, t), **stats.get(t.number, {}),
                     "yaml": str(yamls[t.number].relative_to(study_dir))} for t in front],
         "pareto_on": "seed means of the confirmed trials" if confirmed else "single proxy runs at the top rung",
+        "confirmation": confirmation_state(study, objectives),
         "fidelity": study.user_attrs.get("attnas_fidelity"),
         "plots": plots + ["hypervolume.png"],
         "hypervolume": {"reference_point": dict(zip(obj.names(objectives), ref)),
@@ -72,6 +73,14 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
     }
     (study_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return study_dir
+
+
+def confirmation_state(study: optuna.Study, objectives) -> dict[str, Any]:
+    """Whether the exported front is confirmed: the seeds asked for and the trainings still missing (a run
+    stopped before its confirmation ended exports the front of single top-rung runs, flagged so)."""
+    seeds = (study.user_attrs.get(st.SETTINGS_ATTR) or {}).get("fidelity", {}).get("confirm_seeds", 0)
+    pending = len(confirm.todo(study, objectives, seeds)) if seeds else 0
+    return {"seeds": seeds, "trainings_pending": pending, "confirmed": bool(seeds) and not pending}
 
 
 def latency_summary(study: optuna.Study) -> dict[str, Any]:
