@@ -66,7 +66,8 @@ class PeakNeed:
 
 
 def checkpoint_bytes(n_params: int, optimizer: str = "auto") -> int:
-    """Size of an Ultralytics training checkpoint of a network with ``n_params`` parameters trained with ``optimizer``."""
+    """Size of an Ultralytics training checkpoint of a network of ``n_params`` parameters trained with
+    ``optimizer``."""
     # "auto" picks AdamW for short trainings (MuSGD beyond 10,000 iterations): the larger factor is the safe one.
     per_param = SGD_CHECKPOINT_BYTES_PER_PARAM if str(optimizer).lower() == "sgd" else ADAM_CHECKPOINT_BYTES_PER_PARAM
     return n_params * per_param + CHECKPOINT_OVERHEAD_BYTES
@@ -99,7 +100,8 @@ def base_bytes(weights_mode: str, n_params: int, base_optimizer: str, stored: bo
     return 2 * checkpoint_bytes(n_params, base_optimizer) + 2 * state_bytes(n_params)
 
 
-def peak_need(s: StudySettings, run: RunSettings, n_params: int, counted: int = 0, base_stored: bool = False) -> PeakNeed:
+def peak_need(s: StudySettings, run: RunSettings, n_params: int, counted: int = 0,
+              base_stored: bool = False) -> PeakNeed:
     """The most this run may hold on disk at once: the base has ``n_params`` parameters, ``counted`` candidates of
     the budget are already evaluated (an existing study's), ``base_stored`` when the study already holds its base."""
     remaining = max(0, run.budget - counted)

@@ -216,7 +216,8 @@ def _run(prep: Prepared, storage, existing, executor: Executor) -> int:
             return _study_gone(prep, storage, study_dir, executor, err)
         except SearchAborted as err:
             log.error("search stopped: %s", err, exc_info=err)
-            stopped = f"search stopped: {err}" + (f"; then continue with: {resume}" if isinstance(err, DiskFull) else "")
+            stopped = f"search stopped: {err}" + (f"; then continue with: {resume}"
+                                                  if isinstance(err, DiskFull) else "")
             status = 1
         except KeyboardInterrupt:
             stopped = ("interrupted while confirming the front: the seeds not recorded yet train on resume"
