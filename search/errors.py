@@ -18,14 +18,19 @@ DISK_FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded
 AGAIN = "free space there (or pass --out on another disk) and run the same command again"
 
 
+def causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and what caused it, innermost last (a library's error wraps the driver's or the system's)."""
+    seen: BaseException | None = err
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 def disk_error(err: BaseException) -> OSError | None:
     """The full-disk, over-quota or read-only OSError behind ``err`` (itself or what caused it), or None."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in DISK_FAULTS:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((seen for seen in causes(err) if isinstance(seen, OSError) and seen.errno in DISK_FAULTS), None)
 
 
 def disk_fault(err: BaseException, doing: str, where: str | Path, then: str = AGAIN) -> SearchError | None:

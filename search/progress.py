@@ -129,7 +129,7 @@ class Progress:
 
     def status(self) -> str:
         """``2 training, 37/126 epochs, front: mAP50-95 0.412, latency_ms 3.21 (4 trials), ~21 min left``."""
-        front = pareto.pareto_trials(self.study, self.objectives)
+        front = self._front
         parts = [f"{self.running} training", f"{self.spent:.0f}/{self.plan.expected(len(front)):.0f} epochs"]
         if self.base is not None:  # candidates wait for it: its own epochs and time left come first
             done, total, seconds = self.base
@@ -145,6 +145,8 @@ class Progress:
         return ", ".join(parts)
 
     def _refresh(self) -> None:
+        """After a trial finished: the count and the front (which only a finished trial changes) read again."""
+        self._front = pareto.pareto_trials(self.study, self.objectives)
         self.bar.n = min(len(st.counted_trials(self.study)), self.plan.budget)
         self.bar.set_postfix_str(self.status(), refresh=True)
         if self.on_update is not None:

@@ -149,11 +149,11 @@ class Driver:
     def _base_progress(self) -> tuple[int, int, float]:
         """Epochs the base training finished (Ultralytics writes a row of ``results.csv`` per epoch), its epochs,
         and the seconds since it started."""
-        results = Path(self.base.job.run_dir) / "results.csv"
-        with contextlib.suppress(OSError):
-            done = max(0, len(results.read_text().strip().splitlines()) - 1)  # less the header
-            return done, self.base.job.schedule.epochs, time.time() - self.started
-        return 0, self.base.job.schedule.epochs, time.time() - self.started
+        done = 0
+        with contextlib.suppress(OSError):  # not written before its first epoch ends
+            rows = (Path(self.base.job.run_dir) / "results.csv").read_text().strip().splitlines()
+            done = max(0, len(rows) - 1)  # less the header
+        return done, self.base.job.schedule.epochs, time.time() - self.started
 
     def _dispatch(self) -> None:
         """Start trainings while a worker is free: promotions first (ASHA), then timed trials, oldest first."""
@@ -216,7 +216,7 @@ class Driver:
         try:
             yaml_text = self.jobs.write_candidate(self.study, trial, candidate, self.store)
         except OSError:  # a full disk: the search stops, and this candidate is proposed again on resume
-            InFlight(trial, candidate, "", time.time()).requeue(self.study)
+            st.requeue(self.study, trial, "its files could not be written; parameters queued again")
             raise
         self.running[trial.number] = InFlight(trial, candidate, yaml_text, time.time())
         self.pool.submit_latency(trial.number, candidate, self.settings.study.proxy.imgsz)

@@ -49,7 +49,7 @@ class RungStudies:
     def names(self) -> list[str]:
         """The companions that exist, lowest rung first."""
         all_names = {s.study_name for s in self.storage.get_all_studies()}
-        prefix = rung_study_name(self.study.study_name, 0)[:-1]
+        prefix = f"{self.study.study_name}{MARK}"
         return sorted((n for n in all_names if n.startswith(prefix)), key=lambda n: int(n.rsplit(" ", 1)[1]))
 
     def _companion(self, epochs: int) -> tuple[optuna.Study, set[int]]:

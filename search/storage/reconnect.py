@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from space import first_line
 
-from ..errors import DISK_FAULTS, SearchError, disk_error
+from ..errors import DISK_FAULTS, SearchError, causes, disk_error
 
 RECONNECT_S = 60.0  # how long a search waits for its database before it stops (a restart takes seconds)
 # SQLite's primary result codes (sqlite3 names them from Python 3.11); extended codes keep them in the low byte
@@ -36,16 +36,6 @@ class DatabaseFull(DatabaseUnreachable):
     not retried (it would fail the same way until someone frees space)."""
 
 
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    """``err`` and what caused it (Optuna wraps SQLAlchemy's error, which wraps the driver's), innermost last."""
-    seen: BaseException | None = err
-    visited: set[int] = set()
-    while seen is not None and id(seen) not in visited:
-        visited.add(id(seen))
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
 def is_disconnect(err: BaseException) -> bool:
     """True when ``err`` (or what caused it) says the connection to the database is gone, not that a query was bad.
 
@@ -53,7 +43,7 @@ def is_disconnect(err: BaseException) -> bool:
     ``InterfaceError`` for a server that is down or restarting and flags a dropped connection as invalidated."""
     from sqlalchemy import exc
 
-    for seen in _chain(err):
+    for seen in causes(err):
         if isinstance(seen, (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)):
             return True
         if isinstance(seen, exc.DBAPIError) and seen.connection_invalidated:
@@ -63,7 +53,7 @@ def is_disconnect(err: BaseException) -> bool:
 
 def _sqlite_error(err: BaseException) -> sqlite3.Error | None:
     """The SQLite driver's own error under ``err``, if any."""
-    return next((seen for seen in _chain(err) if isinstance(seen, sqlite3.Error)), None)
+    return next((seen for seen in causes(err) if isinstance(seen, sqlite3.Error)), None)
 
 
 def _sqlite_code(error: sqlite3.Error) -> int | None:
