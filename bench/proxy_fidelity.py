@@ -192,7 +192,7 @@ def main() -> None:
     print(f"{len(jobs)} trainings, {len(failed)} failed; wall {wall:.0f} s, training compute {compute:.0f} s")
 
 
-def _train_through_rungs(jobs: list[TrainJob]) -> tuple[str, list[float | None], float, str | None]:
+def train_through_rungs(jobs: list[TrainJob]) -> tuple[str, list[float | None], float, str | None]:
     """One training stopped at every rung and continued from its checkpoint (``jobs``: one per rung)."""
     scores, seconds, checkpoint = [], 0.0, None
     for job in jobs:
@@ -220,7 +220,7 @@ def rung_table(args, rungs: list[int], picked, data, weights, schedules: dict[st
         if i == 0 and "inherit" in schedules:
             chains += [chain(0, "inherit", replace(schedules["inherit"], seed=args.seed + k),
                              out / "rungs-noise" / f"seed{args.seed + k}") for k in range(1, args.noise_seeds + 1)]
-    results = _run_all(_train_through_rungs, chains, args.workers, out)
+    results = _run_all(train_through_rungs, chains, args.workers, out)
     wall = time.time() - t0
     n_pairs = len(picked) * (len(picked) - 1) // 2
     print(f"data {data.describe()}; rungs {rungs} epochs at {args.imgsz} px, one training per architecture stopped "

@@ -13,11 +13,11 @@ from .candidate import (Candidate, Stats, build_model, canonical_hash, count_gfl
                         validated_model, write_yaml)
 from .errors import SpaceError, first_line
 from .graph import Placement, Slot, find_slots, mutate
-from .inherit import Inheritance, check_checkpoint, inherit
+from .inherit import Inheritance, align, check_checkpoint, inherit
 from .search_space import NONE, SearchSpace, SpaceConfig, build_space
 
 __all__ = [
     "Base", "Candidate", "Inheritance", "LayerInfo", "NONE", "Placement", "SearchSpace", "Slot", "SpaceConfig", "SpaceError", "Stats",
-    "build_model", "build_space", "canonical_hash", "check_checkpoint", "inherit", "count_gflops", "find_slots", "first_line", "load_base", "make_candidate",
+    "align", "build_model", "build_space", "canonical_hash", "check_checkpoint", "inherit", "count_gflops", "find_slots", "first_line", "load_base", "make_candidate",
     "mutate", "to_yaml", "validate", "validated_model", "write_yaml",
 ]

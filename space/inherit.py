@@ -4,17 +4,23 @@ Each kept base layer ``i`` of a candidate lives at index ``j`` (``Candidate.base
 ``model.i.*`` tensors become the candidate's ``model.j.*``. Inserted attention layers and replaced blocks start
 fresh. A checkpoint of another base or scale is refused; one trained for another class count gives everything but
 the class-prediction convolutions of the head (the usual transfer-learning case, reported as such).
+:func:`align` recovers that mapping from two YAMLs alone (a candidate file met outside its study).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
+import modules
+
 from .errors import SpaceError
+from .graph import absolute_rows
 
 _KEY = re.compile(r"^model\.(\d+)\.(.+)$")
 
@@ -83,3 +89,24 @@ def inherit(model: torch.nn.Module, base_layers: Iterable[tuple[int, int]], base
         fresh_layers=fresh,
         skipped_head_keys=tuple(skip),
     )
+
+
+def align(base_yaml: dict, candidate_yaml: dict) -> tuple[tuple[int, int], ...]:
+    """``(base index, candidate index)`` of every base layer the candidate kept, found from the two model YAMLs:
+    the longest common run of rows equal in module, repeats and arguments (``from`` is renumbered by an insertion,
+    so it is left out). An inserted layer matches no base row; a replaced block leaves its base row unmatched."""
+    def rows(data: dict) -> list[str]:
+        return [json.dumps([n, m, a], default=str) for _, n, m, a in absolute_rows(data)]
+
+    base_rows, candidate_rows = rows(base_yaml), rows(candidate_yaml)
+    matcher = difflib.SequenceMatcher(None, base_rows, candidate_rows, autojunk=False)
+    pairs = tuple((block.a + k, block.b + k) for block in matcher.get_matching_blocks() for k in range(block.size))
+    # What a candidate may add: attention layers only, and it may drop no more base rows than it has of them.
+    kept = {j for _, j in pairs}
+    added = [row for j, row in enumerate(absolute_rows(candidate_yaml)) if j not in kept]
+    foreign = [row[2] for row in added if row[2] not in modules.names()]
+    if foreign or len(base_rows) - len(pairs) > len(added):
+        raise SpaceError(f"the candidate is not made from this base: it keeps {len(pairs)} of the base's "
+                         f"{len(base_rows)} layers"
+                         + (f" and adds {foreign[0]}, not an attention layer" if foreign else ""))
+    return pairs

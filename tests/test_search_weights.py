@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,6 +58,19 @@ def test_auto_weights_are_inherited_and_reused_on_resume_and_constraints_skip_tr
     assert big.number not in {t.number for t in study.best_trials}
     counted = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if "infeasible" not in t.user_attrs]
     assert len(counted) == 2
+
+    # The front is exported as ready-to-train checkpoints too, and search.train trains one with the study's schedule.
+    pareto_dir = tmp_path / "w" / "pareto"
+    yamls = sorted(p.stem for p in pareto_dir.glob("*.yaml"))
+    assert yamls and sorted(p.stem for p in pareto_dir.glob("*.pt")) == yamls
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert [row["pt"] for row in summary["pareto"]] == [f"pareto/{stem}.pt" for stem in yamls]
+    full = subprocess.run([sys.executable, "-m", "search.train", str(pareto_dir / f"{yamls[0]}.pt"), "--fraction",
+                           "0.0625", "--workers", "0"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert f"{yamls[0]}.pt: mAP50-95" in full.stdout
+    recorded = json.loads((tmp_path / "w" / "full" / yamls[0] / "full.json").read_text())["training"]
+    assert (recorded["epochs"], recorded["imgsz"], recorded["data"]) == (1, 64, str(coco128 / "coco128.yaml"))
     # Another study on the same base, data and base training takes the cached base, and a different base training
     # misses the cache: tests/test_base_cache.py (without two more searches).
 

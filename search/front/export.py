@@ -1,6 +1,8 @@
 """The Pareto front of a study as files (at the end of a run, and by ``python -m search.export`` at any time).
 
 Writes into ``<out>/<study>/``: ``pareto/*.yaml`` (one Ultralytics YAML per Pareto trial, provenance header),
+``pareto/*.pt`` (the same candidates as ready-to-train checkpoints holding the base's weights; ``*-tuned.pt``: their
+top-rung weights where ``--save-weights`` kept them, see :mod:`search.front.checkpoints`),
 ``pareto.csv`` (a column per objective), ``pareto.png`` (front highlighted, base marked; with more than two
 objectives one ``pareto-A-vs-B.png`` per pair), ``hypervolume.csv`` and ``hypervolume.png`` (hypervolume after each
 completed trial) and ``summary.json``.
@@ -19,14 +21,17 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from space import build_space, load_base, to_yaml
+from space import Candidate, build_space, load_base, to_yaml
 
 from .. import objectives as obj
 from ..errors import SearchError
 from ..latency.window import REJECTIONS, rejection_kind
 from ..settings import StudySettings
 from ..storage import study as st
+from ..training.data import data_names, resolve_data_yaml
+from ..training.weights import STATE_FILE
 from . import confirm, pareto
+from .checkpoints import write_mapped, write_tuned
 
 
 def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.BaseStorage) -> Path:
@@ -40,9 +45,10 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
     stats = {c.trial.number: c.row(objectives) for c in confirmed}
     pareto_dir = study_dir / "pareto"
     pareto_dir.mkdir(exist_ok=True)
-    for old in pareto_dir.glob("*.yaml"):  # the front moves between exports
+    for old in [*pareto_dir.glob("*.yaml"), *pareto_dir.glob("*.pt")]:  # the front moves between exports
         old.unlink()
     yamls = {t.number: _write_pareto_yaml(study, storage, objectives, t, pareto_dir) for t in front}
+    checkpoints = _write_checkpoints(study, study_dir, front, yamls)
     _write_csv(objectives, front, yamls, stats, study_dir / "pareto.csv")
     ref = obj.reference_point(objectives, [t.values for t in done])
     history = hypervolume_history(study, objectives, ref)
@@ -62,7 +68,8 @@ def export_study(study: optuna.Study, study_dir: Path, storage: optuna.storages.
         "versions": study.user_attrs.get(st.VERSIONS_ATTR, {}),
         "base_trial": _row(objectives, base) if base else None,
         "pareto": [{**_row(objectives, t), **stats.get(t.number, {}),
-                    "yaml": str(yamls[t.number].relative_to(study_dir))} for t in front],
+                    "yaml": str(yamls[t.number].relative_to(study_dir)), **checkpoints.get(t.number, {})}
+                   for t in front],
         "pareto_on": "seed means of the confirmed trials" if confirmed else "single proxy runs at the top rung",
         "confirmation": confirmation_state(study, objectives),
         "fidelity": study.user_attrs.get("attnas_fidelity"),
@@ -166,13 +173,49 @@ def _artifact_yaml(study: optuna.Study, storage: optuna.storages.BaseStorage, t:
 
 
 def _rebuilt_yaml(study: optuna.Study, t: FrozenTrial) -> str:
+    return to_yaml(_candidate(study, t), {"study": study.study_name, "trial": t.number})
+
+
+def _candidate(study: optuna.Study, t: FrozenTrial) -> Candidate:
+    """The trial's candidate, rebuilt from its parameters (and checked against its recorded hash)."""
     settings = StudySettings.from_dict(study.user_attrs[st.SETTINGS_ATTR])
     space = build_space(load_base(settings.base), settings.space)
     candidate = space.suggest(optuna.trial.FixedTrial(t.params, t.number))
     if candidate.hash != t.user_attrs.get("candidate_hash"):
         raise SearchError(f"trial {t.number}: rebuilding its candidate gives hash {candidate.hash}, the study "
                           f"recorded {t.user_attrs.get('candidate_hash')} (space code changed?)")
-    return to_yaml(candidate, {"study": study.study_name, "trial": t.number})
+    return candidate
+
+
+def _write_checkpoints(study: optuna.Study, study_dir: Path, front: list[FrozenTrial],
+                       yamls: dict[int, Path]) -> dict[int, dict[str, str]]:
+    """``pareto/<name>.pt`` for each front trial when the study has base weights (``--weights none`` has none), and
+    ``<name>-tuned.pt`` where the trial's top-rung training kept its weights; the paths written, by trial."""
+    import torch
+
+    state_path = study_dir / STATE_FILE
+    if not front or not state_path.is_file():
+        return {}
+    settings = StudySettings.from_dict(study.user_attrs[st.SETTINGS_ATTR])
+    out = Path((study.user_attrs.get(st.PATHS_ATTR) or {}).get("out") or study_dir.parent)
+    data_yaml = resolve_data_yaml(settings.facts.get("data", {}).get("identity") or settings.data, out / ".data")
+    # What YOLO(pt) keeps (data, imgsz), and the full training's length and batch, for python -m search.train.
+    train_args = {"data": str(data_yaml), "imgsz": settings.proxy.imgsz, "epochs": settings.weights.base_epochs,
+                  "batch": settings.proxy.batch}
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    written: dict[int, dict[str, str]] = {}
+    for t in front:
+        yaml_path = yamls[t.number]
+        target = yaml_path.with_suffix(".pt")
+        write_mapped(target, yaml_path.read_text(), _candidate(study, t).base_layers, state, data_names(data_yaml),
+                     train_args)
+        written[t.number] = {"pt": str(target.relative_to(study_dir))}
+        source = study.get_trials(deepcopy=False)[t.user_attrs["reused_from"]] if "reused_from" in t.user_attrs else t
+        last = Path(source.user_attrs.get("run_dir", "/nonexistent")) / "weights" / "last.pt"
+        tuned = yaml_path.with_name(f"{yaml_path.stem}-tuned.pt")
+        if last.is_file() and write_tuned(last, tuned):
+            written[t.number]["tuned_pt"] = str(tuned.relative_to(study_dir))
+    return written
 
 
 def _write_csv(objectives: tuple[obj.Objective, ...], front: list[FrozenTrial], yamls: dict[int, Path],

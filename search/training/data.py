@@ -86,11 +86,24 @@ def used_count(total: int, fraction: float | int | list, split: str) -> int:
     return min(count, total)
 
 
+def resolve_data_yaml(data: str | Path | None, cache_dir: str | Path) -> Path:
+    """The dataset YAML ``--data`` (or a study's recorded data identity) means: a built-in set's under
+    ``cache_dir`` (generated on first use), else the path itself."""
+    name = builtin_name(data)
+    return default_dataset(cache_dir, name) if name is not None else Path(data).expanduser()
+
+
+def data_names(data_yaml: str | Path) -> dict[int, str]:
+    """The class names of a dataset YAML as Ultralytics keeps them on a model (index -> name)."""
+    names = (yaml.safe_load(Path(data_yaml).read_text()) or {}).get("names") or {}
+    return dict(enumerate(names)) if isinstance(names, list) else {int(k): str(v) for k, v in names.items()}
+
+
 def check_data(data: str | Path | None, cache_dir: str | Path, fraction: float | int | list = 1.0) -> DataInfo:
     """Resolve ``--data`` (None: the built-in set) and check it as Ultralytics will read it, without downloads."""
     name = builtin_name(data)
     builtin = name is not None
-    path = default_dataset(cache_dir, name) if builtin else Path(data).expanduser()
+    path = resolve_data_yaml(data, cache_dir)
     if not path.is_file():
         raise SearchError(f"data YAML {path} does not exist (pass an Ultralytics dataset YAML, or omit --data "
                           f"for the built-in {SHAPES_NAME} set)")
