@@ -40,7 +40,7 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 from proxy_fidelity import train_through_rungs  # noqa: E402
 from search.front.checkpoints import write_mapped  # noqa: E402
 from search.front.fidelity import kendall_tau_b, spearman_rho  # noqa: E402
-from search.settings import StudySettings  # noqa: E402
+from search.settings import FINETUNE_TRAIN_ARGS, StudySettings  # noqa: E402
 from search.storage.study import versions  # noqa: E402
 from search.training.data import check_data, data_names, safe_batch  # noqa: E402
 from search.training.proxy import TrainJob, run_training  # noqa: E402
@@ -53,6 +53,10 @@ from space.sample import sample_candidates  # noqa: E402
 # search's own flags, so the winner becomes a default without translation).
 RECIPES: dict[str, dict] = {
     "faithful": {},  # today's defaults: fresh layers start as their papers do, one learning rate for all
+    "lr10": {"fresh_lr_mult": 10.0},  # --fresh-lr-mult 10
+    "lr10-init": {"fresh_lr_mult": 10.0, "fresh_init": 0.1},  # --fresh-lr-mult 10 --fresh-init 0.1
+    "init": {"fresh_init": 0.1},  # --fresh-init 0.1
+    "no-warmup": {"train_args": tuple(sorted({**dict(FINETUNE_TRAIN_ARGS), "warmup_epochs": 0}.items()))},
 }
 MIN_INSERT_ONLY = 5
 
@@ -110,8 +114,8 @@ def proxy_task(spec: dict) -> dict:
 
 
 def plan(archs, data, weights, args, out: Path) -> list[tuple[str, dict]]:
-    """Every training the bench needs, in the order it runs them: truth with the first seed, the proxy under each
-    recipe, then the truth's further seeds (so an interrupted bench has a complete first table early)."""
+    """Every training the bench needs, in the order it runs them: truth with the first seed, the proxy under the
+    first recipe, the truth's further seeds, then the other recipes (an interrupted bench has a table early)."""
     s = StudySettings()
     batch = safe_batch(data.train_used, s.proxy.batch)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
@@ -128,7 +132,7 @@ def plan(archs, data, weights, args, out: Path) -> list[tuple[str, dict]]:
     def proxy(i: int, recipe: str) -> tuple[str, dict]:
         c = archs[i]
         key = f"proxy/{recipe}/{c.hash}"
-        schedule = replace(s.proxy, batch=batch, **RECIPES[recipe].get("proxy", {}))
+        schedule = replace(s.proxy, batch=batch, **RECIPES[recipe])
         job = TrainJob(trial=i, candidate_hash=c.hash, yaml_text=to_yaml(c), data=str(data.yaml), schedule=schedule,
                        run_dir=str(out / key), device=args.device, threads=threads, weights=weights.state_path,
                        base_layers=c.base_layers)
@@ -136,9 +140,9 @@ def plan(archs, data, weights, args, out: Path) -> list[tuple[str, dict]]:
                      "job": job.__dict__}
 
     first = [truth(i, 0) for i in range(len(archs))]
-    proxies = [proxy(i, r) for r in args.recipes for i in range(len(archs))]
+    proxies = [[proxy(i, r) for i in range(len(archs))] for r in args.recipes]
     more = [truth(i, seed) for seed in range(1, args.truth_seeds) for i in range(min(3, len(archs)))]
-    return first + proxies + more
+    return first + proxies[0] + more + sum(proxies[1:], [])
 
 
 def run(args) -> None:
@@ -222,8 +226,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="architectures sampled besides the base [8]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the architectures [0]")
     p.add_argument("--truth-seeds", type=int, default=2, help="seeds of the base and the first two architectures [2]")
-    p.add_argument("--recipes", type=lambda t: t.split(","), default=["faithful"],
-                   help=f"proxy recipes to compare, of {', '.join(RECIPES)} [faithful]")
+    p.add_argument("--recipes", type=lambda t: t.split(","), default=list(RECIPES),
+                   help=f"proxy recipes to compare, the first also the earliest [{','.join(RECIPES)}]")
     p.add_argument("--workers", type=int, default=2, help="trainings at once [2]")
     p.add_argument("--device", default="cpu")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "proxy-validity.jsonl"))

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from .common import residual_gates
 from .registry import HParam, ModuleSpec, add_family, check_hparams, get_spec, names, remove_family, specs
 
 __all__ = [
-    "HParam", "ModuleSpec", "add_family", "check_hparams", "get_spec", "names", "register", "remove_family", "specs",
+    "HParam", "ModuleSpec", "add_family", "check_hparams", "get_spec", "names", "register", "remove_family", "residual_gates", "specs",
 ]
 
 # One file per attention family, each defining SPEC next to its YOLO layer: a new family is one name here.

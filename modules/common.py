@@ -6,6 +6,24 @@ import torch
 from torch import nn
 
 
+GATE_EPS = 1e-5  # a gate holds its branch shut when every value is at most this in magnitude
+
+
+def residual_gates(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters that keep ``module``'s residual branches shut at initialisation, as the papers start them:
+    normalisation weights and layer scales (``gamma*``) whose every value is within ``GATE_EPS`` of zero (CGA's and
+    CoT's zero-initialised BN weights, DualViT's 1e-6 layer scales). Found by value, so call it on a fresh layer;
+    STA and GMA have none (they start as small non-zero branches)."""
+    gates = []
+    for name, sub in module.named_modules():
+        for pname, param in sub.named_parameters(recurse=False):
+            norm_weight = pname == "weight" and isinstance(sub, (nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                                                                 nn.GroupNorm))
+            if (norm_weight or pname.startswith("gamma")) and param.detach().abs().max() <= GATE_EPS:
+                gates.append(param)
+    return gates
+
+
 class DropPath(nn.Module):
     """Per-sample stochastic depth: zeroes whole residual branches, rescales kept ones by 1/keep (identity in
     eval mode or when ``drop_prob`` is 0)."""

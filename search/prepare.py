@@ -83,7 +83,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
     # A mismatched checkpoint is refused before anything is written; the checked state is kept for the run.
     checkpoint = check_user_checkpoint(s.weights, base, data.nc) if s.weights.mode == "path" else None
     if existing is not None:
-        diffs = differences(existing.user_attrs[st.SETTINGS_ATTR], s.as_dict())
+        # Read back through StudySettings first: settings added since the study was made read as what it used.
+        recorded = StudySettings.from_dict(existing.user_attrs[st.SETTINGS_ATTR]).as_dict()
+        diffs = differences(recorded, s.as_dict())
         if diffs:
             hint = "" if args.resume else "; pass --resume to take the study's settings, or a new --study-name"
             raise SearchError(f"study {study_name!r} was run with other settings: " + "; ".join(diffs) + hint)

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-arg", action="append", metavar="KEY=VALUE",
                    help="further Ultralytics train argument of every candidate, repeatable [inheriting: "
                         f"{default('train_arg')}; --weights none: {default('base_train_arg')}]")
+    g.add_argument("--fresh-lr-mult", type=float, help="learning rate of the layers a candidate does not inherit "
+                   "(inserted or replacing), as a multiple of the inherited layers' rate; their 1-d weights (layer "
+                   f"scales) skip weight decay unless 1 [{default('fresh_lr_mult')}]")
+    g.add_argument("--fresh-init", help="'none' (fresh layers' residual gates start closed, as their papers start "
+                   "them) or the value the gates start at: zero-initialised norm weights and layer scales of CGA, "
+                   f"CoT and DualViT [{default('fresh_init')}]")
     g.add_argument("--weights", help="what every candidate starts from: 'auto' (the base trained once by the driver "
                    "for --base-epochs, stored with the study), a checkpoint .pt of the base, or 'none' (from "
                    f"scratch; then give more --epochs) [{default('weights')}]")

@@ -179,6 +179,7 @@ class Settings:
 # Flags that set one field of a part of StudySettings: CLI dest -> (part, field).
 _FIELD_FLAGS = {
     "imgsz": ("proxy", "imgsz"), "batch": ("proxy", "batch"), "seed": ("proxy", "seed"),
+    "fresh_lr_mult": ("proxy", "fresh_lr_mult"),
     "base_epochs": ("weights", "base_epochs"), "eta": ("fidelity", "eta"), "confirm_seeds": ("fidelity", "confirm_seeds"),
     "latency_device": ("latency", "device"), "latency_warmup": ("latency", "warmup"),
     "latency_runs": ("latency", "runs"), "latency_min_runs": ("latency", "min_runs"),
@@ -200,7 +201,7 @@ def default(dest: str) -> Any:
     return {"objectives": ",".join(d.objectives), "base": d.base, "weights": d.weights.mode,
             "rungs": ",".join(map(str, d.fidelity.rungs)), "latency_imgsz": d.latency.imgsz,
             "train_arg": _show_args(d.proxy.train_args), "base_train_arg": _show_args(d.weights.train_args),
-            "fraction": d.proxy.fraction}[dest]
+            "fraction": d.proxy.fraction, "fresh_init": _show_init(d.proxy.fresh_init)}[dest]
 
 
 def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> StudySettings:
@@ -219,6 +220,8 @@ def study_settings(args: argparse.Namespace, stored: StudySettings | None) -> St
     for dest, (part, name) in _FIELD_FLAGS.items():
         if getattr(args, dest) is not None:
             parts[part] = replace(parts[part], **{name: getattr(args, dest)})
+    if args.fresh_init is not None:
+        parts["proxy"] = replace(parts["proxy"], fresh_init=parse_fresh_init(args.fresh_init))
     if args.latency_imgsz is not None:
         parts["latency"] = replace(parts["latency"], imgsz=parse_imgsz(args.latency_imgsz))
     rungs = _rungs(args)
@@ -257,6 +260,8 @@ def check(s: StudySettings) -> None:
         raise SearchError(f"--eta must be at least 2, got {s.fidelity.eta}")
     if s.fidelity.confirm_seeds < 0:
         raise SearchError(f"--confirm-seeds must be >= 0, got {s.fidelity.confirm_seeds}")
+    if not s.proxy.fresh_lr_mult > 0:
+        raise SearchError(f"--fresh-lr-mult must be positive, got {s.proxy.fresh_lr_mult:g}")
     if s.proxy.batch < 2:
         raise SearchError(f"--batch must be at least 2 (BatchNorm needs two images per batch), got {s.proxy.batch}")
     s.latency.check(gpu_available=True)  # impossible values; what this machine cannot run: search.run.prepare
@@ -293,6 +298,23 @@ def parse_train_args(items: list[str] | tuple[str, ...], flag: str = "--train-ar
             raise SearchError(f"{flag} {key}: set by the search itself (use its own flag if there is one)")
         out[key] = yaml.safe_load(raw)
     return tuple(sorted(out.items()))
+
+
+def parse_fresh_init(text: str) -> float | None:
+    """``--fresh-init``: ``none`` (residual gates start as the papers start them) or the positive value they start at."""
+    if str(text).strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise SearchError(f"--fresh-init {text!r}: expected 'none' or a positive number, e.g. 0.1")
+    return value
+
+
+def _show_init(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
 
 
 def parse_faults(items: list[str]) -> tuple[tuple[int | str, str], ...]:

@@ -116,6 +116,8 @@ def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     (["--latency-half"], "--latency-half needs --latency-device cuda"),
     (["--latency-imgsz", "640,100"], "multiple of 32"),
     (["--latency-batch", "0"], "--latency-batch must be >= 1"),
+    (["--fresh-lr-mult", "0"], "--fresh-lr-mult must be positive, got 0"),
+    (["--fresh-init", "open"], "--fresh-init 'open': expected 'none' or a positive number"),
 ])
 def test_bad_fidelity_and_latency_settings_are_one_line_exit_2(argv, message, tmp_path, capsys):
     assert search_run.main(["--out", str(tmp_path / "out"), *argv]) == 2
@@ -194,3 +196,31 @@ def test_resume_on_another_latency_backend_or_processor_is_refused(tmp_path, cap
     study.set_user_attr("attnas_settings", elsewhere)  # timed on another machine (its latency node)
     assert search_run.main(["--out", str(tmp_path), "--resume"]) == 2
     assert 'facts.latency.node: study has "another-host"' in capsys.readouterr().err
+
+
+def test_recipe_settings_are_recorded_and_a_resume_with_others_is_refused(tmp_path, capsys):
+    """--fresh-lr-mult / --fresh-init are part of the study's identity; a study recorded before they existed reads
+    as the papers' recipe (and keeps its fidelity key)."""
+    import optuna
+
+    from search.settings import StudySettings
+
+    prep = search_run.prepare(search_run.build_parser().parse_args(
+        ["--out", str(tmp_path), "--fresh-lr-mult", "10", "--fresh-init", "0.1"]))
+    recorded = prep.settings.study.as_dict()
+    assert (recorded["proxy"]["fresh_lr_mult"], recorded["proxy"]["fresh_init"]) == (10.0, 0.1)
+    older = {**recorded, "proxy": {k: v for k, v in recorded["proxy"].items() if not k.startswith("fresh_")}}
+    faithful = StudySettings.from_dict(older).proxy
+    assert (faithful.fresh_lr_mult, faithful.fresh_init) == (1.0, None) and faithful.faithful
+    assert faithful.key() == StudySettings.from_dict(older).proxy.key() != prep.settings.study.proxy.key()
+    prep.settings.study_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name=prep.settings.study_name, storage=prep.settings.storage_url,
+                                directions=["maximize", "minimize"])
+    study.set_user_attr("attnas_settings", recorded)
+    assert search_run.main(["--out", str(tmp_path), "--resume", "--fresh-init", "none"]) == 2
+    assert "proxy.fresh_init: study has 0.1, this run null" in capsys.readouterr().err
+    study.set_user_attr("attnas_settings", older)
+    resumed = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path), "--resume"]))
+    assert resumed.settings.study.proxy.faithful, "an older study resumes with the recipe it used"
+    assert search_run.main(["--out", str(tmp_path), "--resume", "--fresh-lr-mult", "10"]) == 2
+    assert "proxy.fresh_lr_mult: study has 1.0, this run 10.0" in capsys.readouterr().err

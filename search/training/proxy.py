@@ -25,6 +25,8 @@ RESERVED_ARGS = frozenset({"model", "data", "epochs", "imgsz", "batch", "fractio
 FAULTS = ("raise", "die", "nan", "hang", "oom")
 DISK_FULL = "disk-full"  # error_kind of a training the disk refused (no space, quota, read-only)
 
+FAITHFUL = {"fresh_lr_mult": 1.0, "fresh_init": None}  # the recipe settings as the papers' code trains a layer
+
 
 @dataclass(frozen=True)
 class ProxySchedule:
@@ -36,6 +38,12 @@ class ProxySchedule:
     fraction: float | int | tuple = 1.0
     seed: int = 0
     train_args: tuple[tuple[str, Any], ...] = ()  # further Ultralytics train arguments, sorted by name
+    # How layers the base does not have (inserted or replacing) are trained when the rest inherits the base:
+    # their learning rate is fresh_lr_mult x the inherited layers' (and their 1-d parameters, layer scales among
+    # them, skip weight decay); fresh_init opens their residual gates (modules.residual_gates) to this value
+    # instead of the papers' zero (None: as the papers start them).
+    fresh_lr_mult: float = 1.0
+    fresh_init: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -45,15 +53,24 @@ class ProxySchedule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProxySchedule":
-        """The inverse of :meth:`as_dict` (as a study stores it)."""
+        """The inverse of :meth:`as_dict` (as a study stores it). A study recorded before a recipe setting existed
+        trained with the papers' recipe (FAITHFUL)."""
         fraction = tuple(d["fraction"]) if isinstance(d["fraction"], list) else d["fraction"]
         return cls(epochs=d["epochs"], imgsz=d["imgsz"], batch=d["batch"], fraction=fraction, seed=d["seed"],
-                   train_args=tuple(sorted(d["train_args"].items())))
+                   train_args=tuple(sorted(d["train_args"].items())),
+                   **{k: d.get(k, v) for k, v in FAITHFUL.items()})
 
     def key(self) -> str:
-        """Short stable id of this fidelity: trials with equal keys (and equal candidates) are interchangeable."""
-        blob = json.dumps(self.as_dict(), sort_keys=True, default=str)
+        """Short stable id of this fidelity: trials with equal keys (and equal candidates) are interchangeable.
+        Recipe settings at their FAITHFUL values are left out, so studies from before they existed keep their key."""
+        d = {k: v for k, v in self.as_dict().items() if not (k in FAITHFUL and v == FAITHFUL[k])}
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def faithful(self) -> bool:
+        return all(getattr(self, k) == v for k, v in FAITHFUL.items())
+
 
     def ultralytics_args(self) -> dict[str, Any]:
         fraction = list(self.fraction) if isinstance(self.fraction, tuple) else self.fraction
@@ -152,7 +169,8 @@ def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) 
     # The trainer is used directly (Ultralytics' documented DetectionTrainer(overrides=...).train()): YOLO.train()
     # insists on reloading a saved checkpoint afterwards, and weights are off by default.
     trainer_cls = _proxy_trainer(checkpoint, job.save_weights or stops_early, job.fault,
-                                 None if job.resume else _inheritor(job), job.stop_at, keep_best=job.save_weights)
+                                 None if job.resume else _inheritor(job), job.stop_at, keep_best=job.save_weights,
+                                 recipe=_fresh_recipe(job))
     if job.resume:
         # Ultralytics' own resume: the checkpoint's train arguments (schedule, data, seed) with its weights, EMA,
         # optimizer and epoch; only where it writes and what it runs on may change.
@@ -170,6 +188,10 @@ def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) 
         raise Diverged(f"validation metrics are not finite: {metrics}")
     inherited = getattr(trainer, "inheritance", None)
     extra = inherited.as_dict() if inherited is not None else {}
+    if trainer.fresh_groups:
+        extra["param_groups"] = trainer.fresh_groups
+    if trainer.opened_gates:
+        extra["opened_gates"] = trainer.opened_gates
     if job.stop_at is not None or job.resume:
         extra.update({"epochs_done": trainer.epoch + 1, "start_epoch": trainer.start_epoch, "lr": trainer.lr_log,
                       "state_at_start": trainer.state_at_start, "state_at_end": state_digest(trainer)})
@@ -226,8 +248,66 @@ def _inheritor(job: TrainJob) -> Callable | None:
     return give
 
 
+@dataclass(frozen=True)
+class FreshRecipe:
+    """How the layers a candidate does not inherit train (ProxySchedule's recipe settings), with which they are."""
+
+    inherited: frozenset[int]  # candidate layer indices that hold base weights; every other layer is fresh
+    lr_mult: float
+    init: float | None
+
+
+def _fresh_recipe(job: TrainJob) -> FreshRecipe | None:
+    """None when nothing is inherited (from scratch every layer is fresh) or the recipe is the papers' own."""
+    if job.weights is None or job.schedule.faithful:
+        return None
+    return FreshRecipe(frozenset(j for _, j in job.base_layers), job.schedule.fresh_lr_mult, job.schedule.fresh_init)
+
+
+def _layer_of(name: str) -> int:
+    """The top-level layer index of a DetectionModel parameter name (``model.16.cv1.weight`` -> 16)."""
+    return int(name.split(".")[1])
+
+
+def split_fresh_groups(optimizer, model, recipe: FreshRecipe) -> list[dict[str, Any]]:
+    """Move the fresh layers' parameters of each of Ultralytics' groups into a group of their own at
+    ``lr_mult`` x its rate (same kind, so warm-up treats it alike), their 1-d weights (layer scales) without weight
+    decay. The same model always gives the same groups in the same order, so a resumed optimizer state fits.
+    Returns a description of every group (kind, fresh, weight decay, size)."""
+    layer = {id(p): _layer_of(n) for n, p in model.named_parameters()}
+    for group in list(optimizer.param_groups):
+        fresh = [p for p in group["params"] if layer[id(p)] not in recipe.inherited]
+        if not fresh:
+            continue
+        group["params"] = [p for p in group["params"] if layer[id(p)] in recipe.inherited]
+        options = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+        options.update(lr=group["lr"] * recipe.lr_mult, fresh=True)
+        scales = [p for p in fresh if p.ndim <= 1] if group["weight_decay"] else []
+        rest = [p for p in fresh if all(p is not s for s in scales)]
+        for params, decay in ((rest, group["weight_decay"]), (scales, 0.0)):
+            if params:
+                optimizer.add_param_group({**options, "params": params, "weight_decay": decay})
+    return [{"param_group": g.get("param_group"), "fresh": bool(g.get("fresh")), "weight_decay": g["weight_decay"],
+             "params": len(g["params"])} for g in optimizer.param_groups]
+
+
+def open_gates(model, recipe: FreshRecipe) -> int:
+    """Set the residual gates of every fresh layer to ``recipe.init``; returns how many tensors were set."""
+    import torch
+
+    opened = 0
+    with torch.no_grad():
+        for i, layer in enumerate(model.model):
+            if i not in recipe.inherited:
+                for gate in modules.residual_gates(layer):
+                    gate.fill_(recipe.init)
+                    opened += 1
+    return opened
+
+
 def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fault: str | None,
-                   inheritor: Callable | None = None, stop_at: int | None = None, keep_best: bool = True) -> type:
+                   inheritor: Callable | None = None, stop_at: int | None = None, keep_best: bool = True,
+                   recipe: FreshRecipe | None = None) -> type:
     """Ultralytics' DetectionTrainer with the proxy's differences, as a subclass (the API Ultralytics offers)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import callbacks as ucallbacks
@@ -244,6 +324,8 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
             if fault == "nan":
                 self.add_callback("on_train_batch_start", _poison_weights)
             self.lr_log: list[list[float]] = []  # each parameter group's learning rate at the end of each epoch
+            self.fresh_groups: list[dict[str, Any]] = []
+            self.opened_gates = 0
             self.state_at_start: dict[str, str] = {}
             self.add_callback("on_train_start", _record_start)
             self.add_callback("on_train_epoch_end", lambda t: t.lr_log.append([g["lr"] for g in t.optimizer.param_groups]))
@@ -254,7 +336,15 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
             model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
             if inheritor is not None:  # before the optimizer and EMA are made from the model
                 self.inheritance = inheritor(model)
+                if recipe is not None and recipe.init is not None:  # a new training only; a resumed one has trained
+                    self.opened_gates = open_gates(model, recipe)
             return model
+
+        def build_optimizer(self, model, *args, **kwargs):
+            optimizer = super().build_optimizer(model, *args, **kwargs)
+            if recipe is not None:
+                self.fresh_groups = split_fresh_groups(optimizer, model, recipe)
+            return optimizer
 
         def save_model(self):
             # Weights are optional (--save-weights); skipping the write saves ~13 MB and some time per trial.
