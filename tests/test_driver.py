@@ -287,3 +287,37 @@ def test_the_front_reads_re_measured_latencies_and_leaves_out_untrusted_ones():
     assert study.trials[1].values == [0.35, 40.0], "the study's own record is untouched"
     study.set_user_attr(st.REMEASURED_ATTR, {"1": {"accepted": False, "latency_ms": None}})
     assert [t.number for t in pareto.pareto_trials(study, two)] == [0, 2]
+
+
+def test_the_comparison_with_the_base_is_paired_by_seed():
+    """A seed that moves the base and a candidate alike (the same batches) cancels in their difference: with
+    differences 0.010, 0.012, 0.011 the candidate is above the base, though the two samples' spreads overlap."""
+    from optuna.distributions import CategoricalDistribution
+
+    from search import objectives as obj
+    from search.front import confirm
+
+    objectives = obj.parse("mAP50-95,latency_ms")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"placement": CategoricalDistribution(["none", "N3"])}
+    for number, (placement, m, latency) in enumerate((("none", 0.30, 10.0), ("N3", 0.31, 11.0))):
+        study.add_trial(optuna.trial.create_trial(params={"placement": placement}, distributions=dist,
+                                                  values=[m, latency]))
+    base_runs, cand_runs = [0.30, 0.35, 0.27], [0.31, 0.362, 0.281]
+    for number, runs in ((0, base_runs), (1, cand_runs)):
+        for offset, value in enumerate(runs[1:], start=1):
+            confirm.record(study, number, offset, [value, 0.0])
+    rows = {c.trial.number: c for c in confirm.confirmed(study, objectives)}
+    diffs = np.subtract(cand_runs, base_runs)
+    mean, sd, n = rows[1].vs_base
+    assert (mean, sd, n) == (pytest.approx(diffs.mean()), pytest.approx(np.std(diffs, ddof=1)), 3)
+    assert rows[1].above_base, "paired: 0.011 > 2 x 0.00058"
+    unpaired_se = np.sqrt(np.var(cand_runs, ddof=1) / 3 + np.var(base_runs, ddof=1) / 3)
+    assert diffs.mean() < 2 * unpaired_se, "the unpaired test could not tell them apart"
+    assert rows[0].vs_base is None and rows[0].above_base is None
+    # A seed the base failed is left out of the pairs; the seeds both trained stay paired.
+    confirm.record(study, 0, 3, None, error="diverged")
+    confirm.record(study, 1, 3, [0.5, 0.0])
+    assert confirm.confirmed(study, objectives)[1].vs_base[2] == 3
+    report = confirm.fidelity_report(study, objectives, (1,))
+    assert report["paired_sd"] == pytest.approx(np.std(diffs, ddof=1))

@@ -87,3 +87,24 @@ def test_the_papers_recipe_changes_nothing():
     from search.training.proxy import _fresh_recipe
 
     assert _fresh_recipe(faithful) is None, "the papers' recipe leaves Ultralytics' optimizer as it is"
+
+
+@pytest.mark.slow
+def test_one_seed_gives_the_base_and_a_candidate_the_same_batches(tmp_path, coco128):
+    """Common random numbers: the paired score (candidate minus base at the same seed) compares two networks on
+    the same images, augmented alike, in the same order, although the candidate's fresh layers draw from the
+    random generators when they are built."""
+    base = load_base("yolov8n.yaml")
+
+    def order(placements, seed: int) -> str:
+        cand = make_candidate(base, placements)
+        schedule = ProxySchedule(epochs=1, imgsz=64, batch=4, fraction=(8, 4), seed=seed)
+        job = TrainJob(trial=0, candidate_hash=cand.hash, yaml_text=to_yaml(cand), data=str(coco128 / "coco128.yaml"),
+                       schedule=schedule, run_dir=str(tmp_path / f"{cand.hash}-{seed}"))
+        result = run_training(job)
+        assert result.error is None, result.error
+        return result.extra["data_order"]
+
+    with_layers = {"N3": Placement("N3", "DualViT"), "P5": Placement("P5", "GMA")}
+    assert order({}, 0) == order(with_layers, 0)
+    assert order(with_layers, 1) != order(with_layers, 0)

@@ -6,6 +6,10 @@ After the budget, every member of the top-rung front and the base are trained ag
 recomputed on the seed means, with mean, sd and n per objective, and a candidate whose mAP is not above the base's
 by more than two standard errors is marked. Objectives measured before training (latency, size) do not depend on
 the seed: their n is 1 and their sd 0.
+
+One seed gives the base and every candidate the same images in the same order (common random numbers), so the
+comparison with the base is paired: the candidate's difference to the base at each seed both trained, and the
+standard error of those differences (smaller than the two seeds' spreads combined when a seed moves both alike).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def record(study: optuna.Study, number: int, offset: int, values: list[float] | 
         entry["train_s"] = [*entry.get("train_s", []), round(train_s, 2)]
     if values is not None:
         entry["values"] = [*entry["values"], values]
+        entry["value_offsets"] = [*entry.get("value_offsets", []), offset]
     if error:
         entry["errors"] = [*entry.get("errors", []), error]
     study.set_user_attr(st.CONFIRM_ATTR, {**recorded(study), str(number): entry})
@@ -70,12 +75,15 @@ class Confirmed:
     sd: tuple[float, ...]
     n: tuple[int, ...]
     above_base: bool | None  # mAP above the base's by more than 2 standard errors (None: no base / is the base)
+    vs_base: tuple[float, float, int] | None = None  # paired mAP difference to the base: mean, sd, seeds
 
     def row(self, objectives: Sequence[obj.Objective]) -> dict[str, Any]:
         out: dict[str, Any] = {"trial": self.trial.number}
         for o, m, s, n in zip(objectives, self.mean, self.sd, self.n):
             out.update({f"{o.name}_mean": m, f"{o.name}_sd": s, f"{o.name}_n": n})
         out["above_base_2se"] = self.above_base
+        if self.vs_base is not None:
+            out.update(zip(("vs_base_mean", "vs_base_sd", "vs_base_n"), self.vs_base))
         return out
 
 
@@ -85,12 +93,13 @@ def confirmed(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[
     # front_trials: a trial whose latency is not trusted yet is left out, a re-measured one has its new latency
     trials = {t.number: t for t in pareto.front_trials(study, objectives)}
     main = next(i for i, o in enumerate(objectives) if o.needs_training)
-    stats = {}
+    stats, by_seed = {}, {}
     for key, entry in records.items():
         t = trials.get(int(key))
         if t is None:
             continue
         runs = [list(t.values), *entry.get("values", [])]
+        by_seed[t.number] = _main_by_offset(t, entry, main)
         mean, sd, n = [], [], []
         for i, o in enumerate(objectives):
             column = [r[i] for r in runs] if o.needs_training else [t.values[i]]
@@ -101,13 +110,35 @@ def confirmed(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[
     base = pareto.base_trial(study)
     out = []
     for number, (mean, sd, n) in stats.items():
-        above = None
+        above = paired = None
         if base is not None and base.number in stats and number != base.number:
-            bm, bs, bn = (v[main] for v in stats[base.number])
-            se = math.sqrt(sd[main] ** 2 / n[main] + bs ** 2 / bn)
-            above = bool(mean[main] - bm > 2 * se) if (se > 0 or mean[main] != bm) else False
-        out.append(Confirmed(trials[number], mean, sd, n, above))
+            paired = paired_difference(by_seed[number], by_seed[base.number])
+            if paired is not None:
+                diff, se = paired[0], paired[1] / math.sqrt(paired[2])
+            else:  # fewer than two seeds both trained (a failed one): the two samples' spreads
+                bm, bs, bn = (v[main] for v in stats[base.number])
+                diff, se = mean[main] - bm, math.sqrt(sd[main] ** 2 / n[main] + bs ** 2 / bn)
+            above = bool(diff > 2 * se) if (se > 0 or diff != 0) else False
+        out.append(Confirmed(trials[number], mean, sd, n, above, paired))
     return out
+
+
+def _main_by_offset(t: FrozenTrial, entry: dict, main: int) -> dict[int, float]:
+    """The main objective of each seed offset a trial has (0: its own top-rung run). Records from before offsets
+    were kept with the values pair them only when no seed failed."""
+    offsets = entry.get("value_offsets")
+    if offsets is None:
+        offsets = entry["offsets"] if len(entry["offsets"]) == len(entry.get("values", [])) else []
+    return {0: t.values[main], **{k: v[main] for k, v in zip(offsets, entry.get("values", []))}}
+
+
+def paired_difference(candidate: dict[int, float], base: dict[int, float]) -> tuple[float, float, int] | None:
+    """Mean, sd and count of ``candidate - base`` over the seed offsets both have; None for fewer than two."""
+    shared = sorted(set(candidate) & set(base))
+    if len(shared) < 2:
+        return None
+    diffs = [candidate[k] - base[k] for k in shared]
+    return statistics.fmean(diffs), statistics.stdev(diffs), len(diffs)
 
 
 def confirmed_front(objectives: Sequence[obj.Objective], rows: list[Confirmed]) -> list[Confirmed]:
@@ -134,7 +165,9 @@ def fidelity_report(study: optuna.Study, objectives: Sequence[obj.Objective],
     main = next(i for i, o in enumerate(objectives) if o.needs_training)
     per_candidate = {t.number: {e: v[main] for e, v in st.rung_results(t).items()}
                      for t in study.get_trials(deepcopy=False) if st.rung_results(t)}
-    sds = [c.sd[main] for c in confirmed(study, objectives) if c.n[main] > 1]
+    rows = confirmed(study, objectives)
+    sds = [c.sd[main] for c in rows if c.n[main] > 1]
+    paired = [c.vs_base[1] for c in rows if c.vs_base is not None]
     candidates = len(per_candidate) if len(rungs) > 1 else len(st.counted_trials(study))
     spent = (sum(max(r) for r in per_candidate.values()) if len(rungs) > 1
              else candidates * rungs[-1])
@@ -144,6 +177,9 @@ def fidelity_report(study: optuna.Study, objectives: Sequence[obj.Objective],
         "rung_kendall_tau": rung_taus(rungs, per_candidate) if len(rungs) > 1 else [],
         "seed_sd": math.sqrt(statistics.fmean(s * s for s in sds)) if sds else None,
         "seed_sd_from": len(sds),
+        # sd of a candidate's paired difference to the base over seeds: the noise the comparison with the base sees
+        "paired_sd": math.sqrt(statistics.fmean(s * s for s in paired)) if paired else None,
+        "paired_sd_from": len(paired),
         "epochs": {"candidates": candidates, "spent_on_candidates": spent, "confirmation": seeds * rungs[-1],
                    "all_at_top_rung": candidates * rungs[-1]},
     }
@@ -158,6 +194,9 @@ def describe(report: dict[str, Any]) -> list[str]:
     if report["seed_sd"] is not None:
         lines.append(f"seed sd of {report['objective']}: {report['seed_sd']:.4f} (pooled over "
                      f"{report['seed_sd_from']} confirmed trials)")
+    if report.get("paired_sd") is not None:
+        lines.append(f"sd of the paired difference to the base: {report['paired_sd']:.4f} (pooled over "
+                     f"{report['paired_sd_from']} confirmed candidates; same seed, same batches)")
     e = report["epochs"]
     lines.append(f"epochs: {e['spent_on_candidates']} on {e['candidates']} candidates + {e['confirmation']} confirming, "
                  f"vs {e['all_at_top_rung']} to train every candidate to the top rung")

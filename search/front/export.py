@@ -220,9 +220,10 @@ def _write_checkpoints(study: optuna.Study, study_dir: Path, front: list[FrozenT
 
 def _write_csv(objectives: tuple[obj.Objective, ...], front: list[FrozenTrial], yamls: dict[int, Path],
                stats: dict[int, dict[str, Any]], path: Path) -> None:
-    """One row per front trial; with confirmation, also each objective's seed mean, sd and n, and whether its mAP
-    is above the base's by more than two standard errors."""
-    confirmed = [f"{o.name}_{k}" for o in objectives for k in ("mean", "sd", "n")] + ["above_base_2se"] if stats else []
+    """One row per front trial; with confirmation, also each objective's seed mean, sd and n, whether its mAP is
+    above the base's by more than two standard errors, and its paired difference to the base (mean, sd, seeds)."""
+    confirmed = ([f"{o.name}_{k}" for o in objectives for k in ("mean", "sd", "n")]
+                 + ["above_base_2se", "vs_base_mean", "vs_base_sd", "vs_base_n"] if stats else [])
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["trial", *obj.names(objectives), *confirmed, *_ATTR_COLUMNS, "yaml"])
         w.writeheader()

@@ -188,6 +188,7 @@ def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) 
         raise Diverged(f"validation metrics are not finite: {metrics}")
     inherited = getattr(trainer, "inheritance", None)
     extra = inherited.as_dict() if inherited is not None else {}
+    extra["data_order"] = trainer.data_seen.hexdigest()[:16]
     if trainer.fresh_groups:
         extra["param_groups"] = trainer.fresh_groups
     if trainer.opened_gates:
@@ -326,6 +327,7 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
             self.lr_log: list[list[float]] = []  # each parameter group's learning rate at the end of each epoch
             self.fresh_groups: list[dict[str, Any]] = []
             self.opened_gates = 0
+            self.data_seen = hashlib.sha256()  # the training batches in order, as the loader gave them
             self.state_at_start: dict[str, str] = {}
             self.add_callback("on_train_start", _record_start)
             self.add_callback("on_train_epoch_end", lambda t: t.lr_log.append([g["lr"] for g in t.optimizer.param_groups]))
@@ -339,6 +341,13 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
                 if recipe is not None and recipe.init is not None:  # a new training only; a resumed one has trained
                     self.opened_gates = open_gates(model, recipe)
             return model
+
+        def preprocess_batch(self, batch: dict) -> dict:
+            # The paired score relies on it: one seed gives every candidate and the base the same images,
+            # augmented alike, in the same order, whatever their layers draw from the random generators.
+            self.data_seen.update("\n".join(batch["im_file"]).encode())
+            self.data_seen.update(batch["img"].cpu().contiguous().numpy().tobytes())
+            return super().preprocess_batch(batch)
 
         def build_optimizer(self, model, *args, **kwargs):
             optimizer = super().build_optimizer(model, *args, **kwargs)
