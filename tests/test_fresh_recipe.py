@@ -13,7 +13,8 @@ from space import Placement, build_model, load_base, make_candidate, to_yaml
 
 MULT = 10.0
 SCHEDULE = ProxySchedule(epochs=3, imgsz=64, batch=4, fraction=(8, 4),
-                         train_args=(("lr0", 0.001), ("optimizer", "AdamW"), ("warmup_bias_lr", 0.0), ("warmup_epochs", 1)),
+                         train_args=(("lr0", 0.001), ("optimizer", "AdamW"), ("warmup_bias_lr", 0.0),
+                                     ("warmup_epochs", 1)),
                          fresh_lr_mult=MULT, fresh_init=0.1)
 
 
@@ -56,7 +57,8 @@ def test_fresh_layers_learn_at_mult_times_the_inherited_rate_at_every_epoch(trai
     assert sum(first.extra["lr"] + rest.extra["lr"], []) == pytest.approx(sum(epochs, []))
     for rates in epochs:
         for i in fresh:
-            twin = next(j for j, g in enumerate(groups) if not g["fresh"] and g["param_group"] == groups[i]["param_group"])
+            kind = groups[i]["param_group"]
+            twin = next(j for j, g in enumerate(groups) if not g["fresh"] and g["param_group"] == kind)
             assert rates[i] == pytest.approx(MULT * rates[twin], rel=1e-9)
     assert len(set(map(tuple, epochs))) == 3, "the rates move (warm-up, then the schedule's decay)"
     # Layer scales (DualViT's gammas, 1-d) of the fresh layer are not decayed; its convolutions and linears are.
