@@ -92,6 +92,9 @@ from search.strategy.evolution import EvolutionSampler  # noqa: E402
 from search.front.pareto import loss_hypervolume  # noqa: E402
 from space import Candidate, SearchSpace, SpaceConfig, build_space, load_base  # noqa: E402
 
+sys.path.append(str(REPO / "bench"))  # after the repository: bench/modules.py must not shadow modules/
+from known_answers import CELLS, Cell, Generator  # noqa: E402
+
 CHECKPOINTS = (10, 25, 50)
 TWO_MODULES = {"modules": {"CGA": {}, "CoT": {}}}
 BASE_MAP, BASE_LATENCY = 0.50, 10.0
@@ -137,7 +140,10 @@ def make_sampler(name: str, space: SearchSpace, seed: int, budget: int) -> optun
 
 def run_search(space: SearchSpace, sampler: optuna.samplers.BaseSampler, objective, n_trials: int,
                workers: int = 1) -> list[tuple[float, float]]:
-    """(mAP, latency) of each counted trial in completion order, driven like ``search.engine.driver`` drives a study."""
+    """(mAP, latency) of each counted trial in completion order, driven like ``search.engine.driver`` drives a study.
+    The study is told what ``objective`` returns; the run records its noise-free values (``objective.true``) when
+    it has them, so a noisy objective is scored on the truth."""
+    truth = getattr(objective, "true", objective)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     study.enqueue_trial({"placement": "none"})
@@ -155,11 +161,12 @@ def run_search(space: SearchSpace, sampler: optuna.samplers.BaseSampler, objecti
                     study.tell(trial, state=TrialState.PRUNED)
                     continue
                 trial.set_user_attr("candidate_hash", candidate.hash)
-                in_flight.append((trial, candidate.hash, done.get(candidate.hash) or objective(candidate)))
-            trial, h, values = in_flight.pop(0)
+                told = done.get(candidate.hash) or (objective(candidate), truth(candidate))
+                in_flight.append((trial, candidate.hash, told))
+            trial, h, (values, true) = in_flight.pop(0)
             study.tell(trial, list(values))
-            done[h] = values
-            results.append(values)
+            done[h] = (values, true)
+            results.append(true)
     return results
 
 
@@ -193,15 +200,18 @@ def trials_to_reach(run: list[tuple[float, float]], target: float, box) -> int |
 
 
 def cached_run(space: SearchSpace, which: str, name: str, seed: int, n_trials: int, workers: int,
-               cache: Path | None) -> tuple[list[tuple[float, float]], float]:
-    """One sampler's run on one seed's objective and its seconds, read from ``cache`` when it holds it (the
-    baselines do not change while the default strategy is developed, so only its runs need computing again)."""
-    path = cache / f"{which}-{name}-seed{seed}-t{n_trials}-w{workers}.json" if cache else None
+               cache: Path | None, cell: Cell | None = None) -> tuple[list[tuple[float, float]], float]:
+    """One sampler's run on one seed's objective (``cell``: a generator of the family; None: ``KnownObjective``)
+    and its seconds, read from ``cache`` when it holds it (the baselines do not change while the default strategy
+    is developed, so only its runs need computing again)."""
+    tag = f"{cell.label}-" if cell else ""
+    path = cache / f"{tag}{which}-{name}-seed{seed}-t{n_trials}-w{workers}.json" if cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
         return [tuple(v) for v in stored["run"]], stored["seconds"]
     t0 = time.perf_counter()
-    run = run_search(space, make_sampler(name, space, seed, n_trials), KnownObjective(seed), n_trials, workers)
+    objective = Generator(cell.shape, seed, space, cell.noisy) if cell else KnownObjective(seed)
+    run = run_search(space, make_sampler(name, space, seed, n_trials), objective, n_trials, workers)
     seconds = time.perf_counter() - t0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,14 +225,15 @@ def _median_trials(needed: list[int | None], n_trials: int) -> str:
 
 
 def compare(space: SearchSpace, label: str, samplers: list[str], seed_list: list[int], n_trials: int, workers: int,
-            which: str = "", cache: Path | None = None) -> dict:
-    """Run every sampler on every seed's objective; print and return the table."""
+            which: str = "", cache: Path | None = None, cell: Cell | None = None) -> dict:
+    """Run every sampler on every seed's objective; print and return the table (per sampler: hypervolume and regret
+    per checkpoint and seed, trials to reach random's median 50-trial hypervolume, regret ratio to random)."""
     runs: dict[str, list[list[tuple[float, float]]]] = {s: [] for s in samplers}
     seconds = {s: 0.0 for s in samplers}
     seeds = len(seed_list)
     for seed in seed_list:
         for name in samplers:
-            run, spent = cached_run(space, which, name, seed, n_trials, workers, cache)
+            run, spent = cached_run(space, which, name, seed, n_trials, workers, cache, cell)
             runs[name].append(run)
             seconds[name] += spent
     boxes = [union_box([runs[s][seed] for s in samplers]) for seed in range(seeds)]
@@ -236,6 +247,7 @@ def compare(space: SearchSpace, label: str, samplers: list[str], seed_list: list
           f"{n_trials} trials, {workers} in flight; hypervolume (% of the union's box) and regret, median [IQR]")
     head = "".join(f"  HV@{k:<16} regret@{k:<12}" for k in hv[samplers[0]])
     print(f"{'sampler':<10}{head}  reach rnd@{last}  paired  regret/rnd  s/run")
+    table = {"hv": hv, "regret": regret, "reach": {}, "ratio": {}, "seconds": {}}
     for s in samplers:
         cells = "".join(f"  {median_iqr(hv[s][k]):<19} {median_iqr(regret[s][k]):<19}" for k in hv[s])
         reach = paired = "-"
@@ -248,7 +260,8 @@ def compare(space: SearchSpace, label: str, samplers: list[str], seed_list: list
         ratio = (statistics.median(regret[s][last]) / statistics.median(regret["random"][last])
                  if "random" in regret and statistics.median(regret["random"][last]) > 0 else float("nan"))
         print(f"{s:<10}{cells}  {reach:>12}  {paired:>6}  {ratio:10.2f}  {seconds[s] / seeds:5.2f}")
-    return {"hv": hv, "regret": regret}
+        table["reach"][s], table["ratio"][s], table["seconds"][s] = reach, ratio, seconds[s] / seeds
+    return table
 
 
 def load_space(which: str) -> tuple[SearchSpace, str]:
@@ -346,10 +359,63 @@ def compare_proxy(args: argparse.Namespace) -> dict:
     return hv
 
 
+def family(args: argparse.Namespace) -> int:
+    """Every cell of the generator family on every space: the tables, then per sampler the summary the issue's
+    targets read (regret ratio to random and trials to reach random's 50-trial hypervolume per cell × space)."""
+    cells = [c for c in CELLS if not args.family or c.label in args.family]
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    rows = []
+    for cell in cells:
+        for which in args.bases:
+            space, label = load_space(which)
+            table = compare(space, f"[{cell.label}] {label}", args.samplers, seeds, args.trials, args.workers, which,
+                            args.cache, cell)
+            for s in args.samplers:
+                if s == "random":
+                    continue
+                regret = table["regret"][s][args.trials]
+                rnd = table["regret"]["random"][args.trials]
+                rows.append({"cell": cell.label, "space": which, "sampler": s, "ratio": table["ratio"][s],
+                             "reach": table["reach"][s], "seeds_worse": sum(a > b for a, b in zip(regret, rnd)),
+                             "seconds_per_run": table["seconds"][s],
+                             **{f"hv{k}": statistics.median(v) for k, v in table["hv"][s].items()},
+                             **{f"rnd_hv{k}": statistics.median(v) for k, v in table["hv"]["random"].items()},
+                             "regret": statistics.median(regret), "rnd_regret": statistics.median(rnd)})
+    print(f"\nfamily summary: seeds {seeds[0]}-{seeds[-1]}, {args.trials} trials; regret ratio to random at "
+          f"{args.trials} (target <= 0.8 per cell, <= 0.5 overall) and trials to reach random's median "
+          f"{args.trials}-trial HV (target <= 25 on 2/3 of cells)")
+    for s in sorted({r["sampler"] for r in rows}):
+        mine = [r for r in rows if r["sampler"] == s]
+        print(f"{s}:")
+        for r in mine:
+            print(f"  {r['cell']:<18} {r['space']:<12} ratio {r['ratio']:5.2f}  reach {r['reach']:>4}  "
+                  f"seeds worse than random {r['seeds_worse']}/{len(seeds)}")
+        ratios = [r["ratio"] for r in mine]
+        fast = sum(r["reach"] != "-" and not r["reach"].startswith(">") and float(r["reach"]) <= 25 for r in mine)
+        print(f"  overall: median ratio {statistics.median(ratios):.2f}; cells <= 0.8: "
+              f"{sum(x <= 0.8 for x in ratios)}/{len(mine)}; cells worse than random (ratio > 1): "
+              f"{sum(x > 1 for x in ratios)}; reach <= 25: {fast}/{len(mine)}")
+    out = args.results or REPO / "bench" / "results" / f"search-family-{time.strftime('%Y-%m-%d')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import platform
+
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
+                               "cpus": os.cpu_count(), "optuna": optuna.__version__, "seeds": seeds,
+                               "trials": args.trials, "rows": rows}, indent=1))
+    print(f"written {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objective", choices=["known", "proxy"], default="known",
                    help="known: the known-answer objective; proxy: real search.run studies (see the docstring)")
+    p.add_argument("--family", nargs="*", metavar="CELL",
+                   help="every generator of bench/known_answers.py, with and without noise (or only the CELLs named, "
+                        "e.g. sparse mode+noise) on every --bases space; prints the family summary against the "
+                        "issue's targets and writes --results")
+    p.add_argument("--results", type=Path,
+                   help="family mode: the JSON to write [bench/results/search-family-DATE.json]")
     p.add_argument("--seeds", type=int, help="seeds per table [known: 20, proxy: 3]")
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... first-seed+seeds-1 (tune on others)")
     p.add_argument("--cache", type=Path, help="folder that keeps each run (sampler, seed, space) for later tables")
@@ -378,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         compare_proxy(args)
         return 0
     args.seeds = args.seeds or 20
+    if args.family is not None:
+        args.samplers = args.samplers or ["evolution", "random"]
+        return family(args)
     args.samplers = args.samplers or ["evolution", "tpe", "nsga2", "random"]
     for which in args.bases:
         space, label = load_space(which)

@@ -61,18 +61,21 @@ def test_same_seed_same_proposals_other_seed_others(space):
     assert runs[0] != runs[2]
 
 
-def test_resume_from_storage_proposes_what_an_uninterrupted_run_would(space, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"random_share": 0.3, "trust_growth": 2}])
+def test_resume_from_storage_proposes_what_an_uninterrupted_run_would(space, tmp_path, options):
     objective = KnownObjective(1)
-    straight = _study(space, seed=7, n_startup_trials=3)
+    straight = _study(space, seed=7, n_startup_trials=3, **options)
     expected = [_step(straight, space, objective) for _ in range(11)]
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    first = _study(space, storage=url, seed=7, n_startup_trials=3)
+    first = _study(space, storage=url, seed=7, n_startup_trials=3, **options)
     got = [_step(first, space, objective) for _ in range(6)]
     del first  # a new process: a new sampler object that knows only the stored study
-    resumed = _study(space, storage=url, seed=7, n_startup_trials=3)
+    resumed = _study(space, storage=url, seed=7, n_startup_trials=3, **options)
     got += [_step(resumed, space, objective) for _ in range(5)]
     assert got == expected
+    origins = [t.system_attrs.get("attnas:origin") for t in resumed.trials]
+    assert ("random (hedge)" in origins) == bool(options), "the hedge's share of plain random draws"
 
 
 def test_batch_proposals_differ_from_each_other_and_from_the_study(space):
@@ -187,3 +190,24 @@ def test_proxy_bench_hypervolume_counts_only_what_beats_the_base():
     base = (0.30, 10.0)
     assert proxy_hv([base, (0.29, 12.0), (0.35, 25.0)], base, factor=2.0) == 0.0
     assert proxy_hv([base, (0.31, 15.0)], base, factor=2.0) == pytest.approx(100 * 0.01 * 0.5)
+
+
+def test_a_network_measured_twice_or_confirmed_is_learnt_from_its_mean(space):
+    """Noise: the surrogate sees one value per network, the mean of its runs (repeats, and the seeds of a confirmed
+    trial), not a single noisy run nor a repeat counted twice."""
+    from search.front import confirm
+
+    study = _study(space, seed=0)
+    a = {"placement": "P4", "P4.module": "CoT"}
+    b = {"placement": "N4", "N4.module": "CGA"}
+    for params, values in ((a, [0.50, 10.0]), ("again", [0.60, 10.0]), (b, [0.40, 12.0])):
+        study.enqueue_trial(study.trials[-1].params if params == "again" else params)
+        trial = study.ask()
+        trial.set_user_attr("candidate_hash", space.suggest(trial).hash)
+        study.tell(trial, values)
+    assert study.trials[0].user_attrs["candidate_hash"] == study.trials[1].user_attrs["candidate_hash"]
+    confirm.record(study, 2, 1, [0.50, 12.0])  # b's second seed
+    seen = study.sampler._read(study, None)
+    genomes, values, _ = seen.fits["objective:0"]
+    assert len(genomes) == 2 and values == pytest.approx([-0.55, -0.45])  # losses: -mAP
+    assert sorted(loss[0] for loss in seen.front) == pytest.approx([-0.55, -0.45])

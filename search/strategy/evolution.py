@@ -10,7 +10,8 @@ structure from :class:`space.SearchSpace` instead:
   placed, slot×module, slot×mode, slot×module×mode, slot×module×value, slot pairs) predicts every objective and
   constraint; it learns from every candidate's best available values
   (:func:`search.storage.study.best_available_values`: a candidate stopped or waiting below the top rung of
-  successive halving counts, with one learned offset per rung);
+  successive halving counts, with one learned offset per rung); a network measured more than once (a repeat, the
+  seeds of a confirmed trial) counts once, at the mean of its runs, and the model fits a noise term;
 * each proposal draws one function from the model's posterior (Thompson sampling) and proposes the candidate
   that adds the most hypervolume to the front under that draw (in-flight trials counted at their drawn values,
   so a batch spreads out), candidates predicted to break a constraint last. The candidates scored: because the
@@ -47,7 +48,7 @@ from space import NONE, SearchSpace
 
 from ..front.pareto import loss_hypervolume
 from ..front.ranks import pareto_ranks
-from ..storage.study import best_available_values, rung_results
+from ..storage.study import CONFIRM_ATTR, best_available_values, rung_results
 from .genome import (Gene, Genome, allowed_placements, crossover, distance, genome_from_params, genome_key, mutate,
                      params_from_genome, placement_of, random_genome, slot_names, without)
 from .surrogate import Features, LinearGP
@@ -86,6 +87,7 @@ class _Seen:
     front: list  # loss vectors of feasible completed trials (values at the top rung)
     fits: dict  # target -> (genomes, values, rung) for the surrogate: objectives (feasible only) and constraints
     pending: list  # genomes in flight without values yet, the current trial excluded
+    since_front_moved: int = 0  # completed results since the last one that joined the front
 
 
 class EvolutionSampler(optuna.samplers.BaseSampler):
@@ -100,6 +102,10 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     ``trust_until`` distinct results are in (-1: twice the space's number of slot×module choices; 0: always),
     the pool is cut to genomes within ``trust_radius`` slots of a front member (0: no trust region).
 
+    ``random_share`` of the proposals (chosen per trial number from the seed, so a resumed study makes the same
+    ones) are plain random draws, a hedge that never vanishes; ``trust_growth`` > 0 widens the trust region by one
+    slot for every that many results since the front last moved.
+
     ``spread`` scales a Thompson draw's deviation from the posterior mean; ``anneal`` > 0 shrinks it as results
     accrue (``spread / (1 + n / anneal)``); ``fine_spread`` scales it further for the value and pair terms only.
     Both are off by default: on the known-answer benchmark (16 development seeds, 25 trials) neither they, nor a
@@ -112,12 +118,15 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                  n_random: int = 48, refine_rounds: int = 2, refine_top: int = 6, beta: float = 0.5,
                  crossover_prob: float = 0.3, tournament: int = 2, acquisition: str = "thompson",
                  n_directions: int = 8, front_mutations: int = 4, spread: float = 1.0, anneal: float = 0.0,
-                 fine_spread: float = 1.0, trust_radius: int = 1, trust_until: int = -1) -> None:
+                 fine_spread: float = 1.0, trust_radius: int = 1, trust_until: int = -1, random_share: float = 0.0,
+                 trust_growth: int = 0) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
         if trust_radius < 0 or trust_until < -1:
             raise ValueError("EvolutionSampler: trust_radius must be >= 0 (0: no trust region) and trust_until >= -1 "
                              "(-1: twice the space's slot×module choices, 0: always)")
+        if not 0.0 <= random_share <= 1.0 or trust_growth < 0:
+            raise ValueError("EvolutionSampler: random_share must be in [0, 1] and trust_growth >= 0")
         if acquisition not in ACQUISITIONS:
             raise ValueError(f"EvolutionSampler: acquisition must be one of {ACQUISITIONS}, not {acquisition!r}")
         self.space = space
@@ -138,6 +147,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.fine_spread = fine_spread
         self.trust_radius = trust_radius
         self.trust_until = trust_until
+        self.random_share = random_share
+        self.trust_growth = trust_growth
         self.features = Features(space)
         self._hash_cache: dict[tuple, str | None] = {}
         self._proposals: dict[int, dict[str, Any]] = {}  # trial id -> params (also stored on the trial)
@@ -174,7 +185,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         rng = np.random.default_rng([self.seed, number])
         seen = self._read(study, exclude)
         children: list[tuple[Genome, str]] = []
-        if len(seen.parents) >= max(2, self.n_startup_trials):  # the surrogates need two points
+        hedge = np.random.default_rng([self.seed, number, 1]).random() < self.random_share
+        if len(seen.parents) >= max(2, self.n_startup_trials) and not hedge:  # the surrogates need two points
             thompson = self.acquisition == "thompson" or (self.acquisition == "alternate" and number % 2 == 0)
             scorer = _Scorer(self, study, seen, rng, thompson)
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
@@ -182,7 +194,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             if self._trust_region_on(len(seen.parents)):
                 pool = self._near_front(scorer, seen, pool, rng)
             children = self._screen(scorer, seen, pool, rng)
-        fallback = ((random_genome(self.space, rng), "random") for _ in range(64))  # drawn only when needed
+        label = "random (hedge)" if hedge and len(seen.parents) >= max(2, self.n_startup_trials) else "random"
+        fallback = ((random_genome(self.space, rng), label) for _ in range(64))  # drawn only when needed
         for genome, origin in itertools.chain(children, fallback):
             if genome_key(genome) in seen.keys:
                 continue
@@ -199,6 +212,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         directions = study.directions
         seen = _Seen(set(), set(), [], np.zeros(0, dtype=int), [], {}, [])
         parents: dict[str, tuple[Genome, np.ndarray]] = {}
+        measured: dict[tuple, tuple[Genome, list]] = {}  # (network, rung) -> its genome and every loss vector
+        confirmed = {int(k): e.get("values", []) for k, e in (study.user_attrs.get(CONFIRM_ATTR) or {}).items()}
         for t in study.get_trials(deepcopy=False):
             if t._trial_id == exclude:
                 continue
@@ -221,17 +236,23 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                 _append(seen.fits, f"constraint:{name}", genome, value, None)
             if _infeasible(t):
                 continue
-            losses = np.array([v if d == StudyDirection.MINIMIZE else -v for v, d in zip(values, directions)])
+            # A confirmed trial's seeds count as measurements of its network (the seed mean replaces one run).
+            runs = [values, *confirmed.get(t.number, [])] if rung is None else [values]
+            for run in runs:
+                losses = np.array([v if d == StudyDirection.MINIMIZE else -v for v, d in zip(run, directions)])
+                measured.setdefault((h or repr(genome_key(genome)), rung), (genome, []))[1].append(losses)
+        for (key, rung), (genome, runs) in measured.items():
+            losses = np.mean(runs, axis=0)  # a network measured more than once (noise): the mean of its runs
             for i, loss in enumerate(losses):
                 _append(seen.fits, f"objective:{i}", genome, loss, rung)
             if rung is None:
                 seen.front.append(losses)
-            key = h or repr(genome_key(genome))
-            if key not in parents or rung is None:  # a completed copy's values win over a lower rung's
+            if key not in parents or rung is None:  # a completed network's values win over a lower rung's
                 parents[key] = (genome, losses)
         seen.parents = list(parents.values())
         if seen.parents:
             seen.parent_ranks = pareto_ranks(np.array([loss for _, loss in seen.parents]))
+        seen.since_front_moved = _since_front_moved(seen.front)
         if not seen.front:  # nothing finished the top rung yet: the lower rungs' values stand in
             seen.front = [loss for _, loss in seen.parents]
         return seen
@@ -266,6 +287,13 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                     children.append((mutated[0], f"front mutation: {mutated[1]}"))
         return children
 
+    def _radius(self, seen: _Seen) -> int:
+        """The trust region's radius: ``trust_radius``, one slot more for every ``trust_growth`` results since the
+        front last moved (a region that stalls widens)."""
+        if not self.trust_growth:
+            return self.trust_radius
+        return self.trust_radius + seen.since_front_moved // self.trust_growth
+
     def _trust_region_on(self, n_results: int) -> bool:
         if self.trust_radius == 0:
             return False
@@ -278,7 +306,8 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         best genes) that differ from a front member in at most ``trust_radius`` slots; all of ``pool`` if none do."""
         front = [seen.parents[j][0] for j in np.flatnonzero(seen.parent_ranks == 0)]
         pool = pool + scorer.front_edits(front, self.n_directions, rng)
-        near = [c for c in pool if min(distance(c[0], f) for f in front) <= self.trust_radius]
+        radius = self._radius(seen)
+        near = [c for c in pool if min(distance(c[0], f) for f in front) <= radius]
         return near or pool
 
     def _select(self, ranks: np.ndarray, rng: np.random.Generator) -> int:
@@ -319,6 +348,16 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                 self._hash_cache[key] = None
         return self._hash_cache[key]
 
+
+
+def _since_front_moved(losses: list[np.ndarray]) -> int:
+    """How many of ``losses`` (in trial order) came after the last one no earlier result dominated."""
+    count, points = 0, np.array(losses)
+    for i in range(len(points)):
+        earlier = points[:i]
+        dominated = bool(np.any((earlier <= points[i]).all(1) & (earlier < points[i]).any(1)))
+        count = count + 1 if dominated else 0
+    return count
 
 
 def _trial_params(t: FrozenTrial) -> dict[str, Any] | None:
