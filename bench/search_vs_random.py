@@ -359,6 +359,33 @@ def compare_proxy(args: argparse.Namespace) -> dict:
     return hv
 
 
+def proposal_cost(space: SearchSpace, sampler_name: str, trials: int, seed: int = 0) -> list[tuple[int, float]]:
+    """Seconds the sampler takes to propose trial n (ask + suggest), at every 25th trial up to ``trials``, on the
+    additive generator: the cost a study pays between a free worker and its next training."""
+    objective = Generator("additive", seed, space)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler(sampler_name, space, seed, trials))
+    study.enqueue_trial({"placement": "none"})
+    costs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while len(study.trials) < trials:
+            t0 = time.perf_counter()
+            trial = study.ask()
+            try:
+                candidate = space.suggest(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                continue
+            spent = time.perf_counter() - t0
+            if (trial.number + 1) % 25 == 0:
+                costs.append((trial.number + 1, spent))
+                print(f"  proposal {trial.number + 1}: {spent:.2f} s", flush=True)
+            trial.set_user_attr("candidate_hash", candidate.hash)
+            study.tell(trial, list(objective(candidate)))
+    return costs
+
+
 def family(args: argparse.Namespace) -> int:
     """Every cell of the generator family on every space: the tables, then per sampler the summary the issue's
     targets read (regret ratio to random and trials to reach random's 50-trial hypervolume per cell × space)."""
@@ -414,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="every generator of bench/known_answers.py, with and without noise (or only the CELLs named, "
                         "e.g. sparse mode+noise) on every --bases space; prints the family summary against the "
                         "issue's targets and writes --results")
+    p.add_argument("--proposal-cost", type=int, metavar="N",
+                   help="print the seconds one proposal takes at every 25th trial up to N (target: <= 1 s at 200)")
     p.add_argument("--results", type=Path,
                    help="family mode: the JSON to write [bench/results/search-family-DATE.json]")
     p.add_argument("--seeds", type=int, help="seeds per table [known: 20, proxy: 3]")
@@ -444,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         compare_proxy(args)
         return 0
     args.seeds = args.seeds or 20
+    if args.proposal_cost:
+        for which in args.bases:
+            print(f"{which}: seconds per proposal of {args.samplers[0] if args.samplers else 'evolution'}")
+            proposal_cost(load_space(which)[0], (args.samplers or ["evolution"])[0], args.proposal_cost)
+        return 0
     if args.family is not None:
         args.samplers = args.samplers or ["evolution", "random"]
         return family(args)

@@ -43,6 +43,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
+from threadpoolctl import threadpool_limits
 
 from space import NONE, SearchSpace
 
@@ -88,6 +89,7 @@ class _Seen:
     fits: dict  # target -> (genomes, values, rung) for the surrogate: objectives (feasible only) and constraints
     pending: list  # genomes in flight without values yet, the current trial excluded
     since_front_moved: int = 0  # completed results since the last one that joined the front
+    front_genomes: list = None  # the genomes of ``front``, in its order
 
 
 class EvolutionSampler(optuna.samplers.BaseSampler):
@@ -119,7 +121,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                  crossover_prob: float = 0.3, tournament: int = 2, acquisition: str = "thompson",
                  n_directions: int = 8, front_mutations: int = 4, spread: float = 1.0, anneal: float = 0.0,
                  fine_spread: float = 1.0, trust_radius: int = 1, trust_until: int = -1, random_share: float = 0.0,
-                 trust_growth: int = 0) -> None:
+                 trust_growth: int = 0, model_front: bool = False) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
         if trust_radius < 0 or trust_until < -1:
@@ -149,6 +151,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.trust_until = trust_until
         self.random_share = random_share
         self.trust_growth = trust_growth
+        self.model_front = model_front
         self.features = Features(space)
         self._hash_cache: dict[tuple, str | None] = {}
         self._proposals: dict[int, dict[str, Any]] = {}  # trial id -> params (also stored on the trial)
@@ -164,7 +167,9 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.system_attrs.get("fixed_params"):  # an enqueued trial (the base, a requeued one): nothing to propose
             return
-        params, origin = self.propose(study, trial.number, exclude=trial._trial_id)
+        # One BLAS thread: the matrices are small, and the cores are busy training (see pyproject.toml).
+        with threadpool_limits(limits=1, user_api="blas"):
+            params, origin = self.propose(study, trial.number, exclude=trial._trial_id)
         self._proposals[trial._trial_id] = params
         set_system_attr(study, trial, PROPOSAL_ATTR, params)
         set_system_attr(study, trial, ORIGIN_ATTR, origin)
@@ -210,7 +215,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         """Every trial's genome; as data, each trial's best available values (successive halving: a candidate
         stopped or waiting below the top rung teaches what its highest rung measured)."""
         directions = study.directions
-        seen = _Seen(set(), set(), [], np.zeros(0, dtype=int), [], {}, [])
+        seen = _Seen(set(), set(), [], np.zeros(0, dtype=int), [], {}, [], front_genomes=[])
         parents: dict[str, tuple[Genome, np.ndarray]] = {}
         measured: dict[tuple, tuple[Genome, list]] = {}  # (network, rung) -> its genome and every loss vector
         confirmed = {int(k): e.get("values", []) for k, e in (study.user_attrs.get(CONFIRM_ATTR) or {}).items()}
@@ -247,6 +252,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                 _append(seen.fits, f"objective:{i}", genome, loss, rung)
             if rung is None:
                 seen.front.append(losses)
+                seen.front_genomes.append(genome)
             if key not in parents or rung is None:  # a completed network's values win over a lower rung's
                 parents[key] = (genome, losses)
         seen.parents = list(parents.values())
@@ -255,6 +261,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         seen.since_front_moved = _since_front_moved(seen.front)
         if not seen.front:  # nothing finished the top rung yet: the lower rungs' values stand in
             seen.front = [loss for _, loss in seen.parents]
+            seen.front_genomes = [genome for genome, _ in seen.parents]
         return seen
 
     def _children(self, seen: _Seen, rng: np.random.Generator) -> list[tuple[Genome, str]]:
@@ -426,6 +433,8 @@ class _Scorer:
         self.beta = 0.0 if thompson else sampler.beta
         self._best_genes: list[dict[str, Gene]] | None = None
         self.front = np.array(seen.front)
+        if sampler.model_front:  # noisy values: the front as the drawn model sees the measured networks
+            self.front = self._predict(np.array([self.features(g) for g in seen.front_genomes]), optimistic=False)
         self.believed = np.zeros((0, len(self.objectives)))
         if seen.pending:
             self.believed = self._predict(np.array([self.features(g) for g in seen.pending]), optimistic=False)
