@@ -4,6 +4,14 @@
                                      [--samplers evolution tpe nsga2 random] [--bases yolov8n yolo11n two-modules]
     python bench/search_vs_random.py --objective proxy [--seeds 3] [--budget 50] [--rungs 1,3,9]
                                      [--confirm-seeds 1] [--imgsz 128] [--fraction 1.0] [-- search.run args]
+    python bench/search_vs_random.py --family [CELL ...] [--seeds 20] [--first-seed N] [--results FILE]
+    python bench/search_vs_random.py --proposal-cost 200 [--bases yolov8n]
+
+``--family``: the generator family of ``bench/known_answers.py`` (five shapes, each with and without evaluation
+noise; regret scored on the noise-free values) on every ``--bases`` space, then a summary against the targets
+(regret ratio to random per cell and overall, trials to reach random's 50-trial hypervolume), written as JSON.
+Development seeds are 1000-1015; seeds 2000-2019 are kept held out for the table after a choice
+(docs/benchmarks.md). ``--proposal-cost N``: the seconds one proposal takes at every 25th trial up to N.
 
 ``--objective known``: a known-answer objective over the real search space (the space's own
 ``SearchSpace.suggest``, candidates and canonical hashes), cheap to evaluate: mAP is a base value plus seeded
@@ -139,10 +147,11 @@ def make_sampler(name: str, space: SearchSpace, seed: int, budget: int) -> optun
 
 
 def run_search(space: SearchSpace, sampler: optuna.samplers.BaseSampler, objective, n_trials: int,
-               workers: int = 1) -> list[tuple[float, float]]:
+               workers: int = 1, timed=None) -> list[tuple[float, float]]:
     """(mAP, latency) of each counted trial in completion order, driven like ``search.engine.driver`` drives a study.
     The study is told what ``objective`` returns; the run records its noise-free values (``objective.true``) when
-    it has them, so a noisy objective is scored on the truth."""
+    it has them, so a noisy objective is scored on the truth. ``timed(number, seconds)`` hears how long each
+    proposal (ask and suggest) took."""
     truth = getattr(objective, "true", objective)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
@@ -154,12 +163,15 @@ def run_search(space: SearchSpace, sampler: optuna.samplers.BaseSampler, objecti
         warnings.simplefilter("ignore")
         while len(results) < n_trials:
             while len(in_flight) < workers and len(results) + len(in_flight) < n_trials:
+                started = time.perf_counter()
                 trial = study.ask()
                 try:
                     candidate = space.suggest(trial)
                 except optuna.TrialPruned:
                     study.tell(trial, state=TrialState.PRUNED)
                     continue
+                if timed is not None:
+                    timed(trial.number, time.perf_counter() - started)
                 trial.set_user_attr("candidate_hash", candidate.hash)
                 told = done.get(candidate.hash) or (objective(candidate), truth(candidate))
                 in_flight.append((trial, candidate.hash, told))
@@ -362,27 +374,15 @@ def compare_proxy(args: argparse.Namespace) -> dict:
 def proposal_cost(space: SearchSpace, sampler_name: str, trials: int, seed: int = 0) -> list[tuple[int, float]]:
     """Seconds the sampler takes to propose trial n (ask + suggest), at every 25th trial up to ``trials``, on the
     additive generator: the cost a study pays between a free worker and its next training."""
-    objective = Generator("additive", seed, space)
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=make_sampler(sampler_name, space, seed, trials))
-    study.enqueue_trial({"placement": "none"})
     costs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        while len(study.trials) < trials:
-            t0 = time.perf_counter()
-            trial = study.ask()
-            try:
-                candidate = space.suggest(trial)
-            except optuna.TrialPruned:
-                study.tell(trial, state=TrialState.PRUNED)
-                continue
-            spent = time.perf_counter() - t0
-            if (trial.number + 1) % 25 == 0:
-                costs.append((trial.number + 1, spent))
-                print(f"  proposal {trial.number + 1}: {spent:.2f} s", flush=True)
-            trial.set_user_attr("candidate_hash", candidate.hash)
-            study.tell(trial, list(objective(candidate)))
+
+    def note(number: int, spent: float) -> None:
+        if (number + 1) % 25 == 0:
+            costs.append((number + 1, spent))
+            print(f"  proposal {number + 1}: {spent:.2f} s", flush=True)
+
+    run_search(space, make_sampler(sampler_name, space, seed, trials), Generator("additive", seed, space), trials,
+               timed=note)
     return costs
 
 
