@@ -70,7 +70,8 @@ def test_auto_weights_are_inherited_and_reused_on_resume_and_constraints_skip_tr
     assert full.returncode == 0, full.stderr[-3000:]
     assert f"{yamls[0]}.pt: mAP50-95" in full.stdout
     recorded = json.loads((tmp_path / "w" / "full" / yamls[0] / "full.json").read_text())["training"]
-    assert (recorded["epochs"], recorded["imgsz"], recorded["data"]) == (1, 64, str((coco128 / "coco128.yaml").resolve()))
+    data = str((coco128 / "coco128.yaml").resolve())  # recorded resolved (../shared may be a link)
+    assert (recorded["epochs"], recorded["imgsz"], recorded["data"]) == (1, 64, data)
     # Another study on the same base, data and base training takes the cached base, and a different base training
     # misses the cache: tests/test_base_cache.py (without two more searches).
 
