@@ -75,6 +75,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -424,8 +425,6 @@ def family(args: argparse.Namespace) -> int:
               f"{sum(x > 1 for x in ratios)}; reach <= 25: {fast}/{len(mine)}")
     out = args.results or REPO / "bench" / "results" / f"search-family-{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    import platform
-
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
                                "cpus": os.cpu_count(), "optuna": optuna.__version__, "seeds": seeds,
                                "trials": args.trials, "rows": rows}, indent=1))

@@ -15,7 +15,7 @@ def residual_gates(module: nn.Module) -> list[nn.Parameter]:
     CoT's zero-initialised BN weights, DualViT's 1e-6 layer scales). Found by value, so call it on a fresh layer;
     STA and GMA have none (they start as small non-zero branches)."""
     gates = []
-    for name, sub in module.named_modules():
+    for _, sub in module.named_modules():
         for pname, param in sub.named_parameters(recurse=False):
             norm_weight = pname == "weight" and isinstance(sub, (nn.modules.batchnorm._NormBase, nn.LayerNorm,
                                                                  nn.GroupNorm))

@@ -122,8 +122,8 @@ def start_checkpoint(candidate: Path, weights: str | None, run_dir: Path, names:
 
 
 def train_full(candidate: Path, how: FullTraining, start: Path | None, run_dir: Path) -> FullResult:
-    """Train ``candidate`` (from ``start``; None: its YAML from scratch) with Ultralytics into ``run_dir``; the result
-    is also written to ``run_dir/full.json``."""
+    """Train ``candidate`` (from ``start``; None: its YAML from scratch, with ``how``'s arguments as given) with
+    Ultralytics into ``run_dir``; the result is also written to ``run_dir/full.json``."""
     from ultralytics import YOLO
 
     modules.register()
@@ -131,11 +131,8 @@ def train_full(candidate: Path, how: FullTraining, start: Path | None, run_dir: 
     warnings.filterwarnings("ignore", message=".*get_trial_id.*")
     began = time.perf_counter()
     model = YOLO(str(start or candidate), task="detect")
-    args = how.ultralytics_args()
-    if start is None:
-        args.update(dict(SCRATCH_TRAIN_ARGS) if how.train_args == FINETUNE_TRAIN_ARGS else {})
-        args["pretrained"] = False
-    model.train(**args, project=str(run_dir.parent), name=run_dir.name, exist_ok=True)
+    model.train(**how.ultralytics_args(), pretrained=start is not None, project=str(run_dir.parent),
+                name=run_dir.name, exist_ok=True)
     metrics = model.trainer.metrics
     result = FullResult(candidate=str(candidate), start=str(start) if start else "scratch",
                         map50_95=float(metrics["metrics/mAP50-95(B)"]), map50=float(metrics["metrics/mAP50(B)"]),
@@ -175,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SearchError(f"{candidate} holds its own weights; give the candidate's YAML to start from --weights")
         how = defaults_for(candidate, args.data)
         chosen = {k: getattr(args, k) for k in ("epochs", "imgsz", "batch", "seed") if getattr(args, k) is not None}
+        # From scratch a candidate trains as the base did; --train-arg adds to (and overrides) either default.
+        defaults = SCRATCH_TRAIN_ARGS if args.weights == "none" else how.train_args
         given = dict(parse_train_args(args.train_arg))
         how = replace(how, device=args.device, workers=args.workers, fraction=args.fraction, **chosen,
-                      train_args=tuple(sorted({**dict(how.train_args), **given}.items())))
+                      train_args=tuple(sorted({**dict(defaults), **given}.items())))
         if not Path(how.data).is_file():
             raise SearchError(f"data YAML {how.data} does not exist (pass --data)")
         run_dir = Path(args.out) if args.out else _default_run_dir(candidate)

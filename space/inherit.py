@@ -95,15 +95,15 @@ def align(base_yaml: dict, candidate_yaml: dict) -> tuple[tuple[int, int], ...]:
     """``(base index, candidate index)`` of every base layer the candidate kept, found from the two model YAMLs:
     the longest common run of rows equal in module, repeats and arguments (``from`` is renumbered by an insertion,
     so it is left out). An inserted layer matches no base row; a replaced block leaves its base row unmatched."""
-    def rows(data: dict) -> list[str]:
-        return [json.dumps([n, m, a], default=str) for _, n, m, a in absolute_rows(data)]
+    def signatures(rows: list[list]) -> list[str]:
+        return [json.dumps([n, m, a], default=str) for _, n, m, a in rows]
 
-    base_rows, candidate_rows = rows(base_yaml), rows(candidate_yaml)
-    matcher = difflib.SequenceMatcher(None, base_rows, candidate_rows, autojunk=False)
+    base_rows, candidate_rows = absolute_rows(base_yaml), absolute_rows(candidate_yaml)
+    matcher = difflib.SequenceMatcher(None, signatures(base_rows), signatures(candidate_rows), autojunk=False)
     pairs = tuple((block.a + k, block.b + k) for block in matcher.get_matching_blocks() for k in range(block.size))
     # What a candidate may add: attention layers only, and it may drop no more base rows than it has of them.
     kept = {j for _, j in pairs}
-    added = [row for j, row in enumerate(absolute_rows(candidate_yaml)) if j not in kept]
+    added = [row for j, row in enumerate(candidate_rows) if j not in kept]
     foreign = [row[2] for row in added if row[2] not in modules.names()]
     if foreign or len(base_rows) - len(pairs) > len(added):
         raise SpaceError(f"the candidate is not made from this base: it keeps {len(pairs)} of the base's "

@@ -203,12 +203,12 @@ def _write_checkpoints(study: optuna.Study, study_dir: Path, front: list[FrozenT
     train_args = {"data": str(data_yaml), "imgsz": settings.proxy.imgsz, "epochs": settings.weights.base_epochs,
                   "batch": settings.proxy.batch}
     state = torch.load(state_path, map_location="cpu", weights_only=True)
+    names = data_names(data_yaml)
     written: dict[int, dict[str, str]] = {}
     for t in front:
         yaml_path = yamls[t.number]
         target = yaml_path.with_suffix(".pt")
-        write_mapped(target, yaml_path.read_text(), _candidate(study, t).base_layers, state, data_names(data_yaml),
-                     train_args)
+        write_mapped(target, yaml_path.read_text(), _candidate(study, t).base_layers, state, names, train_args)
         written[t.number] = {"pt": str(target.relative_to(study_dir))}
         source = study.get_trials(deepcopy=False)[t.user_attrs["reused_from"]] if "reused_from" in t.user_attrs else t
         last = Path(source.user_attrs.get("run_dir", "/nonexistent")) / "weights" / "last.pt"

@@ -190,8 +190,9 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         rng = np.random.default_rng([self.seed, number])
         seen = self._read(study, exclude)
         children: list[tuple[Genome, str]] = []
-        hedge = np.random.default_rng([self.seed, number, 1]).random() < self.random_share
-        if len(seen.parents) >= max(2, self.n_startup_trials) and not hedge:  # the surrogates need two points
+        modelled = len(seen.parents) >= max(2, self.n_startup_trials)  # the surrogates need two points
+        hedge = modelled and np.random.default_rng([self.seed, number, 1]).random() < self.random_share
+        if modelled and not hedge:
             thompson = self.acquisition == "thompson" or (self.acquisition == "alternate" and number % 2 == 0)
             scorer = _Scorer(self, study, seen, rng, thompson)
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
@@ -199,7 +200,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             if self._trust_region_on(len(seen.parents)):
                 pool = self._near_front(scorer, seen, pool, rng)
             children = self._screen(scorer, seen, pool, rng)
-        label = "random (hedge)" if hedge and len(seen.parents) >= max(2, self.n_startup_trials) else "random"
+        label = "random (hedge)" if hedge else "random"
         fallback = ((random_genome(self.space, rng), label) for _ in range(64))  # drawn only when needed
         for genome, origin in itertools.chain(children, fallback):
             if genome_key(genome) in seen.keys:
@@ -258,7 +259,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         seen.parents = list(parents.values())
         if seen.parents:
             seen.parent_ranks = pareto_ranks(np.array([loss for _, loss in seen.parents]))
-        seen.since_front_moved = _since_front_moved(seen.front)
+        seen.since_front_moved = _since_front_moved(seen.front) if self.trust_growth else 0
         if not seen.front:  # nothing finished the top rung yet: the lower rungs' values stand in
             seen.front = [loss for _, loss in seen.parents]
             seen.front_genomes = [genome for genome, _ in seen.parents]

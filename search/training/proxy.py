@@ -71,7 +71,6 @@ class ProxySchedule:
     def faithful(self) -> bool:
         return all(getattr(self, k) == v for k, v in FAITHFUL.items())
 
-
     def ultralytics_args(self) -> dict[str, Any]:
         fraction = list(self.fraction) if isinstance(self.fraction, tuple) else self.fraction
         return {"epochs": self.epochs, "imgsz": self.imgsz, "batch": self.batch, "fraction": fraction,
