@@ -116,9 +116,10 @@ class Progress:
         self.timed_seconds += seconds
 
     # -- the status line ---------------------------------------------------------------------------------------
-    def tick(self, running: int, base: tuple[int, int, float] | None = None) -> None:
+    def tick(self, running: int, base: tuple[int, int, float, tuple[int, float] | None] | None = None) -> None:
         """The driver's loop, with ``running`` trainings under way (and ``base``: epochs done, epochs, seconds so far
-        of the base training, while it runs): refresh the bar, or print the status line when ``every_s`` seconds
+        and the latest validation's (epoch, mAP50-95) of the base training, while it runs): refresh the bar, or print
+        the status line when ``every_s`` seconds
         have passed since the last one (not a terminal)."""
         self.running, self.base = running, base
         if not self.bar.disable:
@@ -132,9 +133,10 @@ class Progress:
         front = self._front
         parts = [f"{self.running} training", f"{self.spent:.0f}/{self.plan.expected(len(front)):.0f} epochs"]
         if self.base is not None:  # candidates wait for it: its own epochs and time left come first
-            done, total, seconds = self.base
+            done, total, seconds, latest = self.base
+            shown = f" (mAP50-95 {latest[1]:.4f} at epoch {latest[0]})" if latest else ""
             left = f", ~{_duration(seconds / done * (total - done))} left" if done else ""
-            parts.insert(0, f"base training: epoch {done}/{total}{left}")
+            parts.insert(0, f"base training: epoch {done}/{total}{shown}{left}")
         if front:
             best = ", ".join(f"{o.name} {o.show((max if o.maximize else min)(t.values[i] for t in front))}"
                              for i, o in enumerate(self.objectives))

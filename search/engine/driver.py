@@ -38,7 +38,7 @@ from ..settings import Settings
 from ..storage import study as st
 from ..storage.companions import RungStudies
 from ..storage.reconnect import DatabaseUnreachable
-from ..training.proxy import DISK_FULL, TrainResult
+from ..training.proxy import DISK_FULL, TrainResult, epochs_written
 from ..training.weights import BaseSource, store_base_weights
 from .confirmation import confirm_front
 from .feasibility import LatencyBook
@@ -146,14 +146,12 @@ class Driver:
                            self._base_progress() if self.base_pending else None)
         return False
 
-    def _base_progress(self) -> tuple[int, int, float]:
-        """Epochs the base training finished (Ultralytics writes a row of ``results.csv`` per epoch), its epochs,
-        and the seconds since it started."""
-        done = 0
-        with contextlib.suppress(OSError):  # not written before its first epoch ends
-            rows = (Path(self.base.job.run_dir) / "results.csv").read_text().strip().splitlines()
-            done = max(0, len(rows) - 1)  # less the header
-        return done, self.base.job.schedule.epochs, time.time() - self.started
+    def _base_progress(self) -> tuple[int, int, float, tuple[int, float] | None]:
+        """Epochs the base training finished, its epochs, the seconds since it started, and (epoch, mAP50-95) of its
+        latest validation (None before the first)."""
+        job = self.base.job
+        done, latest = epochs_written(job)
+        return done, job.schedule.epochs, time.time() - self.started, latest
 
     def _dispatch(self) -> None:
         """Start trainings while a worker is free: promotions first (ASHA), then timed trials, oldest first."""

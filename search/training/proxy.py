@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
@@ -100,6 +101,9 @@ class TrainJob:
     # ``resume`` continues a stopped one from its checkpoint (weights, EMA, optimizer, epoch).
     stop_at: int | None = None
     resume: str | None = None
+    # Validate every this many epochs as well as after the last (0: the last only). The base training uses it so a
+    # person sees its mAP grow; validation draws no training randomness, so the weights are the same either way.
+    val_every: int = 0
 
     @property
     def tag(self) -> str:
@@ -169,15 +173,16 @@ def _train(job: TrainJob, run_dir: Path, checkpoint: Callable[[], None] | None) 
     # insists on reloading a saved checkpoint afterwards, and weights are off by default.
     trainer_cls = _proxy_trainer(checkpoint, job.save_weights or stops_early, job.fault,
                                  None if job.resume else _inheritor(job), job.stop_at, keep_best=job.save_weights,
-                                 recipe=_fresh_recipe(job))
+                                 recipe=_fresh_recipe(job), val_every=job.val_every)
     if job.resume:
         # Ultralytics' own resume: the checkpoint's train arguments (schedule, data, seed) with its weights, EMA,
         # optimizer and epoch; only where it writes and what it runs on may change.
-        args = {"resume": job.resume, "save_dir": str(run_dir), "device": job.device, "workers": 0, "val": False,
+        args = {"resume": job.resume, "save_dir": str(run_dir), "device": job.device, "workers": 0,
+                "val": job.val_every > 0,
                 "plots": False}
     else:
         args = {"model": str(yaml_path), "data": job.data, "device": job.device, "project": str(run_dir.parent),
-                "name": run_dir.name, "exist_ok": True, "plots": False, "val": False,
+                "name": run_dir.name, "exist_ok": True, "plots": False, "val": job.val_every > 0,
                 "save": job.save_weights or stops_early, "workers": 0, "verbose": False, "pretrained": False,
                 **job.schedule.ultralytics_args()}
     trainer = trainer_cls(overrides=args)
@@ -307,7 +312,7 @@ def open_gates(model, recipe: FreshRecipe) -> int:
 
 def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fault: str | None,
                    inheritor: Callable | None = None, stop_at: int | None = None, keep_best: bool = True,
-                   recipe: FreshRecipe | None = None) -> type:
+                   recipe: FreshRecipe | None = None, val_every: int = 0) -> type:
     """Ultralytics' DetectionTrainer with the proxy's differences, as a subclass (the API Ultralytics offers)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import callbacks as ucallbacks
@@ -363,11 +368,50 @@ def _proxy_trainer(checkpoint: Callable[[], None] | None, save_weights: bool, fa
                 self.best.unlink(missing_ok=True)
             return saved
 
+        def validate(self):
+            # Ultralytics validates every epoch or only the last; between them, the last results stand.
+            if val_every > 1 and (self.epoch + 1) % val_every and self.epoch + 1 < self.epochs:
+                return self.metrics, self.fitness
+            with _random_streams_kept():  # the validation loader draws from them: the training must not notice
+                return super().validate()
+
         def final_eval(self):
             # The proxy score is the final epoch's validation; re-validating best.pt would double validation time.
             return None
 
     return ProxyTrainer
+
+
+@contextlib.contextmanager
+def _random_streams_kept():
+    """Python's, NumPy's and torch's global random states restored on exit."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def epochs_written(job: TrainJob) -> tuple[int, tuple[int, float] | None]:
+    """How many epochs a running training has finished (Ultralytics writes a row of ``results.csv`` per epoch) and
+    (epoch, mAP50-95) of its latest validation under ``job.val_every`` (None before the first)."""
+    rows = []
+    with contextlib.suppress(OSError):  # not written before its first epoch ends
+        rows = list(csv.DictReader((Path(job.run_dir) / "results.csv").read_text().splitlines()))
+    validated = len(rows) - len(rows) % job.val_every if job.val_every else 0
+    if not validated:  # the rows between validations repeat the last one's metrics
+        return len(rows), None
+    try:
+        return len(rows), (validated, float(rows[validated - 1]["metrics/mAP50-95(B)"]))
+    except (KeyError, ValueError):  # a row being written
+        return len(rows), None
 
 
 def _record_start(trainer) -> None:

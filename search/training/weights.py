@@ -188,7 +188,14 @@ def base_training_job(plan: WeightsPlan, base: Base, data_yaml: str, schedule: P
     candidate = make_candidate(base)
     return TrainJob(trial=-1, candidate_hash=candidate.hash, yaml_text=to_yaml(candidate), data=data_yaml,
                     schedule=replace(schedule, epochs=plan.base_epochs, train_args=plan.train_args),
-                    run_dir=str(study_dir / "base-training"), threads=threads, save_weights=True, device=device)
+                    run_dir=str(study_dir / "base-training"), threads=threads, save_weights=True, device=device,
+                    val_every=base_val_every(plan.base_epochs))
+
+
+def base_val_every(epochs: int) -> int:
+    """How often the base training validates: about eight times (a few seconds each on 256 images), so the status
+    line shows its mAP as it grows."""
+    return max(1, round(epochs / 8))
 
 
 def store_base_weights(job: TrainJob, result: TrainResult, study_dir: Path,
