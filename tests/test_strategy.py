@@ -211,3 +211,17 @@ def test_a_network_measured_twice_or_confirmed_is_learnt_from_its_mean(space):
     genomes, values, _ = seen.fits["objective:0"]
     assert len(genomes) == 2 and values == pytest.approx([-0.55, -0.45])  # losses: -mAP
     assert sorted(loss[0] for loss in seen.front) == pytest.approx([-0.55, -0.45])
+
+
+def test_a_candidate_that_extends_the_front_within_the_reference_margin_is_credited():
+    """Hypervolume added against an independent formula: the front (0, 1), (1, 0) (normalised losses) and a point
+    with 0.2 better first loss at 1.3 of the second's span; it adds a 0.2-wide strip up to the reference."""
+    from search.strategy.evolution import _improvement
+
+    front, none = np.array([[0.0, 1.0], [1.0, 0.0]]), np.zeros((0, 2))
+    extending = np.array([[-0.2, 1.3]])
+    assert _improvement(front, none, extending, margin=0.5)[0] == pytest.approx(0.2 * (1.5 - 1.3))
+    assert _improvement(front, none, extending, margin=0.1)[0] < 0, "beyond a 0.1 margin it scored as dominated"
+    inside = np.array([[0.5, 0.5]])  # fills the front's corner: 0.5 x 0.5, whatever the margin
+    assert _improvement(front, none, inside, margin=0.5)[0] == pytest.approx(0.25)
+    assert _improvement(front, none, inside, margin=0.1)[0] == pytest.approx(0.25)
