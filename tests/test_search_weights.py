@@ -99,3 +99,23 @@ def test_user_checkpoint_with_other_classes_keeps_all_but_the_class_branch(tmp_p
     state, skipped = check_user_checkpoint(WeightsPlan.parse(str(ckpt), 20), load_base("yolov8n.yaml"), nc=3)
     assert skipped and all(".cv3." in k for k in skipped)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def test_the_base_cache_address_ignores_the_fresh_layers_recipe():
+    """A base has no fresh layers: a study with --fresh-lr-mult reuses it, and a base cached before the recipe
+    settings existed keeps its address (the hash of the schedule without them)."""
+    import hashlib
+    from dataclasses import replace
+
+    from search.training.proxy import ProxySchedule, TrainJob
+    from search.training.weights import base_cache_key
+
+    schedule = ProxySchedule(epochs=40, imgsz=128, batch=16)
+    job = TrainJob(trial=-1, candidate_hash="h", yaml_text="nc: 1\n", data="d.yaml", schedule=schedule, run_dir="r")
+    with_recipe = replace(job, schedule=replace(schedule, fresh_lr_mult=10.0, fresh_init=0.1))
+    assert base_cache_key(job, "fp") == base_cache_key(with_recipe, "fp")
+    before = {k: v for k, v in schedule.as_dict().items() if k not in ("fresh_lr_mult", "fresh_init")}
+    blob = json.dumps({"base": hashlib.sha256(b"nc: 1\n").hexdigest(), "data": "fp", "schedule": before},
+                      sort_keys=True, default=str)
+    assert base_cache_key(job, "fp") == hashlib.sha256(blob.encode()).hexdigest()[:20]
+    assert base_cache_key(replace(job, schedule=replace(schedule, epochs=41)), "fp") != base_cache_key(job, "fp")

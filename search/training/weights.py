@@ -22,7 +22,7 @@ import modules
 from space import Base, SpaceError, build_model, check_checkpoint, make_candidate, to_yaml
 
 from ..errors import SearchError, writing
-from .proxy import ProxySchedule, TrainJob, TrainResult, run_training
+from .proxy import FAITHFUL, ProxySchedule, TrainJob, TrainResult, run_training
 
 STATE_FILE = "base-weights.pt"
 
@@ -175,10 +175,12 @@ class BaseCache:
 
 
 def base_cache_key(job: TrainJob, data_fingerprint: str) -> str:
-    """Content address of a base training: the base network, the data's content and the whole schedule (epochs,
-    size, batch, fraction, seed, train arguments)."""
+    """Content address of a base training: the base network, the data's content and the schedule (epochs, size,
+    batch, fraction, seed, train arguments). The recipe of fresh layers is left out: a base has none, and bases
+    cached before the recipe settings existed keep their address."""
+    schedule = {k: v for k, v in job.schedule.as_dict().items() if k not in FAITHFUL}
     blob = json.dumps({"base": hashlib.sha256(job.yaml_text.encode()).hexdigest(), "data": data_fingerprint,
-                       "schedule": job.schedule.as_dict()}, sort_keys=True, default=str)
+                       "schedule": schedule}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
