@@ -4,6 +4,7 @@ base weights are those of a training that never validated)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from search import objectives as obj
@@ -21,6 +22,7 @@ def _weights(run_dir) -> dict:
     return {k: v.float() for k, v in ckpt["ema"].state_dict().items()}  # the network the base cache keeps
 
 
+@pytest.mark.slow
 def test_validating_every_epoch_shows_the_map_and_leaves_the_weights_as_they_were(tmp_path, coco128):
     base = make_candidate(load_base("yolov8n.yaml"))
     jobs = {name: TrainJob(trial=-1, candidate_hash=base.hash, yaml_text=to_yaml(base),
