@@ -3,6 +3,7 @@
     python bench/default_run.py                       # both studies, --budget 50 on the built-in data
     python bench/default_run.py --only default        # just the default run
     python bench/default_run.py --budget 4 -- --imgsz 64   # anything after -- goes to every search.run
+    python bench/default_run.py --variants default capped   # today's default against a lever, one bench run
 
 Two studies under one fresh ``--out``, one after the other:
 
@@ -45,7 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": [],  # the defaults of search.run: rungs 1,3,9, eta 3, one confirmation seed
     "single": ["--epochs", "3", "--confirm-seeds", "0"],  # before rungs: one 3-epoch rung, no confirmation
+    # A candidate lever of issue 21 (run it with --variants default capped): at most 1/eta of a rung promoted.
+    "capped": ["--promotion", "capped"],
 }
+DEFAULT_VARIANTS = ("default", "single")
 
 
 @dataclass
@@ -154,24 +158,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--only", choices=sorted(VARIANTS), help="run one of the two studies")
+    parser.add_argument("--only", choices=sorted(VARIANTS), help="run one of the studies")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS),
+                        help=f"the studies to run, in this order [{' '.join(DEFAULT_VARIANTS)}]")
     parser.add_argument("--out", help="output directory (default: a fresh temporary one)")
     parser.add_argument("extra", nargs="*", help="further search.run arguments (after --)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="attnas-bench-"))
     runs = {}
-    for name in ([args.only] if args.only else list(VARIANTS)):
+    for name in ([args.only] if args.only else args.variants):
         run = run_study(out, name, args.workers, args.budget, args.extra)
         if run is None:
             return 1
         runs[name] = run
-    if len(runs) == 2:
-        d, s = runs["default"], runs["single"]
-        print("\n== default vs single (same bench run)")
-        print(f"search wall, base excluded: {d.search_wall:.0f} s vs {s.search_wall:.0f} s, "
-              f"ratio {d.search_wall / s.search_wall:.2f} (target ≤ 1)")
-        print(f"whole command: first study (trains the base) {d.wall:.0f} s, second study (base from the cache) "
-              f"{s.wall:.0f} s")
+    first = next(iter(runs.values()), None)
+    for name, run in list(runs.items())[1:]:  # each later study against the first, all from this bench run
+        print(f"\n== {name} vs {first.name} (same bench run)")
+        print(f"search wall, base excluded: {run.search_wall:.0f} s vs {first.search_wall:.0f} s, "
+              f"ratio {run.search_wall / first.search_wall:.2f}")
+        print(f"whole command: {first.name} (the first study trains the base) {first.wall:.0f} s, {name} (base "
+              f"from the cache) {run.wall:.0f} s")
     return 0
 
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "candidate trains to the first; the best 1/--eta of a rung by Pareto rank continue from their "
                    f"checkpoint to the next; one value = every candidate trains that long [{default('rungs')}]")
     g.add_argument("--eta", type=int, help=f"promote the best 1/eta of each rung [{default('eta')}]")
+    g.add_argument("--promotion", choices=("asha", "capped"),
+                   help="asha: a candidate in its rung's best 1/eta now is promoted; capped: and no more than 1/eta "
+                        f"of the rung's results are promoted so far (synchronous halving's count) [{default('promotion')}]")
     g.add_argument("--epochs", type=int, help="same as --rungs N: every candidate trains N epochs")
     g.add_argument("--confirm-seeds", type=int, help="after the budget, train the top-rung front and the base again "
                    f"with this many more seeds; the exported front uses the seed means [{default('confirm_seeds')}]")

@@ -59,6 +59,7 @@ class Fidelity:
     rungs: tuple[int, ...] = (1, 3, 9)
     eta: int = 3
     confirm_seeds: int = 1
+    promotion: str = "asha"  # or "capped": at most floor(n / eta) of a rung's n results promoted (search/engine/rungs.py)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ _FIELD_FLAGS = {
     "imgsz": ("proxy", "imgsz"), "batch": ("proxy", "batch"), "seed": ("proxy", "seed"),
     "fresh_lr_mult": ("proxy", "fresh_lr_mult"),
     "base_epochs": ("weights", "base_epochs"), "eta": ("fidelity", "eta"), "confirm_seeds": ("fidelity", "confirm_seeds"),
+    "promotion": ("fidelity", "promotion"),
     "latency_device": ("latency", "device"), "latency_warmup": ("latency", "warmup"),
     "latency_runs": ("latency", "runs"), "latency_min_runs": ("latency", "min_runs"),
     "latency_threads": ("latency", "threads"), "latency_backend": ("latency", "backend"),

@@ -64,6 +64,24 @@ def test_ladder_promotes_the_top_third_asynchronously_by_pareto_rank():
     assert ladder.promotable(0) == ["g"]
 
 
+@pytest.mark.parametrize("capped, expected", [
+    (False, [2, 3, 4, 5, 6, 7, 8]),  # ASHA: whoever is in the best floor(n / 3) when a worker asks: 7 of 9
+    (True, [2, 5, 8]),  # capped: never more than floor(n / 3) promoted, 3 of 9, each the best when its turn came
+])
+def test_capped_promotion_sends_on_the_count_synchronous_halving_would(capped, expected):
+    """Nine results at rung 0, each dominating every earlier one (known Pareto ranks: a chain), a worker asking
+    for work after every result, as the driver does."""
+    ladder = Ladder(rungs=(1, 3), eta=3, maximize=(True, False), capped=capped)
+    promoted = []
+    for i in range(9):
+        ladder.record(i, 0, (0.1 * (i + 1), 10.0 - i))
+        while (ready := ladder.next_promotion()) is not None:
+            ladder.mark_promoted(ready[0], 0)
+            promoted.append(ready[0])
+    assert promoted == expected
+    assert len(promoted) <= 9 // 3 or not capped
+
+
 def test_hopeless_results_are_those_dominated_by_more_than_the_rung_can_ever_promote():
     ladder = Ladder(rungs=(1, 3), eta=3, maximize=(True, False))
     for i, v in enumerate([(0.9, 3.0), (0.8, 2.0), (0.7, 1.0), (0.1, 9.0)]):

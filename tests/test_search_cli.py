@@ -224,3 +224,24 @@ def test_recipe_settings_are_recorded_and_a_resume_with_others_is_refused(tmp_pa
     assert resumed.settings.study.proxy.faithful, "an older study resumes with the recipe it used"
     assert search_run.main(["--out", str(tmp_path), "--resume", "--fresh-lr-mult", "10"]) == 2
     assert "proxy.fresh_lr_mult: study has 1.0, this run 10.0" in capsys.readouterr().err
+
+
+def test_the_promotion_rule_is_recorded_and_an_older_study_reads_as_asha(tmp_path, capsys):
+    import optuna
+
+    from search.settings import StudySettings
+
+    prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path), "--promotion", "capped"]))
+    recorded = prep.settings.study.as_dict()
+    assert recorded["fidelity"]["promotion"] == "capped"
+    older = {**recorded, "fidelity": {k: v for k, v in recorded["fidelity"].items() if k != "promotion"}}
+    assert StudySettings.from_dict(older).fidelity.promotion == "asha", "studies from before the flag used ASHA"
+    prep.settings.study_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name=prep.settings.study_name, storage=prep.settings.storage_url,
+                                directions=["maximize", "minimize"])
+    study.set_user_attr("attnas_settings", recorded)
+    assert search_run.main(["--out", str(tmp_path), "--resume", "--promotion", "asha"]) == 2
+    assert 'fidelity.promotion: study has "capped", this run "asha"' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse's own one-line refusal
+        search_run.main(["--out", str(tmp_path), "--promotion", "halving"])
+    assert stop.value.code == 2 and "invalid choice: 'halving'" in capsys.readouterr().err

@@ -74,7 +74,8 @@ class Driver:
                                    progress)
         fidelity = settings.study.fidelity
         companions = RungStudies(study, storage) if len(fidelity.rungs) > 1 else None  # the dashboard's view
-        self.rungs = Rungs(study, fidelity.rungs, fidelity.eta, self.objectives, progress, companions)
+        self.rungs = Rungs(study, fidelity.rungs, fidelity.eta, self.objectives, progress, companions,
+                           fidelity.promotion)
         self.outside = OutsideWriters(study, storage, progress)
         self.done_by_hash = st.results_by_hash(study, self.fidelity)
         self.in_a_row = InARow(settings.run.max_failures_in_a_row, max_pruned_in_a_row)

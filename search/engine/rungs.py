@@ -43,6 +43,10 @@ class Ladder:
     rungs: tuple[int, ...]
     eta: int
     maximize: tuple[bool, ...]
+    # ASHA promotes whoever is in the best floor(n / eta) now, so a rung sends on more than 1 / eta of its results
+    # over a search (those promoted early stay promoted when later ones pass them). Capped: no more than
+    # floor(n / eta) promoted from a rung at any time, the count synchronous halving promotes.
+    capped: bool = False
     results: list[dict[Hashable, tuple[float, ...]]] = field(default_factory=list)  # per rung: candidate -> values
     promoted: list[set[Hashable]] = field(default_factory=list)  # per rung: candidates sent on from it
 
@@ -69,7 +73,8 @@ class Ladder:
             results.pop(key, None)
 
     def promotable(self, rung: int) -> list[Hashable]:
-        """Candidates at ``rung`` (below the top) in its best ``floor(n / eta)`` not promoted yet, best first."""
+        """Candidates at ``rung`` (below the top) in its best ``floor(n / eta)`` not promoted yet, best first (capped:
+        only as many as keep the rung's promotions within ``floor(n / eta)``)."""
         if rung >= self.top:
             return []
         keys = list(self.results[rung])
@@ -79,7 +84,8 @@ class Ladder:
         sign = np.array([-1.0 if m else 1.0 for m in self.maximize])
         losses = np.array([self.results[rung][key] for key in keys]) * sign
         best = [keys[i] for i in promotion_order(losses)[:k]]
-        return [key for key in best if key not in self.promoted[rung]]
+        ready = [key for key in best if key not in self.promoted[rung]]
+        return ready[:max(0, k - len(self.promoted[rung]))] if self.capped else ready
 
     def next_promotion(self) -> tuple[Hashable, int] | None:
         """The promotion to start when a worker is free: from the highest rung that has one (ASHA's rule), as
@@ -113,14 +119,16 @@ class Rungs:
     checkpoint of their last rung; ``seen_hashes`` are the networks with any rung result (not evaluated again)."""
 
     def __init__(self, study: optuna.Study, epochs: tuple[int, ...], eta: int,
-                 objectives: tuple[obj.Objective, ...], progress, companions: RungStudies | None = None) -> None:
-        """``companions``: where each result below the top rung is also written for the dashboard."""
+                 objectives: tuple[obj.Objective, ...], progress, companions: RungStudies | None = None,
+                 promotion: str = "asha") -> None:
+        """``companions``: where each result below the top rung is also written for the dashboard; ``promotion``:
+        "asha" or "capped" (:class:`Ladder`)."""
         self.study = study
         self.companions = companions
         self.epochs = epochs
         self.objectives = objectives
         self.progress = progress
-        self.ladder = Ladder(epochs, eta, tuple(o.maximize for o in objectives))
+        self.ladder = Ladder(epochs, eta, tuple(o.maximize for o in objectives), capped=promotion == "capped")
         self.paused: dict[int, InFlight] = {}
         self.seen_hashes: set[str] = set()
 
