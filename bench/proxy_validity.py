@@ -1,6 +1,7 @@
 """Does the proxy predict what full training gives? The truth bench of the search's ranking.
 
     python bench/proxy_validity.py [--n 8] [--seed 0] [--recipes faithful] [--workers 2] [--device cpu]
+                                   [--data builtin:shapes-v4]   # another data set: its own results file
     python bench/proxy_validity.py --report          # the table from the results file, training nothing
 
 Samples ``--n`` architectures from the default yolov8n space (at least 5 insert-only) and adds the base. Each is
@@ -148,9 +149,14 @@ def plan(archs, data, weights, args, out: Path) -> list[tuple[str, dict]]:
 def run(args) -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = check_data(None, REPO / "runs" / ".data")
+    data = check_data(args.data, REPO / "runs" / ".data")
     archs = sample_architectures(args.n, args.seed)
-    done = {r["key"] for r in read_results(args.results)}
+    rows = read_results(args.results)
+    other = next((r for r in rows if r.get("data_fingerprint") not in (None, data.fingerprint)), None)
+    if other is not None:
+        raise SystemExit(f"{args.results} holds results on {other['data']} (fingerprint {other['data_fingerprint']}), "
+                         f"not {data.identity}: give another --results")
+    done = {r["key"] for r in rows}
     t0 = time.time()
     weights = base_weights(data, out, args.device)
     todo = [(k, spec) for k, spec in plan(archs, data, weights, args, out) if k not in done]
@@ -230,10 +236,15 @@ def main() -> None:
                    help=f"proxy recipes to compare, the first also the earliest [{','.join(RECIPES)}]")
     p.add_argument("--workers", type=int, default=2, help="trainings at once [2]")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--results", default=str(REPO / "bench" / "results" / "proxy-validity.jsonl"))
-    p.add_argument("--out", default=str(REPO / "runs" / "bench-proxy-validity"))
+    p.add_argument("--data", help="an Ultralytics dataset YAML or builtin:NAME [the default built-in set]")
+    p.add_argument("--results", help="JSON lines file [bench/results/proxy-validity.jsonl; with --data builtin:NAME "
+                                     "proxy-validity-NAME.jsonl]")
+    p.add_argument("--out", help="where the trainings run [runs/bench-proxy-validity, -NAME with --data]")
     p.add_argument("--report", action="store_true", help="print the table from --results and exit")
     args = p.parse_args()
+    tag = "" if args.data is None else "-" + Path(args.data.removeprefix("builtin:")).stem
+    args.results = args.results or str(REPO / "bench" / "results" / f"proxy-validity{tag}.jsonl")
+    args.out = args.out or str(REPO / "runs" / f"bench-proxy-validity{tag}")
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")

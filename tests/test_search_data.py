@@ -92,3 +92,32 @@ def test_safe_batch_never_leaves_a_last_batch_of_one(n, batch):
     assert 2 <= b <= n and n % b != 1
     below = [x for x in range(2, min(batch, n) + 1) if n % x != 1]
     assert b == (max(below) if below else min(x for x in range(batch + 1, n + 1) if n % x != 1))
+
+
+def test_shapes_v4_labels_twins_far_apart_and_leaves_singles_unlabelled():
+    """shapes-v4: a shape is labelled exactly when another shape of its kind is in the image, at least 35 % of the
+    image away; a single's kind is no other shape's, so only the relation tells the two apart."""
+    import collections
+    import math
+
+    import numpy as np
+
+    from search.training.shapes import _V4_TWIN_GAP, get, shapes_v4_image, shapes_v4_layout
+
+    rng = np.random.default_rng(0)
+    singles = 0
+    for _ in range(300):
+        layout = shapes_v4_layout(rng)
+        kinds = collections.Counter(kind for kind, *_ in layout)
+        for kind, labelled, cx, cy, _r in layout:
+            assert labelled == (kinds[kind] == 2), layout
+            if labelled:
+                twin = next(s for s in layout if s[0] == kind and s[2:4] != (cx, cy))
+                assert math.hypot(cx - twin[2], cy - twin[3]) >= _V4_TWIN_GAP * 128
+        assert max(kinds.values()) <= 2
+        singles += sum(not labelled for _, labelled, *_ in layout)
+    assert singles >= 300, "about one unlabelled single an image, or the relation would not matter"
+    pixels, boxes = shapes_v4_image(np.random.default_rng(1))
+    assert pixels.shape == (128, 128, 3) and boxes
+    assert all(n == 2 for n in collections.Counter(c for c, *_ in boxes).values())
+    assert get("shapes-v4").classes == ("circle", "square", "triangle", "hexagon")

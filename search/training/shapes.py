@@ -209,6 +209,68 @@ def _clutter(draw, rng: np.random.Generator, size: int, background: np.ndarray, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# shapes-v4: twins. A shape is an object only when another shape of its kind is elsewhere in the image.
+# ---------------------------------------------------------------------------------------------------------------
+
+_V4_CLASSES = ("circle", "square", "triangle", "hexagon")
+_V4_OBJ_PX = (12.0, 40.0)  # circumscribed diameter; twins are sized, coloured and turned independently
+_V4_TWIN_GAP = 0.35  # twins' centres at least this fraction of the image apart: the relation is long-range
+
+
+def shapes_v4_layout(rng: np.random.Generator, size: int = IMGSZ) -> list[tuple[int, bool, float, float, float]]:
+    """What one ``shapes-v4`` image holds: (kind, labelled, cx, cy, radius) per shape. One or two pairs of twins
+    (two shapes of one kind, far apart; labelled) and one or two singles of kinds no other shape has (unlabelled:
+    up close a single looks like a twin)."""
+    kinds = rng.permutation(len(_V4_CLASSES))
+    pairs = int(rng.integers(1, 3))
+    singles = int(rng.integers(1, min(2, len(_V4_CLASSES) - pairs) + 1))
+    wanted = [(int(k), True) for k in kinds[:pairs] for _ in range(2)]
+    wanted += [(int(k), False) for k in kinds[pairs:pairs + singles]]
+    placed: list[tuple[int, bool, float, float, float]] = []
+    for kind, labelled in wanted:
+        twin = next((p for p in placed if p[0] == kind), None)
+        for _attempt in range(50):
+            r = math.exp(rng.uniform(math.log(_V4_OBJ_PX[0]), math.log(_V4_OBJ_PX[1]))) / 2
+            cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+            area = (cx - r, cy - r, cx + r, cy + r)
+            far = twin is None or math.hypot(cx - twin[2], cy - twin[3]) >= _V4_TWIN_GAP * size
+            if far and all(_iou(area, (x - q, y - q, x + q, y + q)) == 0.0 for _, _, x, y, q in placed):
+                placed.append((kind, labelled, cx, cy, r))
+                break
+        else:
+            if labelled and twin is not None:  # no room for the second twin: its first is a single now
+                placed[placed.index(twin)] = (*twin[:1], False, *twin[2:])
+    return placed
+
+
+def shapes_v4_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.ndarray, Boxes]:
+    """One image of ``shapes-v4`` and its YOLO boxes of the twins ``(class, xc, yc, w, h)``, normalised."""
+    from PIL import Image, ImageDraw
+
+    background = _gradient(rng, size)
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
+    boxes: Boxes = []
+    for kind, labelled, cx, cy, r in shapes_v4_layout(rng, size):
+        colour = _contrasting(rng, background[int(cy), int(cx)])
+        name = _V4_CLASSES[kind]
+        pts = _outline(name, rng, r)
+        if pts is None:  # the circle
+            box = (cx - r, cy - r, cx + r, cy + r)
+            draw.ellipse(box, fill=colour)
+        else:
+            pts = [(cx + x, cy + y) for x, y in pts]
+            draw.polygon(pts, fill=colour)
+            box = (min(p[0] for p in pts), min(p[1] for p in pts), max(p[0] for p in pts), max(p[1] for p in pts))
+        if labelled:
+            x0, y0, x1, y1 = box
+            boxes.append((kind, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8), boxes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # shared helpers, the registry and generation
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -256,6 +318,9 @@ SETS: dict[str, ShapesSet] = {
     # v3 trains on 512 images: with 256 (about 110 objects a class) the base reached only mAP50-95 0.15 after its
     # 40 epochs (0.17 with denser images), with 512 it reaches 0.30 -- in the 0.25-0.7 range where a search ranks.
     "shapes-v3": ShapesSet("shapes-v3", _V3_CLASSES, {"train": 512, "val": 256}, 20250301, shapes_v3_image),
+    # v4 asks for a relation between distant objects (is there another shape of my kind?): a candidate for the
+    # data on which placement matters, until the truth bench (bench/proxy_validity.py --data) has measured it.
+    "shapes-v4": ShapesSet("shapes-v4", _V4_CLASSES, {"train": 512, "val": 256}, 20261207, shapes_v4_image),
 }
 DEFAULT = "shapes-v3"
 
