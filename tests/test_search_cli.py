@@ -171,17 +171,24 @@ def test_bad_objectives_are_one_line_exit_2(value, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.db"))
 
 
-def test_resume_on_another_latency_backend_or_processor_is_refused(tmp_path, capsys):
-    """Latencies from another runtime, runtime version, processor or machine do not compare: part of the identity."""
+def _stored_study(prep, recorded: dict):
+    """The study ``prep`` names, made in its storage with ``recorded`` as its settings (as a first run leaves it)."""
     import optuna
 
-    prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
-    recorded = prep.settings.study.as_dict()
-    assert set(recorded["facts"]["latency"]) == {"backend_version", "device_model", "node"}
     prep.settings.study_dir.mkdir(parents=True)
     study = optuna.create_study(study_name=prep.settings.study_name, storage=prep.settings.storage_url,
                                 directions=["maximize", "minimize"])
     study.set_user_attr("attnas_settings", recorded)
+    return study
+
+
+def test_resume_on_another_latency_backend_or_processor_is_refused(tmp_path, capsys):
+    """Latencies from another runtime, runtime version, processor or machine do not compare: part of the identity."""
+
+    prep = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path)]))
+    recorded = prep.settings.study.as_dict()
+    assert set(recorded["facts"]["latency"]) == {"backend_version", "device_model", "node"}
+    study = _stored_study(prep, recorded)
     argv = ["--out", str(tmp_path), "--resume", "--latency-backend", "onnxruntime"]
     assert search_run.main(argv) == 2
     err = capsys.readouterr().err
@@ -201,7 +208,6 @@ def test_resume_on_another_latency_backend_or_processor_is_refused(tmp_path, cap
 def test_recipe_settings_are_recorded_and_a_resume_with_others_is_refused(tmp_path, capsys):
     """--fresh-lr-mult / --fresh-init are part of the study's identity; a study recorded before they existed reads
     as the papers' recipe (and keeps its fidelity key)."""
-    import optuna
 
     from search.settings import StudySettings
 
@@ -213,10 +219,7 @@ def test_recipe_settings_are_recorded_and_a_resume_with_others_is_refused(tmp_pa
     faithful = StudySettings.from_dict(older).proxy
     assert (faithful.fresh_lr_mult, faithful.fresh_init) == (1.0, None) and faithful.faithful
     assert faithful.key() == StudySettings.from_dict(older).proxy.key() != prep.settings.study.proxy.key()
-    prep.settings.study_dir.mkdir(parents=True)
-    study = optuna.create_study(study_name=prep.settings.study_name, storage=prep.settings.storage_url,
-                                directions=["maximize", "minimize"])
-    study.set_user_attr("attnas_settings", recorded)
+    study = _stored_study(prep, recorded)
     assert search_run.main(["--out", str(tmp_path), "--resume", "--fresh-init", "none"]) == 2
     assert "proxy.fresh_init: study has 0.1, this run null" in capsys.readouterr().err
     study.set_user_attr("attnas_settings", older)
@@ -227,7 +230,6 @@ def test_recipe_settings_are_recorded_and_a_resume_with_others_is_refused(tmp_pa
 
 
 def test_the_promotion_rule_is_recorded_and_an_older_study_reads_as_asha(tmp_path, capsys):
-    import optuna
 
     from search.settings import StudySettings
 
@@ -236,10 +238,7 @@ def test_the_promotion_rule_is_recorded_and_an_older_study_reads_as_asha(tmp_pat
     assert recorded["fidelity"]["promotion"] == "capped"
     older = {**recorded, "fidelity": {k: v for k, v in recorded["fidelity"].items() if k != "promotion"}}
     assert StudySettings.from_dict(older).fidelity.promotion == "asha", "studies from before the flag used ASHA"
-    prep.settings.study_dir.mkdir(parents=True)
-    study = optuna.create_study(study_name=prep.settings.study_name, storage=prep.settings.storage_url,
-                                directions=["maximize", "minimize"])
-    study.set_user_attr("attnas_settings", recorded)
+    _stored_study(prep, recorded)
     assert search_run.main(["--out", str(tmp_path), "--resume", "--promotion", "asha"]) == 2
     assert 'fidelity.promotion: study has "capped", this run "asha"' in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # argparse's own one-line refusal

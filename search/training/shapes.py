@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,12 +142,7 @@ def _outline(cls: str, rng: np.random.Generator, r: float) -> list[tuple[float, 
 
 def shapes_v3_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.ndarray, Boxes]:
     """One image of ``shapes-v3`` and its YOLO boxes ``(class, xc, yc, w, h)``, normalised to [0, 1]."""
-    from PIL import Image, ImageDraw
-
-    background = _gradient(rng, size)
-    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
+    background, image, draw = _cluttered_canvas(rng, size)
     boxes: Boxes = []
     taken: list[tuple[float, float, float, float]] = []  # what each object occupies, its frame included
     for _ in range(int(rng.integers(*_V3_OBJECTS))):
@@ -191,6 +187,17 @@ def shapes_v3_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
     _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
     return np.clip(noisy, 0, 255).astype(np.uint8), boxes
+
+
+def _cluttered_canvas(rng: np.random.Generator, size: int) -> tuple[np.ndarray, Any, Any]:
+    """A gradient background with clutter under the objects: (background, PIL image, its drawing context)."""
+    from PIL import Image, ImageDraw
+
+    background = _gradient(rng, size)
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
+    return background, image, draw
 
 
 def _frame(draw, rng: np.random.Generator, area: tuple, near: np.ndarray) -> None:
@@ -245,12 +252,7 @@ def shapes_v4_layout(rng: np.random.Generator, size: int = IMGSZ) -> list[tuple[
 
 def shapes_v4_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.ndarray, Boxes]:
     """One image of ``shapes-v4`` and its YOLO boxes of the twins ``(class, xc, yc, w, h)``, normalised."""
-    from PIL import Image, ImageDraw
-
-    background = _gradient(rng, size)
-    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
+    background, image, draw = _cluttered_canvas(rng, size)
     boxes: Boxes = []
     for kind, labelled, cx, cy, r in shapes_v4_layout(rng, size):
         colour = _contrasting(rng, background[int(cy), int(cx)])
