@@ -11,7 +11,8 @@
 noise; regret scored on the noise-free values) on every ``--bases`` space, then a summary against the targets
 (regret ratio to random per cell and overall, trials to reach random's 50-trial hypervolume), written as JSON.
 Development seeds are 1000-1015; seeds 2000-2019 were the held-out table of 2026-12-07 (docs/benchmarks.md):
-a later choice develops on 1000-1015 (or 2000-2019) and reports held-out seeds 3000-3019 once. ``--proposal-cost N``: the seconds one proposal takes at every 25th trial up to N.
+a later choice develops on 1000-1015 (or 2000-2019) and reports held-out seeds 3000-3019 once.
+``--proposal-cost N``: the seconds one proposal takes at every 25th trial up to N.
 
 ``--objective known``: a known-answer objective over the real search space (the space's own
 ``SearchSpace.suggest``, candidates and canonical hashes), cheap to evaluate: mAP is a base value plus seeded

@@ -102,7 +102,7 @@ class TrainJob:
     stop_at: int | None = None
     resume: str | None = None
     # Validate every this many epochs as well as after the last (0: the last only). The base training uses it so a
-    # person sees its mAP grow; validation draws no training randomness, so the weights are the same either way.
+    # person sees its mAP grow; the random streams validation draws from are restored, so the weights stay the same.
     val_every: int = 0
 
     @property

@@ -19,9 +19,9 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -89,8 +89,7 @@ def shapes_v2_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
         taken.append(box)
         x0, y0, x1, y1 = box
         boxes.append((cls, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
-    return np.clip(noisy, 0, 255).astype(np.uint8), boxes
+    return _sensor_noise(image, rng, size), boxes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,8 +184,7 @@ def shapes_v3_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
         if _fits(area, taken):
             _frame(draw, rng, area, background[int(cy), int(cx)])
     _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
-    return np.clip(noisy, 0, 255).astype(np.uint8), boxes
+    return _sensor_noise(image, rng, size), boxes
 
 
 def _cluttered_canvas(rng: np.random.Generator, size: int) -> tuple[np.ndarray, Any, Any]:
@@ -198,6 +196,12 @@ def _cluttered_canvas(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     draw = ImageDraw.Draw(image)
     _clutter(draw, rng, size, background, lines=int(rng.integers(0, 3)), specks=int(rng.integers(0, 4)))
     return background, image, draw
+
+
+def _sensor_noise(image, rng: np.random.Generator, size: int) -> np.ndarray:
+    """The drawn image with Gaussian pixel noise (sd 12), as uint8 pixels."""
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
 def _frame(draw, rng: np.random.Generator, area: tuple, near: np.ndarray) -> None:
@@ -268,8 +272,7 @@ def shapes_v4_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
         if labelled:
             x0, y0, x1, y1 = box
             boxes.append((kind, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
-    return np.clip(noisy, 0, 255).astype(np.uint8), boxes
+    return _sensor_noise(image, rng, size), boxes
 
 
 # ---------------------------------------------------------------------------------------------------------------
