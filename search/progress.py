@@ -78,6 +78,7 @@ class Progress:
         self.spent = float(epochs_spent(study, plan.rungs[-1]))
         self.timed_epochs, self.timed_seconds = 0.0, 0.0
         self.running, self.base, self._last_line = 0, None, float("-inf")
+        self._estimated_at = clock()  # when the last training finished: the time left counts down from there
         done = len(st.counted_trials(study))
         # disable=None: a bar on a terminal only; elsewhere the periodic status lines of tick().
         self.bar = tqdm(total=plan.budget, initial=min(done, plan.budget), desc="candidates", unit="cand",
@@ -114,6 +115,7 @@ class Progress:
         self.spent += epochs
         self.timed_epochs += epochs
         self.timed_seconds += seconds
+        self._estimated_at = self.clock()
 
     # -- the status line ---------------------------------------------------------------------------------------
     def tick(self, running: int, base: tuple[int, int, float, tuple[int, float] | None] | None = None) -> None:
@@ -143,6 +145,8 @@ class Progress:
             parts.append(f"front: {best} ({len(front)} trial{'s' if len(front) != 1 else ''})")
         per_epoch = self.timed_seconds / self.timed_epochs if self.timed_epochs else None
         left = self.plan.seconds_left(self.spent, len(front), per_epoch)
+        if left is not None:  # the trainings under way spend the epochs left as the clock runs (never below 30 s)
+            left = max(left - (self.clock() - self._estimated_at), min(left, 30.0))
         parts.append("time left: estimated after the first training" if left is None else f"~{_duration(left)} left")
         return ", ".join(parts)
 

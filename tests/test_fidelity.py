@@ -28,3 +28,13 @@ def test_rung_taus_use_only_candidates_that_reached_both_rungs():
     assert rows[0] == {"from_epochs": 1, "to_epochs": 3, "candidates": 3, "kendall_tau": pytest.approx(-1 / 3)}
     assert rows[1]["candidates"] == 2 and rows[1]["kendall_tau"] == -1.0
     assert seed_sd([0.5]) is None and seed_sd([0.5, 0.7]) == pytest.approx(math.sqrt(0.02))
+
+
+def test_a_rung_pair_one_candidate_reached_reads_as_not_defined_not_nan():
+    from search.front.confirm import describe
+
+    rows = rung_taus([1, 3], {"a": {1: 0.3, 3: 0.4}, "b": {1: 0.2}})
+    report = {"objective": "mAP50-95", "rung_kendall_tau": rows, "seed_sd": None,
+              "epochs": {"spent_on_candidates": 4, "candidates": 2, "confirmation": 0, "all_at_top_rung": 6}}
+    assert describe(report)[0] == ("Kendall tau of mAP50-95 between rungs 1 and 3 epochs: "
+                                   "not defined over 1 candidate(s)")

@@ -40,11 +40,11 @@ def _study(tmp_path) -> optuna.Study:
     return study
 
 
-def test_the_estimate_is_refined_from_measured_epoch_times(tmp_path):
+def test_the_estimate_is_refined_from_measured_epoch_times_and_counts_down(tmp_path):
     study = _study(tmp_path)
     assert epochs_spent(study, top_epochs=3) == 3 + 3, "a candidate counts the epochs of the last rung it finished"
-    clock = iter(range(0, 10**6, 10))
-    progress = Progress(study, TABLE, EpochPlan((1, 3), 3, 6, 0, 1), verbose=False, clock=lambda: next(clock))
+    now = [0.0]
+    progress = Progress(study, TABLE, EpochPlan((1, 3), 3, 6, 0, 1), verbose=False, clock=lambda: now[0])
     assert progress.status().endswith("time left: estimated after the first training")
     progress.trained(epochs=2, seconds=60.0)  # 30 s an epoch
     progress.tick(running=1)
@@ -52,6 +52,10 @@ def test_the_estimate_is_refined_from_measured_epoch_times(tmp_path):
     # expected: 6 x 1 + 2 x 2 = 10 epochs; spent 6 + 2 = 8; 2 left x 30 s.
     assert line.startswith("1 training, 8/10 epochs, front: mAP50-95 0.3000, latency_ms 2.00 (2 trials)"), line
     assert line.endswith("~60 s left"), line
+    now[0] = 20.0  # the training under way spends the time left
+    assert progress.status().endswith("~40 s left")
+    now[0] = 100.0  # later than the estimate: it stays at 30 s until the training reports
+    assert progress.status().endswith("~30 s left")
     progress.trained(epochs=1, seconds=180.0)  # slower epochs: (60 + 180) / 3 = 80 s each, 1 epoch left
     assert progress.status().endswith("~80 s left")
     progress.close()

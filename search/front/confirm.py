@@ -189,8 +189,11 @@ def describe(report: dict[str, Any]) -> list[str]:
     """The fidelity report as lines for the console."""
     lines = []
     for row in report["rung_kendall_tau"]:
+        tau = row["kendall_tau"]
+        shown = (f"{tau:+.3f} over {row['candidates']} candidates" if tau is not None and not math.isnan(tau)
+                 else f"not defined over {row['candidates']} candidate(s)")
         lines.append(f"Kendall tau of {report['objective']} between rungs {row['from_epochs']} and "
-                     f"{row['to_epochs']} epochs: {row['kendall_tau']:+.3f} over {row['candidates']} candidates")
+                     f"{row['to_epochs']} epochs: {shown}")
     if report["seed_sd"] is not None:
         lines.append(f"seed sd of {report['objective']}: {report['seed_sd']:.4f} (pooled over "
                      f"{report['seed_sd_from']} confirmed trials)")
