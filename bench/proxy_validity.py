@@ -7,10 +7,12 @@
 Samples ``--n`` architectures from the default yolov8n space (at least 5 insert-only) and adds the base. Each is
 trained in *full* the way a user trains a found candidate (``python -m search.train``'s defaults: the study's base
 schedule, fine-tuning from the base's weights mapped in), the base and the first two architectures with
-``--truth-seeds`` seeds, the rest with one. Each is also trained by the proxy under every ``--recipes`` entry: one
-training stopped and continued at each rung (1, 3, 9 epochs), as a promoted candidate is. Prints the truth mAP per
-architecture ± sd, the pairs the truth separates beyond 2 sd of a difference, and Kendall tau / Spearman rho
-between each rung and the truth, over all networks and over the insert-only ones.
+``--truth-seeds`` seeds, and so are the ``--confirm-best`` best others by their first seed (an apparent winner
+is measured again before it counts); the rest with one. Each is also trained by the proxy under every
+``--recipes`` entry: one training stopped and continued at each rung (1, 3, 9 epochs), as a promoted candidate is.
+Prints the truth mAP per architecture ± sd and its difference to the base (in sd of a difference), the pairs the
+truth separates beyond 2 sd of a difference, and Kendall tau / Spearman rho between each rung and the truth, over
+all networks and over the insert-only ones.
 
 Hours on a 2-core CPU: every finished training is appended to ``--results`` (JSON lines with machine, versions and
 date) and skipped when the bench runs again, so a measurement can span sessions; the file is small enough to commit.
@@ -28,7 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,9 +116,11 @@ def proxy_task(spec: dict) -> dict:
     return {"rungs": dict(zip(map(str, spec["rungs"]), scores)), "seconds": seconds, "error": error}
 
 
-def plan(archs, data, weights, args, out: Path) -> list[tuple[str, dict]]:
-    """Every training the bench needs, in the order it runs them: truth with the first seed, the proxy under the
-    first recipe, the truth's further seeds, then the other recipes (an interrupted bench has a table early)."""
+def plan(archs, data, weights, args, out: Path, rows: list[dict]) -> list[tuple[str, dict]]:
+    """Every training the bench needs, in the order it runs them: truth with the first seed; the truth's further
+    seeds for the base, the first two architectures and, once every first seed is in ``rows``, the
+    ``--confirm-best`` best others by it (an apparent winner is trained again before it counts); the proxy under
+    the first recipe, then the other recipes."""
     s = StudySettings()
     batch = safe_batch(data.train_used, s.proxy.batch)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
@@ -142,8 +146,19 @@ def plan(archs, data, weights, args, out: Path) -> list[tuple[str, dict]]:
 
     first = [truth(i, 0) for i in range(len(archs))]
     proxies = [[proxy(i, r) for i in range(len(archs))] for r in args.recipes]
-    more = [truth(i, seed) for seed in range(1, args.truth_seeds) for i in range(min(3, len(archs)))]
-    return first + proxies[0] + more + sum(proxies[1:], [])
+    return first + [truth(i, seed) for seed in range(1, args.truth_seeds)
+                    for i in again(archs, rows, args.confirm_best)] + sum(proxies, [])
+
+
+def again(archs, rows: list[dict], best: int) -> list[int]:
+    """Indices of the networks trained with more than one seed: the base, the first two architectures and, once
+    every network has its first seed, the ``best`` others with the highest first-seed truth."""
+    fixed = list(range(min(3, len(archs))))
+    first = {r["arch"]: r["map50_95"] for r in rows if r["kind"] == "truth" and r["seed"] == 0}
+    if best <= 0 or any(c.hash not in first for c in archs):
+        return fixed
+    others = sorted((i for i in range(len(archs)) if i not in fixed), key=lambda i: -first[archs[i].hash])
+    return fixed + others[:best]
 
 
 def run(args) -> None:
@@ -156,24 +171,37 @@ def run(args) -> None:
     if other is not None:
         raise SystemExit(f"{args.results} holds results on {other['data']} (fingerprint {other['data_fingerprint']}), "
                          f"not {data.identity}: give another --results")
-    done = {r["key"] for r in rows}
     t0 = time.time()
     weights = base_weights(data, out, args.device)
-    todo = [(k, spec) for k, spec in plan(archs, data, weights, args, out) if k not in done]
-    print(f"{len(archs)} networks; {len(done)} trainings already in {args.results}, {len(todo)} to run", flush=True)
+
+    def todo() -> list[tuple[str, dict]]:  # planned again after each result: the winners' seeds need the first ones
+        done = {r["key"] for r in rows}
+        return [(k, spec) for k, spec in plan(archs, data, weights, args, out, rows) if k not in done]
+
+    print(f"{len(archs)} networks; {len(rows)} trainings already in {args.results}, {len(todo())} to run", flush=True)
     stamp = {"machine": machine(), "versions": versions(), "data": data.identity, "data_fingerprint": data.fingerprint}
     tasks = {"truth": truth_task, "proxy": proxy_task}
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(tasks[spec["kind"]], spec): (k, spec) for k, spec in todo}
-        for future in as_completed(futures):
-            key, spec = futures[future]
-            row = {"key": key, "kind": spec["kind"], "arch": spec["arch"], "seed": spec.get("seed", 0),
-                   "recipe": spec.get("recipe"), **future.result(), **stamp,
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            with open(args.results, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"[{time.time() - t0:6.0f} s] {key}: " + json.dumps({k: row[k] for k in row if k in
-                  ("map50_95", "rungs", "seconds", "error")}), flush=True)
+        running: dict = {}
+        while True:
+            for key, spec in todo():
+                if len(running) >= args.workers:
+                    break
+                if key not in {k for k, _ in running.values()}:
+                    running[pool.submit(tasks[spec["kind"]], spec)] = key, spec
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key, spec = running.pop(future)
+                row = {"key": key, "kind": spec["kind"], "arch": spec["arch"], "seed": spec.get("seed", 0),
+                       "recipe": spec.get("recipe"), **future.result(), **stamp,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                rows.append(row)
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"[{time.time() - t0:6.0f} s] {key}: " + json.dumps({k: row[k] for k in row if k in
+                      ("map50_95", "rungs", "seconds", "error")}), flush=True)
     report(archs, read_results(args.results))
 
 
@@ -192,11 +220,18 @@ def report(archs, rows: list[dict]) -> None:
     sd = statistics.mean(sds) if sds else None
     print(f"\ntruth: {StudySettings().weights.base_epochs} epochs from the mapped base, mAP50-95 "
           "(mean ± sd over seeds)")
+    base_runs = truth.get(archs[0].hash, [])
     for c in archs:
         v = truth.get(c.hash, [])
         spread = f" ± {statistics.stdev(v):.4f} (n={len(v)})" if len(v) > 1 else ""
         shown = f"{statistics.mean(v):.4f}{spread}" if v else "-"
-        print(f"  {c.hash}  {shown:<24}  {c.describe()}")
+        versus = ""
+        if v and base_runs and c is not archs[0]:
+            diff = statistics.mean(v) - statistics.mean(base_runs)
+            # in sd of a difference of two means: the seed sd, pooled, times sqrt(1/n + 1/n_base)
+            units = f" = {diff / (sd * (1 / len(v) + 1 / len(base_runs)) ** 0.5):+.1f} sd" if sd else ""
+            versus = f"{diff:+.4f}{units}"
+        print(f"  {c.hash}  {shown:<24}  {versus:<18}  {c.describe()}")
     known = [c for c in archs if c.hash in truth]
     if sd is not None:
         gap = 2 * (2 ** 0.5) * sd
@@ -232,6 +267,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="architectures sampled besides the base [8]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the architectures [0]")
     p.add_argument("--truth-seeds", type=int, default=2, help="seeds of the base and the first two architectures [2]")
+    p.add_argument("--confirm-best", type=int, default=2,
+                   help="also train the truth's further seeds for this many best others by their first seed [2]")
     p.add_argument("--recipes", type=lambda t: t.split(","), default=list(RECIPES),
                    help=f"proxy recipes to compare, the first also the earliest [{','.join(RECIPES)}]")
     p.add_argument("--workers", type=int, default=2, help="trainings at once [2]")
