@@ -266,7 +266,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=8, help="architectures sampled besides the base [8]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the architectures [0]")
-    p.add_argument("--truth-seeds", type=int, default=2, help="seeds of the base and the first two architectures [2]")
+    p.add_argument("--truth-seeds", type=int, default=2,
+                   help="seeds of the networks trained more than once: the base, the first two architectures and "
+                        "the --confirm-best others [2]")
     p.add_argument("--confirm-best", type=int, default=2,
                    help="also train the truth's further seeds for this many best others by their first seed [2]")
     p.add_argument("--recipes", type=lambda t: t.split(","), default=list(RECIPES),

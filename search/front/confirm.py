@@ -190,7 +190,7 @@ def describe(report: dict[str, Any]) -> list[str]:
     lines = []
     for row in report["rung_kendall_tau"]:
         tau = row["kendall_tau"]
-        shown = (f"{tau:+.3f} over {row['candidates']} candidates" if tau is not None and not math.isnan(tau)
+        shown = (f"{tau:+.3f} over {row['candidates']} candidates" if not math.isnan(tau)
                  else f"not defined over {row['candidates']} candidate(s)")
         lines.append(f"Kendall tau of {report['objective']} between rungs {row['from_epochs']} and "
                      f"{row['to_epochs']} epochs: {shown}")
