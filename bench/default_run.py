@@ -4,6 +4,7 @@
     python bench/default_run.py --only default        # just the default run
     python bench/default_run.py --budget 4 -- --imgsz 64   # anything after -- goes to every search.run
     python bench/default_run.py --variants default capped   # today's default against a lever, one bench run
+    python bench/default_run.py --variants default capped --out DIR --report   # describe a bench run's studies again
 
 Two studies under one fresh ``--out``, one after the other:
 
@@ -16,7 +17,10 @@ For each it prints wall time, the base training (or the cache hit), the time fro
 candidate's training, Σ trial compute and the engine overhead, the epochs spent, the rung-to-rung Kendall τ and seed
 sd the study reports of itself, the front (confirmed points on seed means) and the peak disk held by training
 checkpoints (polled every second); compute counts the confirmation trainings too. Then the ratio of the search
-walls (base excluded), default / single, and the two whole-command walls (first study, second study).
+walls (base excluded), default / single, the two whole-command walls (first study, second study) and the
+hypervolume of each front against one reference: above the lower of the two bases' mAP, latency as a ratio to each
+study's own base (the bases are timed separately). ``--results FILE`` writes all of it with the machine and the
+library versions after each study.
 
 What counts as compute: a trial occupies a worker for its ``train_s``. The latency meter times the next
 candidates while the workers train and parks the trainings during each timed loop (``parked_s``, inside
@@ -40,7 +44,9 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search.front import confirm  # noqa: E402
+from bench.facts import machine_facts  # noqa: E402
+from search import objectives as obj  # noqa: E402
+from search.front import confirm, pareto  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -59,6 +65,7 @@ class Run:
     started: float
     peak_checkpoint_bytes: int
     search_wall: float = 0.0
+    wall_from: str = "timed by this bench"
 
 
 class CheckpointWatch(threading.Thread):
@@ -80,7 +87,7 @@ class CheckpointWatch(threading.Thread):
             self.peak = max(self.peak, total)
 
 
-def run_study(out: Path, name: str, workers: int, budget: int, extra: list[str]) -> Run | None:
+def run_study(out: Path, name: str, workers: int, budget: int, extra: list[str]) -> tuple[Run, dict] | None:
     cmd = [sys.executable, "-m", "search.run", "--budget", str(budget), "--workers", str(workers), "--out", str(out),
            "--study-name", name, *VARIANTS[name], *extra]
     print("running:", " ".join(cmd), flush=True)
@@ -95,12 +102,26 @@ def run_study(out: Path, name: str, workers: int, budget: int, extra: list[str])
         print(f"search.run exited with {rc}")
         return None
     run = Run(name, wall, started, watch.peak)
-    describe(run, out, workers)
-    return run
+    return run, describe(run, out, workers)
 
 
-def describe(run: Run, out: Path, workers: int) -> None:
-    study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{out / run.name / 'study.db'}")
+def reported_study(out: Path, name: str, workers: int) -> tuple[Run, dict]:
+    """A study this bench ran before (--report): its wall from its first trial's start to its summary's writing,
+    which leaves out the seconds before the first trial (settings, Ray start); peak disk is not known."""
+    study = load(out, name)
+    started = min(t.datetime_start.timestamp() for t in study.trials if t.datetime_start is not None)
+    ended = (out / name / "summary.json").stat().st_mtime
+    run = Run(name, ended - started, started, 0, wall_from="first trial's start to summary.json")
+    return run, describe(run, out, workers)
+
+
+def load(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'study.db'}")
+
+
+def describe(run: Run, out: Path, workers: int) -> dict:
+    """Print one study's table; returns its numbers for the raw file."""
+    study = load(out, run.name)
     summary = json.loads((out / run.name / "summary.json").read_text())
     trained = [t for t in study.trials if "train_s" in t.user_attrs and "reused_from" not in t.user_attrs]
     compute = [t.user_attrs["train_s"] for t in trained]  # each candidate's total over the rungs it trained
@@ -137,13 +158,21 @@ def describe(run: Run, out: Path, workers: int) -> None:
         ("Kendall τ between rungs", taus),
         ("seed sd of mAP (confirmed trials)",
          f"{fidelity['seed_sd']:.4f} (n {fidelity['seed_sd_from']})" if fidelity.get("seed_sd") is not None else "-"),
-        ("front points" + (" (confirmed, on seed means)" if confirmed else " (single runs)"), str(len(summary["pareto"]))),
+        ("front points" + (" (confirmed, on seed means)" if confirmed else " (single runs)"),
+         str(len(summary["pareto"]))),
         ("  of which above the base by > 2 se",
          str(sum(bool(p.get("above_base_2se")) for p in summary["pareto"])) if confirmed else "-"),
         ("peak disk of training checkpoints", f"{run.peak_checkpoint_bytes / 2**20:.1f} MiB"),
         ("final hypervolume (own reference point)", f"{summary['hypervolume']['final']:.4g}"),
     ]
     print(f"\n== {run.name} ({out / run.name})")
+    record = {"variant": run.name, "flags": VARIANTS.get(run.name), "wall_s": round(run.wall, 1),
+              "wall_from": run.wall_from, "search_wall_s": round(run.search_wall, 1), "base_train_s": round(base_s, 1),
+              "first_candidate_s": round(first, 1), "compute_s": round(sum(compute), 1), "parked_s": round(parked, 1),
+              "confirmation_s": round(confirming, 1), "trainings": len(compute), "epochs": epochs,
+              "trials": states, "rung_kendall_tau": fidelity.get("rung_kendall_tau"),
+              "seed_sd": fidelity.get("seed_sd"), "peak_checkpoint_mib": round(run.peak_checkpoint_bytes / 2**20, 1),
+              "front": front_points(study), "pareto_on": summary["pareto_on"]}
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
@@ -152,6 +181,46 @@ def describe(run: Run, out: Path, workers: int) -> None:
         print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items()
                               if k in ("trial", "mAP50-95", "mAP50-95_mean", "mAP50-95_sd", "latency_ms",
                                        "above_base_2se", "placements")))
+    return record
+
+
+def front_points(study: optuna.Study) -> dict:
+    """The exported front and the base, on confirmed seed means where there are any, each objective measured
+    against the base (latency as a ratio), so two studies' fronts compare: their bases are timed separately."""
+    objectives = pareto.objectives_of(study)
+    base = pareto.base_trial(study)
+    rows = {c.trial.number: c for c in confirm.confirmed(study, objectives)}
+    front = [c.trial for c in confirm.confirmed_front(objectives, list(rows.values()))] or \
+        pareto.pareto_trials(study, objectives)
+
+    def raw(t) -> tuple[float, ...]:  # a confirmed trial's means carry its re-measured latency, if any
+        return rows[t.number].mean if t.number in rows else tuple(t.values)
+
+    def values(t) -> list[float]:
+        return [v if o.needs_training else v / raw(base)[i] for i, (o, v) in enumerate(zip(objectives, raw(t)))]
+
+    return {"objectives": [o.name if o.needs_training else f"{o.name} / base" for o in objectives],
+            "maximize": [o.maximize for o in objectives], "base": values(base) if base else None,
+            "points": [{"trial": t.number, "values": values(t), "placements": t.user_attrs.get("placements")}
+                       for t in front]}
+
+
+def compare_fronts(records: list[dict]) -> dict:
+    """Hypervolume of every study's front against one reference: the lowest base mAP of the studies (only what is
+    above the base counts) and, for the measured objectives, 10 % beyond the worst ratio on any of the fronts."""
+    fronts = [r["front"] for r in records]
+    first = fronts[0]
+    objectives = obj.parse([name.split(" / ")[0] for name in first["objectives"]])
+    everything = [p["values"] for f in fronts for p in f["points"]] + [f["base"] for f in fronts if f["base"]]
+    reference = []
+    for i, o in enumerate(objectives):
+        if o.needs_training:  # mAP: the lowest of the bases (each study confirms its own base)
+            reference.append(min(f["base"][i] for f in fronts if f["base"]))
+        else:
+            reference.append(max(v[i] for v in everything) * 1.1)
+    return {"reference": reference, "hypervolume": {
+        r["variant"]: pareto.hypervolume([p["values"] for p in r["front"]["points"]], reference, objectives)
+        for r in records}}
 
 
 def main() -> int:
@@ -162,22 +231,41 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS),
                         help=f"the studies to run, in this order [{' '.join(DEFAULT_VARIANTS)}]")
     parser.add_argument("--out", help="output directory (default: a fresh temporary one)")
+    parser.add_argument("--results", help="raw JSON file written after each study (machine, versions, numbers)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: describe and compare the --variants studies already under --out")
     parser.add_argument("extra", nargs="*", help="further search.run arguments (after --)")
     args = parser.parse_args()
+    if args.report and not args.out:
+        parser.error("--report needs the --out of the bench run to describe")
     out = Path(args.out or tempfile.mkdtemp(prefix="attnas-bench-"))
-    runs = {}
+    runs, records = {}, []
+    raw = {"machine": machine_facts(), "budget": args.budget, "workers": args.workers, "extra": args.extra,
+           "studies": records}
     for name in ([args.only] if args.only else args.variants):
-        run = run_study(out, name, args.workers, args.budget, args.extra)
-        if run is None:
+        done = reported_study(out, name, args.workers) if args.report else \
+            run_study(out, name, args.workers, args.budget, args.extra)
+        if done is None:
             return 1
-        runs[name] = run
+        runs[name], record = done
+        records.append(record)
+        if len(records) > 1:
+            raw["comparison"] = compare_fronts(records)
+        if args.results:
+            Path(args.results).write_text(json.dumps(raw, indent=1, default=str))
     first = next(iter(runs.values()), None)
     for name, run in list(runs.items())[1:]:  # each later study against the first, all from this bench run
         print(f"\n== {name} vs {first.name} (same bench run)")
         print(f"search wall, base excluded: {run.search_wall:.0f} s vs {first.search_wall:.0f} s, "
               f"ratio {run.search_wall / first.search_wall:.2f}")
+        base_s = first.wall - first.search_wall  # the base the first study trained: a first run of this one pays it too
         print(f"whole command: {first.name} (the first study trains the base) {first.wall:.0f} s, {name} (base "
-              f"from the cache) {run.wall:.0f} s")
+              f"from the cache) {run.wall:.0f} s; as a first run (+ the same base) {run.wall + base_s:.0f} s, "
+              f"ratio {(run.wall + base_s) / first.wall:.2f}")
+    if len(records) > 1:
+        comparison = raw["comparison"]
+        print(f"hypervolume of each front above the lowest base, one reference {comparison['reference']}: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in comparison["hypervolume"].items()))
     return 0
 
 

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,8 @@ import torch  # noqa: E402
 
 import modules  # noqa: E402
 import space  # noqa: E402
-from search.latency import LatencySettings, device_model, paired_windows, prepare_reference  # noqa: E402
+from search.latency import LatencySettings, paired_windows, prepare_reference  # noqa: E402
+from bench.facts import machine_facts  # noqa: E402
 from search.latency.backends import make_runner  # noqa: E402
 from search.latency.window import best_window, cv  # noqa: E402
 
@@ -82,12 +82,6 @@ class Meter:
         chosen = best_window(windows)
         return {"ratio": chosen.ratio, "ci": [chosen.ci_low, chosen.ci_high], "accepted": chosen.accepted,
                 "windows": [w.as_dict() for w in windows], "exclusive_s": sum(w.seconds for w in windows)}
-
-
-def machine_facts() -> dict:
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": device_model("cpu"),
-            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
 
 
 def spinners(n: int) -> list[subprocess.Popen]:
