@@ -63,7 +63,7 @@ class Run:
     name: str
     wall: float
     started: float
-    peak_checkpoint_bytes: int
+    peak_checkpoint_bytes: int | None  # None: not watched (--report)
     search_wall: float = 0.0
     wall_from: str = "timed by this bench"
 
@@ -105,13 +105,17 @@ def run_study(out: Path, name: str, workers: int, budget: int, extra: list[str])
     return run, describe(run, out, workers)
 
 
-def reported_study(out: Path, name: str, workers: int) -> tuple[Run, dict]:
-    """A study this bench ran before (--report): its wall from its first trial's start to its summary's writing,
-    which leaves out the seconds before the first trial (settings, Ray start); peak disk is not known."""
+def reported_study(out: Path, name: str, workers: int, wall: float | None = None) -> tuple[Run, dict]:
+    """A study this bench ran before (--report): its wall as the bench printed it then (``wall``), else from its
+    first trial's start to its summary's writing, which leaves out the seconds before the first trial (settings,
+    Ray start); the peak disk was not watched."""
     study = load(out, name)
     started = min(t.datetime_start.timestamp() for t in study.trials if t.datetime_start is not None)
-    ended = (out / name / "summary.json").stat().st_mtime
-    run = Run(name, ended - started, started, 0, wall_from="first trial's start to summary.json")
+    if wall is not None:
+        run = Run(name, wall, started, None, wall_from="the bench run's printed wall (--wall)")
+    else:
+        ended = (out / name / "summary.json").stat().st_mtime
+        run = Run(name, ended - started, started, None, wall_from="first trial's start to summary.json")
     return run, describe(run, out, workers)
 
 
@@ -134,7 +138,8 @@ def describe(run: Run, out: Path, workers: int) -> dict:
     # train_started is a candidate's last rung's start; the earliest over all candidates is the first training's.
     candidates = [t.user_attrs["train_started"] for t in study.trials
                   if t.params.get("placement") != "none" and "train_started" in t.user_attrs]
-    first = min(candidates) - run.started if candidates else float("nan")
+    timed_here = run.wall_from == Run.wall_from  # --report does not know when the command started
+    first = min(candidates) - run.started if candidates and timed_here else float("nan")
     fidelity = summary.get("fidelity") or {}
     epochs = fidelity.get("epochs", {})
     taus = ", ".join(f"{r['from_epochs']}→{r['to_epochs']}: {r['kendall_tau']:+.2f} (n {r['candidates']})"
@@ -162,16 +167,18 @@ def describe(run: Run, out: Path, workers: int) -> dict:
          str(len(summary["pareto"]))),
         ("  of which above the base by > 2 se",
          str(sum(bool(p.get("above_base_2se")) for p in summary["pareto"])) if confirmed else "-"),
-        ("peak disk of training checkpoints", f"{run.peak_checkpoint_bytes / 2**20:.1f} MiB"),
+        ("peak disk of training checkpoints",
+         "not watched" if run.peak_checkpoint_bytes is None else f"{run.peak_checkpoint_bytes / 2**20:.1f} MiB"),
         ("final hypervolume (own reference point)", f"{summary['hypervolume']['final']:.4g}"),
     ]
     print(f"\n== {run.name} ({out / run.name})")
     record = {"variant": run.name, "flags": VARIANTS.get(run.name), "wall_s": round(run.wall, 1),
               "wall_from": run.wall_from, "search_wall_s": round(run.search_wall, 1), "base_train_s": round(base_s, 1),
-              "first_candidate_s": round(first, 1), "compute_s": round(sum(compute), 1), "parked_s": round(parked, 1),
+              "first_candidate_s": None if first != first else round(first, 1), "compute_s": round(sum(compute), 1), "parked_s": round(parked, 1),
               "confirmation_s": round(confirming, 1), "trainings": len(compute), "epochs": epochs,
               "trials": states, "rung_kendall_tau": fidelity.get("rung_kendall_tau"),
-              "seed_sd": fidelity.get("seed_sd"), "peak_checkpoint_mib": round(run.peak_checkpoint_bytes / 2**20, 1),
+              "seed_sd": fidelity.get("seed_sd"), "peak_checkpoint_mib":
+                  None if run.peak_checkpoint_bytes is None else round(run.peak_checkpoint_bytes / 2**20, 1),
               "front": front_points(study), "pareto_on": summary["pareto_on"]}
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -234,8 +241,11 @@ def main() -> int:
     parser.add_argument("--results", help="raw JSON file written after each study (machine, versions, numbers)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: describe and compare the --variants studies already under --out")
+    parser.add_argument("--wall", action="append", default=[], metavar="NAME=SECONDS",
+                        help="with --report: a study's whole-command wall as that bench run printed it")
     parser.add_argument("extra", nargs="*", help="further search.run arguments (after --)")
     args = parser.parse_args()
+    walls = {name: float(seconds) for name, _, seconds in (w.partition("=") for w in args.wall)}
     if args.report and not args.out:
         parser.error("--report needs the --out of the bench run to describe")
     out = Path(args.out or tempfile.mkdtemp(prefix="attnas-bench-"))
@@ -243,7 +253,7 @@ def main() -> int:
     raw = {"machine": machine_facts(), "budget": args.budget, "workers": args.workers, "extra": args.extra,
            "studies": records}
     for name in ([args.only] if args.only else args.variants):
-        done = reported_study(out, name, args.workers) if args.report else \
+        done = reported_study(out, name, args.workers, walls.get(name)) if args.report else \
             run_study(out, name, args.workers, args.budget, args.extra)
         if done is None:
             return 1
