@@ -59,7 +59,8 @@ class Fidelity:
     rungs: tuple[int, ...] = (1, 3, 9)
     eta: int = 3
     confirm_seeds: int = 1
-    promotion: str = "asha"  # or "capped": at most floor(n / eta) of a rung's n results promoted (search/engine/rungs.py)
+    # "capped": at most floor(n / eta) of a rung's n results promoted (search/engine/rungs.py), or "asha"
+    promotion: str = "capped"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class StudySettings:
                               "start a new study with another --study-name")
         return cls(objectives=tuple(d["objectives"]), base=d["base"], space=SpaceConfig.from_dict(_space_raw(d)),
                    data=d["data"], proxy=ProxySchedule.from_dict(d["proxy"]),
-                   fidelity=Fidelity(**{**d["fidelity"], "rungs": tuple(d["fidelity"]["rungs"])}),
+                   # a study recorded before --promotion used asynchronous halving
+                   fidelity=Fidelity(**{"promotion": "asha", **d["fidelity"], "rungs": tuple(d["fidelity"]["rungs"])}),
                    weights=WeightsPlan.from_dict(d["weights"]), latency=LatencySettings(**d["latency"]),
                    constraints=Constraints(**d["constraints"]), facts=dict(d.get("facts", {})))
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from search import objectives as obj
-from search.progress import EpochPlan, Progress, epochs_spent
+from search.progress import EpochPlan, Progress, epochs_spent, promotions
 from search.storage import study as st
 
 TABLE = obj.parse("mAP50-95,latency_ms")
@@ -31,6 +31,31 @@ def test_the_plan_counts_epochs_as_successive_halving_spends_them():
     assert plan.seconds_left(spent=500, front_size=2, seconds_per_epoch=5.0) == 0
 
 
+def test_the_plan_learns_how_many_candidates_go_on_from_the_study():
+    plan = EpochPlan(rungs=(1, 3, 9), eta=3, budget=50, confirm_seeds=0, workers=2)
+    # Asynchronous halving's measured end state: 20 of 50 went on to rung 3, 10 of those 20 to rung 9. The share is
+    # estimated with eta prior results of which one goes on, and never below the count already there.
+    assert plan.expected(0, [(50, 20), (20, 10)]) == 50 * 1 + 20 * 2 + 10 * 6
+    # Early on, 12 results of which 6 went on: (6 + 1) / (12 + 3) of 50 reach rung 3, then 1 / 3 of those rung 9.
+    reaching = 50 * 7 / 15
+    assert plan.expected(0, [(12, 6), (0, 0)]) == pytest.approx(50 + reaching * 2 + reaching / 3 * 6)
+    assert plan.expected(0, [(0, 0), (0, 0)]) == plan.expected(0), "no results yet: 1 / eta"
+
+
+def test_promotions_count_candidates_under_way_and_stopped(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'q.db'}", study_name="q",
+                                directions=obj.directions(TABLE))
+    at_rung_1 = {st.RUNG_RESULTS: {"1": [0.1, 4.0]}}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs=at_rung_1))  # stopped
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,  # promoted, training rung 3
+                                              user_attrs={**at_rung_1, "promoted_to": 3}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, user_attrs=at_rung_1))  # waits
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING))  # training rung 1
+    study.add_trial(optuna.trial.create_trial(  # a copy of a result counts once, at its source
+        state=optuna.trial.TrialState.PRUNED, user_attrs={**at_rung_1, "promoted_to": 3, "reused_from": 1}))
+    assert promotions(study, (1, 3, 9)) == [(3, 1), (0, 0)]
+
+
 def _study(tmp_path) -> optuna.Study:
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'p.db'}", study_name="p",
                                 directions=obj.directions(TABLE))
@@ -43,21 +68,23 @@ def _study(tmp_path) -> optuna.Study:
 def test_the_estimate_is_refined_from_measured_epoch_times_and_counts_down(tmp_path):
     study = _study(tmp_path)
     assert epochs_spent(study, top_epochs=3) == 3 + 3, "a candidate counts the epochs of the last rung it finished"
+    assert promotions(study, (1, 3)) == [(1, 1)], "the candidate with results at rungs 1 and 3 went on"
     now = [0.0]
     progress = Progress(study, TABLE, EpochPlan((1, 3), 3, 6, 0, 1), verbose=False, clock=lambda: now[0])
     assert progress.status().endswith("time left: estimated after the first training")
     progress.trained(epochs=2, seconds=60.0)  # 30 s an epoch
     progress.tick(running=1)
     line = progress.status()
-    # expected: 6 x 1 + 2 x 2 = 10 epochs; spent 6 + 2 = 8; 2 left x 30 s.
-    assert line.startswith("1 training, 8/10 epochs, front: mAP50-95 0.3000, latency_ms 2.00 (2 trials)"), line
-    assert line.endswith("~60 s left"), line
-    now[0] = 20.0  # the training under way spends the time left
-    assert progress.status().endswith("~40 s left")
-    now[0] = 100.0  # later than the estimate: it stays at 30 s until the training reports
+    # expected: the one result at rung 1 went on, so (1 + 1) / (1 + 3) of the 6 candidates reach rung 3:
+    # 6 x 1 + 3 x 2 = 12 epochs; spent 6 + 2 = 8; 4 left x 30 s.
+    assert line.startswith("1 training, 8/12 epochs, front: mAP50-95 0.3000, latency_ms 2.00 (2 trials)"), line
+    assert line.endswith("~2 min left"), line
+    now[0] = 60.0  # the training under way spends the time left
+    assert progress.status().endswith("~60 s left")
+    now[0] = 200.0  # later than the estimate: it stays at 30 s until the training reports
     assert progress.status().endswith("~30 s left")
-    progress.trained(epochs=1, seconds=180.0)  # slower epochs: (60 + 180) / 3 = 80 s each, 1 epoch left
-    assert progress.status().endswith("~80 s left")
+    progress.trained(epochs=1, seconds=60.0)  # slower epochs: (60 + 60) / 3 = 40 s each, 3 epochs left
+    assert progress.status().endswith("~2 min left")
     progress.close()
 
 

@@ -98,7 +98,7 @@ def test_no_arguments_means_the_builtin_dataset_and_default_schedule(tmp_path):
     assert recorded["weights"] == {"mode": "auto", "path": None, "sha256": None, "base_epochs": 40,
                                    "train_args": {"lr0": 0.003, "optimizer": "AdamW", "warmup_epochs": 3}}
     assert recorded["facts"]["data"]["identity"] == "builtin:shapes-v3"
-    assert recorded["fidelity"] == {"rungs": [1, 3, 9], "eta": 3, "confirm_seeds": 1, "promotion": "asha"}
+    assert recorded["fidelity"] == {"rungs": [1, 3, 9], "eta": 3, "confirm_seeds": 1, "promotion": "capped"}
     assert s.study.proxy.epochs == 9, "every rung follows the top rung's schedule"
     assert not (tmp_path / "yolov8n-shapes-v3").exists(), "checking writes no study"
     named = search_run.prepare(search_run.build_parser().parse_args(["--out", str(tmp_path), "--data",
