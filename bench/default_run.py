@@ -1,26 +1,30 @@
-"""Benchmark the default search against the single-rung search it replaced, in one bench run.
+"""Benchmark the default search against the defaults it replaced, in one bench run.
 
-    python bench/default_run.py                       # both studies, --budget 50 on the built-in data
+    python bench/default_run.py                       # asha (the defaults until 2026-12-07), then today's default
     python bench/default_run.py --only default        # just the default run
     python bench/default_run.py --budget 4 -- --imgsz 64   # anything after -- goes to every search.run
-    python bench/default_run.py --variants default capped   # today's default against a lever, one bench run
-    python bench/default_run.py --variants default capped --out DIR --report   # describe a bench run's studies again
+    python bench/default_run.py --variants default single  # today's default against the single-rung search
+    python bench/default_run.py --variants default capped --out DIR --report --wall default=2353 --wall capped=1824
+                                                      # describe a bench run's studies again (its printed walls)
 
-Two studies under one fresh ``--out``, one after the other:
+Variants (``VARIANTS``), run one after the other under one fresh ``--out``; the first is the first study on the
+data, so it trains the base of ``--weights auto`` and puts it in the base cache, and the later ones take it from
+there:
 
-1. ``default``: today's defaults (``--rungs 1,3,9 --eta 3 --confirm-seeds 1``). It is the first study on the data,
-   so it trains the base of ``--weights auto`` and puts it in the base cache.
-2. ``single``: the behaviour before rungs, ``--epochs 3 --confirm-seeds 0`` (every candidate 3 epochs, no
-   confirmation). Same base, data and base training, so it takes the base from the cache.
+- ``default``: today's defaults (``--rungs 1,3,9 --eta 3 --promotion capped --confirm-seeds 1``);
+- ``asha``: the defaults until 2026-12-07, asynchronous promotion (``--promotion asha``); the 2026-12-07 bench run
+  named it ``default`` and today's default ``capped``;
+- ``single``: the behaviour before rungs, ``--epochs 3 --confirm-seeds 0`` (every candidate 3 epochs, no
+  confirmation).
 
 For each it prints wall time, the base training (or the cache hit), the time from the command's start to the first
 candidate's training, Σ trial compute and the engine overhead, the epochs spent, the rung-to-rung Kendall τ and seed
 sd the study reports of itself, the front (confirmed points on seed means) and the peak disk held by training
-checkpoints (polled every second); compute counts the confirmation trainings too. Then the ratio of the search
-walls (base excluded), default / single, the two whole-command walls (first study, second study) and the
-hypervolume of each front against one reference: above the lower of the two bases' mAP, latency as a ratio to each
-study's own base (the bases are timed separately). ``--results FILE`` writes all of it with the machine and the
-library versions after each study.
+checkpoints (polled every second); compute counts the confirmation trainings too. Then, for each later study
+against the first: the ratio of the search walls (base excluded), the whole-command walls (also as a first run:
+plus the base the first study trained) and the hypervolume of each front against one reference: above the lower of
+the bases' mAP, latency as a ratio to each study's own base (the bases are timed separately). ``--results FILE``
+writes all of it with the machine and the library versions after each study.
 
 What counts as compute: a trial occupies a worker for its ``train_s``. The latency meter times the next
 candidates while the workers train and parks the trainings during each timed loop (``parked_s``, inside
@@ -50,12 +54,12 @@ from search.front import confirm, pareto  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "default": [],  # the defaults of search.run: rungs 1,3,9, eta 3, one confirmation seed
+    "default": [],  # the defaults of search.run: rungs 1,3,9, eta 3, capped promotion, one confirmation seed
+    "asha": ["--promotion", "asha"],  # the defaults until 2026-12-07 (issue 21's "today")
+    "capped": ["--promotion", "capped"],  # the lever that became the default (named in the 2026-12-07 bench run)
     "single": ["--epochs", "3", "--confirm-seeds", "0"],  # before rungs: one 3-epoch rung, no confirmation
-    # A candidate lever of issue 21 (run it with --variants default capped): at most 1/eta of a rung promoted.
-    "capped": ["--promotion", "capped"],
 }
-DEFAULT_VARIANTS = ("default", "single")
+DEFAULT_VARIANTS = ("asha", "default")
 
 
 @dataclass
@@ -174,7 +178,8 @@ def describe(run: Run, out: Path, workers: int) -> dict:
     print(f"\n== {run.name} ({out / run.name})")
     record = {"variant": run.name, "flags": VARIANTS.get(run.name), "wall_s": round(run.wall, 1),
               "wall_from": run.wall_from, "search_wall_s": round(run.search_wall, 1), "base_train_s": round(base_s, 1),
-              "first_candidate_s": None if first != first else round(first, 1), "compute_s": round(sum(compute), 1), "parked_s": round(parked, 1),
+              "first_candidate_s": None if first != first else round(first, 1),
+              "compute_s": round(sum(compute), 1), "parked_s": round(parked, 1),
               "confirmation_s": round(confirming, 1), "trainings": len(compute), "epochs": epochs,
               "trials": states, "rung_kendall_tau": fidelity.get("rung_kendall_tau"),
               "seed_sd": fidelity.get("seed_sd"), "peak_checkpoint_mib":
@@ -241,6 +246,7 @@ def main() -> int:
     parser.add_argument("--results", help="raw JSON file written after each study (machine, versions, numbers)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: describe and compare the --variants studies already under --out")
+    parser.add_argument("--note", help="a sentence kept in the --results file (what the variants meant then)")
     parser.add_argument("--wall", action="append", default=[], metavar="NAME=SECONDS",
                         help="with --report: a study's whole-command wall as that bench run printed it")
     parser.add_argument("extra", nargs="*", help="further search.run arguments (after --)")
@@ -251,7 +257,7 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="attnas-bench-"))
     runs, records = {}, []
     raw = {"machine": machine_facts(), "budget": args.budget, "workers": args.workers, "extra": args.extra,
-           "studies": records}
+           "note": args.note, "studies": records}
     for name in ([args.only] if args.only else args.variants):
         done = reported_study(out, name, args.workers, walls.get(name)) if args.report else \
             run_study(out, name, args.workers, args.budget, args.extra)

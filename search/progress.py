@@ -160,12 +160,13 @@ class Progress:
         """``2 training, 37/126 epochs, front: mAP50-95 0.412, latency_ms 3.21 (4 trials), ~21 min left``."""
         front = self._front
         expected = self.plan.expected(len(front), self._promotions)
-        parts = [f"{self.running} training", f"{self.spent:.0f}/{expected:.0f} epochs"]
-        if self.base is not None:  # candidates wait for it: its own epochs and time left come first
+        if self.base is not None:  # candidates wait for it: its own epochs and time left, then what comes after
             done, total, seconds, latest = self.base
             shown = f" (mAP50-95 {latest[1]:.4f} at epoch {latest[0]})" if latest else ""
             left = f", ~{_duration(seconds / done * (total - done))} left" if done else ""
-            parts.insert(0, f"base training: epoch {done}/{total}{shown}{left}")
+            return f"base training: epoch {done}/{total}{shown}{left}; then {self.plan.budget} candidates, " \
+                   f"about {expected:.0f} epochs"
+        parts = [f"{self.running} training", f"{self.spent:.0f}/{expected:.0f} epochs"]
         if front:
             best = ", ".join(f"{o.name} {o.show((max if o.maximize else min)(t.values[i] for t in front))}"
                              for i, o in enumerate(self.objectives))

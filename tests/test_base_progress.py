@@ -50,9 +50,10 @@ def test_the_status_line_shows_the_base_epoch_its_map_and_the_time_left(tmp_path
     study = optuna.create_study(directions=obj.directions(table))
     progress = Progress(study, table, EpochPlan((1, 3), 3, 6, 0, 1), verbose=False, every_s=10**9)
     progress.tick(1, base=(10, 40, 100.0, (10, 0.2137)))
-    assert progress.status().startswith("base training: epoch 10/40 (mAP50-95 0.2137 at epoch 10), ~5 min left, "), \
-        progress.status()
+    # then: 6 candidates x 1 epoch and 2 of them 2 more (1 / eta until a rung has results)
+    assert progress.status() == "base training: epoch 10/40 (mAP50-95 0.2137 at epoch 10), ~5 min left; " \
+                                "then 6 candidates, about 10 epochs", progress.status()
     progress.tick(1, base=(3, 40, 30.0, None))
-    assert progress.status().startswith("base training: epoch 3/40, ~6 min left, ")
+    assert progress.status().startswith("base training: epoch 3/40, ~6 min left; then")
     progress.close()
     assert [base_val_every(n) for n in (1, 9, 40, 100)] == [1, 1, 5, 12]

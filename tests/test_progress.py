@@ -149,3 +149,17 @@ def test_events_go_to_the_log_and_to_the_console_with_verbose(tmp_path, capsys, 
     progress.close()
     assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["trial 7: an event"]
     assert ("trial 7: an event" in capsys.readouterr().err) == verbose
+
+
+def test_the_end_report_counts_trials_a_stop_cut_short_apart_from_failures(tmp_path, capsys):
+    from search.front.report import report
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}", study_name="r",
+                                directions=obj.directions(TABLE))
+    for kind in ("driver-stopped", "driver-stopped", "exception"):
+        trial = study.ask()
+        st.fail(study, trial, kind, "why")
+    report(study, TABLE, (1,), f"sqlite:///{tmp_path / 'r.db'}", tmp_path, wall=12.0)
+    first = capsys.readouterr().out.strip().splitlines()[0]
+    assert first == "0 completed, 1 failed, 2 cut short by a stop and queued again trial(s) in the study; " \
+                    "this run took 12 s", first

@@ -37,11 +37,13 @@ def report(study: optuna.Study, objectives: tuple[obj.Objective, ...], rungs: tu
     """Print the Pareto front as a table, the confirmed front, the study's fidelity and the dashboard command."""
     done = st.completed_trials(study)
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    cut_short = [t for t in failed if t.user_attrs.get("fail_kind") == "driver-stopped"]  # queued again: not lost
     stopped = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
                if st.RUNG_RESULTS in t.user_attrs]
     took = f"; this run took {wall:.0f} s" if wall else ""
     below = f", {len(stopped)} stopped below the top rung" if stopped else ""
-    print(f"\n{len(done)} completed{below}, {len(failed)} failed trial(s) in the study{took}")
+    again = f", {len(cut_short)} cut short by a stop and queued again" if cut_short else ""
+    print(f"\n{len(done)} completed{below}, {len(failed) - len(cut_short)} failed{again} trial(s) in the study{took}")
     rows = front_rows(study, objectives) if done else []
     directions = ", ".join(f"{o.name} {'up' if o.maximize else 'down'}" for o in objectives)
     if rows:
