@@ -37,8 +37,9 @@ class EpochPlan:
     confirm_seeds: int
     workers: int
 
-    def expected(self, front_size: int, promotions: Sequence[tuple[int, int]] = ()) -> float:
-        """Epochs of the whole run (an upper bound: a reused or infeasible candidate trains none).
+    def expected(self, to_confirm: int, promotions: Sequence[tuple[int, int]] = ()) -> float:
+        """Epochs of the whole run (an upper bound: a reused or infeasible candidate trains none), ``to_confirm``
+        trials trained again by the confirmation (the front and the base, once when the base is on the front).
 
         ``promotions``: per rung below the top, (candidates with a result there, how many of them went on) so far.
         The share going on is estimated from them with ``eta`` prior results of which one goes on: asynchronous
@@ -49,14 +50,14 @@ class EpochPlan:
             total += reaching * (epochs - before)
             results, went_on = promotions[i] if i < len(promotions) else (0, 0)
             before, reaching = epochs, max(reaching * (went_on + 1) / (results + self.eta), float(went_on))
-        return total + self.confirm_seeds * (front_size + 1) * self.rungs[-1]
+        return total + self.confirm_seeds * to_confirm * self.rungs[-1]
 
-    def seconds_left(self, spent: float, front_size: int, seconds_per_epoch: float | None,
+    def seconds_left(self, spent: float, to_confirm: int, seconds_per_epoch: float | None,
                      promotions: Sequence[tuple[int, int]] = ()) -> float | None:
         """Wall seconds to the end, ``workers`` trainings at a time; None before any epoch was timed."""
         if seconds_per_epoch is None:
             return None
-        return max(0.0, self.expected(front_size, promotions) - spent) * seconds_per_epoch / max(1, self.workers)
+        return max(0.0, self.expected(to_confirm, promotions) - spent) * seconds_per_epoch / max(1, self.workers)
 
 
 def promotions(study: optuna.Study, rungs: Sequence[int]) -> list[tuple[int, int]]:
@@ -159,7 +160,7 @@ class Progress:
     def status(self) -> str:
         """``2 training, 37/126 epochs, front: mAP50-95 0.412, latency_ms 3.21 (4 trials), ~21 min left``."""
         front = self._front
-        expected = self.plan.expected(len(front), self._promotions)
+        expected = self.plan.expected(self._to_confirm, self._promotions)
         if self.base is not None:  # candidates wait for it: its own epochs and time left, then what comes after
             done, total, seconds, latest = self.base
             shown = f" (mAP50-95 {latest[1]:.4f} at epoch {latest[0]})" if latest else ""
@@ -172,7 +173,7 @@ class Progress:
                              for i, o in enumerate(self.objectives))
             parts.append(f"front: {best} ({len(front)} trial{'s' if len(front) != 1 else ''})")
         per_epoch = self.timed_seconds / self.timed_epochs if self.timed_epochs else None
-        left = self.plan.seconds_left(self.spent, len(front), per_epoch, self._promotions)
+        left = self.plan.seconds_left(self.spent, self._to_confirm, per_epoch, self._promotions)
         if left is not None:  # the trainings under way spend the epochs left as the clock runs (never below 30 s)
             left = max(left - (self.clock() - self._estimated_at), min(left, 30.0))
         parts.append("time left: estimated after the first training" if left is None else f"~{_duration(left)} left")
@@ -182,6 +183,8 @@ class Progress:
         """After a trial finished: the count and the front (which only a finished trial changes) read again."""
         self._front = pareto.pareto_trials(self.study, self.objectives)
         self._promotions = promotions(self.study, self.plan.rungs)
+        base = pareto.base_trial(self.study)  # confirmation trains the front and the base, once when it is on it
+        self._to_confirm = len(self._front) + (base is None or base.number not in {t.number for t in self._front})
         self.bar.n = min(len(st.counted_trials(self.study)), self.plan.budget)
         self.bar.set_postfix_str(self.status(), refresh=True)
         if self.on_update is not None:

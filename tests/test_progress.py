@@ -23,12 +23,12 @@ TABLE = obj.parse("mAP50-95,latency_ms")
 def test_the_plan_counts_epochs_as_successive_halving_spends_them():
     plan = EpochPlan(rungs=(1, 3, 9), eta=3, budget=27, confirm_seeds=1, workers=2)
     # 27 candidates x 1 epoch, 9 go on for 2 more, 3 for 6 more; then 2 front trials and the base x 9 epochs.
-    assert plan.expected(front_size=2) == 27 * 1 + 9 * 2 + 3 * 6 + 3 * 9
-    assert EpochPlan((5,), 3, 10, 0, 1).expected(front_size=4) == 50, "one rung: every candidate the whole way"
+    assert plan.expected(to_confirm=3) == 27 * 1 + 9 * 2 + 3 * 6 + 3 * 9
+    assert EpochPlan((5,), 3, 10, 0, 1).expected(to_confirm=5) == 50, "one rung: every candidate the whole way"
     # 10 epochs spent at 5 s each, two at a time: (90 - 10) * 5 / 2.
-    assert plan.seconds_left(spent=10, front_size=2, seconds_per_epoch=5.0) == 200
-    assert plan.seconds_left(spent=10, front_size=2, seconds_per_epoch=None) is None
-    assert plan.seconds_left(spent=500, front_size=2, seconds_per_epoch=5.0) == 0
+    assert plan.seconds_left(spent=10, to_confirm=3, seconds_per_epoch=5.0) == 200
+    assert plan.seconds_left(spent=10, to_confirm=3, seconds_per_epoch=None) is None
+    assert plan.seconds_left(spent=500, to_confirm=3, seconds_per_epoch=5.0) == 0
 
 
 def test_the_plan_learns_how_many_candidates_go_on_from_the_study():
@@ -163,3 +163,19 @@ def test_the_end_report_counts_trials_a_stop_cut_short_apart_from_failures(tmp_p
     first = capsys.readouterr().out.strip().splitlines()[0]
     assert first == "0 completed, 1 failed, 2 cut short by a stop and queued again trial(s) in the study; " \
                     "this run took 12 s", first
+
+
+def test_the_confirmation_is_expected_to_train_the_base_once_when_it_is_on_the_front(tmp_path):
+    from optuna.distributions import CategoricalDistribution
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'c.db'}", study_name="c",
+                                directions=obj.directions(TABLE))
+    placement = {"placement": CategoricalDistribution(["none", "P4:CGA"])}
+    study.add_trial(optuna.trial.create_trial(params={"placement": "none"}, distributions=placement,
+                                              values=[0.30, 4.0]))  # the base, on the front
+    study.add_trial(optuna.trial.create_trial(params={"placement": "P4:CGA"}, distributions=placement,
+                                              values=[0.35, 5.0]))
+    progress = Progress(study, TABLE, EpochPlan((1,), 3, 2, 1, 1), verbose=False, every_s=10**9)
+    # 2 candidates x 1 epoch, then one more seed of the 2 front trials (the base among them) x 1 epoch: 4, not 5.
+    assert progress.status().startswith("0 training, 2/4 epochs, front:"), progress.status()
+    progress.close()
