@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
@@ -45,19 +46,52 @@ class EpochPlan:
         The share going on is estimated from them with ``eta`` prior results of which one goes on: asynchronous
         halving promotes more than ``1 / eta`` (20 and 10 of 50 candidates, not 16 and 5), which 1 / eta alone
         underestimated by a fifth of the run."""
-        total, before, reaching = 0.0, 0, float(self.budget)
-        for i, epochs in enumerate(self.rungs):
-            total += reaching * (epochs - before)
-            results, went_on = promotions[i] if i < len(promotions) else (0, 0)
-            before, reaching = epochs, max(reaching * (went_on + 1) / (results + self.eta), float(went_on))
-        return total + self.confirm_seeds * to_confirm * self.rungs[-1]
+        return self.work(to_confirm, promotions)[0]
 
-    def seconds_left(self, spent: float, to_confirm: int, seconds_per_epoch: float | None,
+    def work(self, to_confirm: int, promotions: Sequence[tuple[int, int]] = ()) -> tuple[float, float]:
+        """(epochs, trainings) of the whole run: a candidate trains each rung it reaches in a training of its own
+        (a promotion continues from the rung's checkpoint), the confirmation one per trial and seed."""
+        epochs, trainings, before, reaching = 0.0, 0.0, 0, float(self.budget)
+        for i, rung in enumerate(self.rungs):
+            epochs += reaching * (rung - before)
+            trainings += reaching
+            results, went_on = promotions[i] if i < len(promotions) else (0, 0)
+            before, reaching = rung, max(reaching * (went_on + 1) / (results + self.eta), float(went_on))
+        confirming = self.confirm_seeds * to_confirm
+        return epochs + confirming * self.rungs[-1], trainings + confirming
+
+    def seconds_left(self, spent: tuple[float, float], to_confirm: int, cost: "TrainingCost | None",
                      promotions: Sequence[tuple[int, int]] = ()) -> float | None:
-        """Wall seconds to the end, ``workers`` trainings at a time; None before any epoch was timed."""
-        if seconds_per_epoch is None:
+        """Wall seconds to the end, ``workers`` trainings at a time, from the (epochs, trainings) ``spent`` so far;
+        None before any training was timed."""
+        if cost is None:
             return None
-        return max(0.0, self.expected(to_confirm, promotions) - spent) * seconds_per_epoch / max(1, self.workers)
+        epochs, trainings = self.work(to_confirm, promotions)
+        seconds = max(0.0, epochs - spent[0]) * cost.per_epoch + max(0.0, trainings - spent[1]) * cost.per_training
+        return seconds / max(1, self.workers)
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    """Seconds of one training: ``per_training`` (its setup, the first epoch's warm-up, the validation, the rung
+    checkpoint) plus ``per_epoch`` for each epoch. A default run's one-epoch rung-1 trainings cost about 8 s more
+    than a steady epoch: charged per epoch, that made a run's last, longer trainings look 1.5 times as dear."""
+
+    per_training: float
+    per_epoch: float
+
+    @classmethod
+    def fit(cls, timings: Sequence[tuple[float, float]]) -> "TrainingCost | None":
+        """Least squares over finished trainings' (epochs, seconds); with trainings of one length only, or a fit
+        that is not positive, every second is charged per epoch. None before any training finished."""
+        if not timings:
+            return None
+        epochs, seconds = (np.array(column, dtype=float) for column in zip(*timings))
+        if len(set(epochs.tolist())) > 1:
+            per_epoch, per_training = np.polyfit(epochs, seconds, 1)
+            if per_training >= 0 and per_epoch > 0:
+                return cls(float(per_training), float(per_epoch))
+        return cls(0.0, float(seconds.sum() / epochs.sum()))
 
 
 def promotions(study: optuna.Study, rungs: Sequence[int]) -> list[tuple[int, int]]:
@@ -74,6 +108,15 @@ def promotions(study: optuna.Study, rungs: Sequence[int]) -> list[tuple[int, int
                 count[0] += 1
                 count[1] += furthest > epochs
     return [(results, went_on) for results, went_on in counts]
+
+
+def trainings_spent(study: optuna.Study) -> int:
+    """Trainings the study's candidates and confirmations finished so far, counted as :func:`epochs_spent` counts
+    their epochs: one per rung a candidate finished (one when it has no rungs), one per confirmation seed."""
+    done = sum(len(st.rung_results(t)) or 1 for t in st.counted_trials(study)
+               if "reused_from" not in t.user_attrs and "infeasible" not in t.user_attrs)
+    confirmed = study.user_attrs.get(st.CONFIRM_ATTR) or {}
+    return done + sum(len(entry.get("offsets", [])) for entry in confirmed.values())
 
 
 def epochs_spent(study: optuna.Study, top_epochs: int) -> int:
@@ -102,7 +145,8 @@ class Progress:
         self.study, self.objectives, self.plan = study, objectives, plan
         self.log, self.verbose, self.every_s, self.clock = log, verbose, every_s, clock
         self.spent = float(epochs_spent(study, plan.rungs[-1]))
-        self.timed_epochs, self.timed_seconds = 0.0, 0.0
+        self.trainings = trainings_spent(study)
+        self.timings: list[tuple[float, float]] = []  # (epochs, seconds) of each training this run saw finish
         self.running, self.base, self._last_line = 0, None, float("-inf")
         self._estimated_at = clock()  # when the last training finished: the time left counts down from there
         done = len(st.counted_trials(study))
@@ -137,10 +181,11 @@ class Progress:
         self._refresh()
 
     def trained(self, epochs: float, seconds: float) -> None:
-        """A training of ``epochs`` epochs finished in ``seconds``: the estimate learns the time of an epoch."""
+        """A training of ``epochs`` epochs finished in ``seconds``: the estimate learns what a training and an epoch
+        cost."""
         self.spent += epochs
-        self.timed_epochs += epochs
-        self.timed_seconds += seconds
+        self.trainings += 1
+        self.timings.append((epochs, seconds))
         self._estimated_at = self.clock()
         self._promotions = promotions(self.study, self.plan.rungs)
 
@@ -172,8 +217,8 @@ class Progress:
             best = ", ".join(f"{o.name} {o.show((max if o.maximize else min)(t.values[i] for t in front))}"
                              for i, o in enumerate(self.objectives))
             parts.append(f"front: {best} ({len(front)} trial{'s' if len(front) != 1 else ''})")
-        per_epoch = self.timed_seconds / self.timed_epochs if self.timed_epochs else None
-        left = self.plan.seconds_left(self.spent, self._to_confirm, per_epoch, self._promotions)
+        cost = TrainingCost.fit(self.timings)
+        left = self.plan.seconds_left((self.spent, self.trainings), self._to_confirm, cost, self._promotions)
         if left is not None:  # the trainings under way spend the epochs left as the clock runs (never below 30 s)
             left = max(left - (self.clock() - self._estimated_at), min(left, 30.0))
         parts.append("time left: estimated after the first training" if left is None else f"~{_duration(left)} left")

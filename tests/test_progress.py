@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from search import objectives as obj
-from search.progress import EpochPlan, Progress, epochs_spent, promotions
+from search.progress import EpochPlan, Progress, TrainingCost, epochs_spent, promotions, trainings_spent
 from search.storage import study as st
 
 TABLE = obj.parse("mAP50-95,latency_ms")
@@ -26,9 +26,21 @@ def test_the_plan_counts_epochs_as_successive_halving_spends_them():
     assert plan.expected(to_confirm=3) == 27 * 1 + 9 * 2 + 3 * 6 + 3 * 9
     assert EpochPlan((5,), 3, 10, 0, 1).expected(to_confirm=5) == 50, "one rung: every candidate the whole way"
     # 10 epochs spent at 5 s each, two at a time: (90 - 10) * 5 / 2.
-    assert plan.seconds_left(spent=10, to_confirm=3, seconds_per_epoch=5.0) == 200
-    assert plan.seconds_left(spent=10, to_confirm=3, seconds_per_epoch=None) is None
-    assert plan.seconds_left(spent=500, to_confirm=3, seconds_per_epoch=5.0) == 0
+    assert plan.seconds_left((10, 10), to_confirm=3, cost=TrainingCost(0.0, 5.0)) == 200
+    assert plan.seconds_left((10, 10), to_confirm=3, cost=None) is None
+    assert plan.seconds_left((500, 500), to_confirm=3, cost=TrainingCost(0.0, 5.0)) == 0
+
+
+def test_a_training_costs_a_fixed_part_and_its_epochs_fitted_from_the_finished_ones():
+    assert TrainingCost.fit([]) is None
+    assert TrainingCost.fit([(1, 25.0), (1, 27.0)]) == TrainingCost(0.0, 26.0), "one length: all of it per epoch"
+    fitted = TrainingCost.fit([(1, 25.0), (2, 40.0), (6, 100.0)])  # 10 s a training + 15 s an epoch
+    assert fitted.per_training == pytest.approx(10.0) and fitted.per_epoch == pytest.approx(15.0)
+    assert TrainingCost.fit([(2, 60.0), (1, 180.0)]) == TrainingCost(0.0, 80.0), "a fit that is not positive"
+    # rungs 1,3 of 6 candidates: 6 x 1 + 2 x 2 = 10 epochs in 6 + 2 = 8 trainings; 4 of each done, two at a time.
+    plan = EpochPlan(rungs=(1, 3), eta=3, budget=6, confirm_seeds=0, workers=2)
+    assert plan.work(to_confirm=0) == (10, 8)
+    assert plan.seconds_left((4, 4), to_confirm=0, cost=fitted) == pytest.approx(((10 - 4) * 15 + (8 - 4) * 10) / 2)
 
 
 def test_the_plan_learns_how_many_candidates_go_on_from_the_study():
@@ -69,6 +81,7 @@ def test_the_estimate_is_refined_from_measured_epoch_times_and_counts_down(tmp_p
     study = _study(tmp_path)
     assert epochs_spent(study, top_epochs=3) == 3 + 3, "a candidate counts the epochs of the last rung it finished"
     assert promotions(study, (1, 3)) == [(1, 1)], "the candidate with results at rungs 1 and 3 went on"
+    assert trainings_spent(study) == 2 + 1, "one training per rung finished, one for a candidate without rungs"
     now = [0.0]
     progress = Progress(study, TABLE, EpochPlan((1, 3), 3, 6, 0, 1), verbose=False, clock=lambda: now[0])
     assert progress.status().endswith("time left: estimated after the first training")
