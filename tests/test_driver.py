@@ -321,3 +321,29 @@ def test_the_comparison_with_the_base_is_paired_by_seed():
     assert confirm.confirmed(study, objectives)[1].vs_base[2] == 3
     report = confirm.fidelity_report(study, objectives, (1,))
     assert report["paired_sd"] == pytest.approx(np.std(diffs, ddof=1))
+
+
+def test_above_the_base_uses_the_paired_sd_pooled_over_the_candidates():
+    """Two seeds give a candidate's own sd one degree of freedom: a small difference with a tiny own sd is not
+    'above the base' when the other candidates' differences show the seed noise is larger."""
+    from optuna.distributions import CategoricalDistribution
+
+    from search import objectives as obj
+    from search.front import confirm
+
+    objectives = obj.parse("mAP50-95,latency_ms")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    names = ["none", "A", "B", "C"]
+    dist = {"placement": CategoricalDistribution(names)}
+    runs = {"none": [0.370, 0.368], "A": [0.3708, 0.3686], "B": [0.372, 0.362], "C": [0.365, 0.371]}
+    for number, name in enumerate(names):  # latency rises with the number: every one is on the front
+        study.add_trial(optuna.trial.create_trial(params={"placement": name}, distributions=dist,
+                                                  values=[runs[name][0], 10.0 + number]))
+        confirm.record(study, number, 1, [runs[name][1], 0.0])
+    rows = {c.trial.number: c for c in confirm.confirmed(study, objectives)}
+    diffs = {name: np.subtract(runs[name], runs["none"]) for name in names[1:]}
+    own_se = np.std(diffs["A"], ddof=1) / np.sqrt(2)
+    assert diffs["A"].mean() > 2 * own_se, "on its own sd, A (+0.0007) would be above the base"
+    pooled_sd = np.sqrt(np.mean([np.var(d, ddof=1) for d in diffs.values()]))  # one degree of freedom each
+    assert not rows[1].above_base and diffs["A"].mean() < 2 * pooled_sd / np.sqrt(2)
+    assert confirm.fidelity_report(study, objectives, (1,))["paired_sd"] == pytest.approx(pooled_sd)
