@@ -67,8 +67,12 @@ class EpochPlan:
         if cost is None:
             return None
         epochs, trainings = self.work(to_confirm, promotions)
-        seconds = max(0.0, epochs - spent[0]) * cost.per_epoch + max(0.0, trainings - spent[1]) * cost.per_training
-        return seconds / max(1, self.workers)
+        epochs_left = max(0.0, epochs - spent[0])
+        seconds = epochs_left * cost.per_epoch + max(0.0, trainings - spent[1]) * cost.per_training
+        # The workers share what is left, but no faster than its longest training, which runs on one of them: the
+        # confirmation of a one-trial front ends a run with one worker training and the others idle.
+        longest = cost.per_training + cost.per_epoch * min(epochs_left, self.rungs[-1]) if epochs_left else 0.0
+        return max(seconds / max(1, self.workers), longest)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ def test_a_training_costs_a_fixed_part_and_its_epochs_fitted_from_the_finished_o
     plan = EpochPlan(rungs=(1, 3), eta=3, budget=6, confirm_seeds=0, workers=2)
     assert plan.work(to_confirm=0) == (10, 8)
     assert plan.seconds_left((4, 4), to_confirm=0, cost=fitted) == pytest.approx(((10 - 4) * 15 + (8 - 4) * 10) / 2)
+    # At the end one training is left (2 epochs to the top rung): it runs on one worker, not shared by two.
+    assert plan.seconds_left((8, 7), to_confirm=0, cost=fitted) == pytest.approx(10 + 2 * 15)
 
 
 def test_the_plan_learns_how_many_candidates_go_on_from_the_study():
