@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from . import objectives as obj
-from .front import pareto
+from .front import confirm, pareto
 from .front.report import front_rows
 from .settings import Settings
 from .storage import study as st
@@ -114,26 +114,20 @@ def promotions(study: optuna.Study, rungs: Sequence[int]) -> list[tuple[int, int
     return [(results, went_on) for results, went_on in counts]
 
 
-def trainings_spent(study: optuna.Study) -> int:
-    """Trainings the study's candidates and confirmations finished so far, counted as :func:`epochs_spent` counts
-    their epochs: one per rung a candidate finished (one when it has no rungs), one per confirmation seed."""
-    done = sum(len(st.rung_results(t)) or 1 for t in st.counted_trials(study)
-               if "reused_from" not in t.user_attrs and "infeasible" not in t.user_attrs)
-    confirmed = study.user_attrs.get(st.CONFIRM_ATTR) or {}
-    return done + sum(len(entry.get("offsets", [])) for entry in confirmed.values())
-
-
-def epochs_spent(study: optuna.Study, top_epochs: int) -> int:
-    """Epochs the study's candidates and confirmations trained so far (each candidate up to the last rung it
-    finished; a reused or infeasible one none)."""
-    spent = 0
+def spent(study: optuna.Study, top_epochs: int) -> tuple[int, int]:
+    """(epochs, trainings) the study's candidates and confirmations finished so far: each candidate up to the last
+    rung it finished, one training per rung (one epoch count and one training when it has no rungs; a reused or
+    infeasible one none), and one top-rung training per confirmation seed."""
+    epochs = trainings = 0
     for t in st.counted_trials(study):
         if "reused_from" in t.user_attrs or "infeasible" in t.user_attrs:
             continue
         results = st.rung_results(t)
-        spent += max(results) if results else top_epochs
+        epochs += max(results) if results else top_epochs
+        trainings += len(results) or 1
     confirmed = study.user_attrs.get(st.CONFIRM_ATTR) or {}
-    return spent + top_epochs * sum(len(entry.get("offsets", [])) for entry in confirmed.values())
+    seeds = sum(len(entry.get("offsets", [])) for entry in confirmed.values())
+    return epochs + top_epochs * seeds, trainings + seeds
 
 
 class Progress:
@@ -148,8 +142,8 @@ class Progress:
         self.on_update = on_update  # called after each finished trial (the study's dashboard note)
         self.study, self.objectives, self.plan = study, objectives, plan
         self.log, self.verbose, self.every_s, self.clock = log, verbose, every_s, clock
-        self.spent = float(epochs_spent(study, plan.rungs[-1]))
-        self.trainings = trainings_spent(study)
+        epochs, trainings = spent(study, plan.rungs[-1])
+        self.spent, self.trainings = float(epochs), trainings
         self.timings: list[tuple[float, float]] = []  # (epochs, seconds) of each training this run saw finish
         self.running, self.base, self._last_line = 0, None, float("-inf")
         self._estimated_at = clock()  # when the last training finished: the time left counts down from there
@@ -232,8 +226,9 @@ class Progress:
         """After a trial finished: the count and the front (which only a finished trial changes) read again."""
         self._front = pareto.pareto_trials(self.study, self.objectives)
         self._promotions = promotions(self.study, self.plan.rungs)
-        base = pareto.base_trial(self.study)  # confirmation trains the front and the base, once when it is on it
-        self._to_confirm = len(self._front) + (base is None or base.number not in {t.number for t in self._front})
+        # what the confirmation will train; before the base's trial exists, the base it will add
+        self._to_confirm = len(confirm.targets(self.study, self.objectives, self._front)) + \
+            (pareto.base_trial(self.study) is None)
         self.bar.n = min(len(st.counted_trials(self.study)), self.plan.budget)
         self.bar.set_postfix_str(self.status(), refresh=True)
         if self.on_update is not None:

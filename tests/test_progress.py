@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from search import objectives as obj
-from search.progress import EpochPlan, Progress, TrainingCost, epochs_spent, promotions, trainings_spent
+from search.progress import EpochPlan, Progress, TrainingCost, promotions, spent
 from search.storage import study as st
 
 TABLE = obj.parse("mAP50-95,latency_ms")
@@ -81,9 +81,9 @@ def _study(tmp_path) -> optuna.Study:
 
 def test_the_estimate_is_refined_from_measured_epoch_times_and_counts_down(tmp_path):
     study = _study(tmp_path)
-    assert epochs_spent(study, top_epochs=3) == 3 + 3, "a candidate counts the epochs of the last rung it finished"
+    assert spent(study, top_epochs=3)[0] == 3 + 3, "a candidate counts the epochs of the last rung it finished"
     assert promotions(study, (1, 3)) == [(1, 1)], "the candidate with results at rungs 1 and 3 went on"
-    assert trainings_spent(study) == 2 + 1, "one training per rung finished, one for a candidate without rungs"
+    assert spent(study, top_epochs=3)[1] == 2 + 1, "one training per rung finished, one for a candidate without rungs"
     now = [0.0]
     progress = Progress(study, TABLE, EpochPlan((1, 3), 3, 6, 0, 1), verbose=False, clock=lambda: now[0])
     assert progress.status().endswith("time left: estimated after the first training")

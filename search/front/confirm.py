@@ -32,9 +32,10 @@ from .ranks import pareto_ranks
 
 
 
-def targets(study: optuna.Study, objectives: Sequence[obj.Objective]) -> list[FrozenTrial]:
-    """What confirmation retrains: the top-rung front and the base."""
-    chosen = pareto.pareto_trials(study, objectives)
+def targets(study: optuna.Study, objectives: Sequence[obj.Objective],
+            front: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
+    """What confirmation retrains: the top-rung front (``front`` when the caller holds it) and the base."""
+    chosen = list(front) if front is not None else pareto.pareto_trials(study, objectives)
     base = pareto.base_trial(study)
     if base is not None and base.number not in {t.number for t in chosen}:
         chosen.append(base)
