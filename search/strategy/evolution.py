@@ -12,14 +12,17 @@ structure from :class:`space.SearchSpace` instead:
   (:func:`search.storage.study.best_available_values`: a candidate stopped or waiting below the top rung of
   successive halving counts, with one learned offset per rung); a network measured more than once (a repeat, the
   seeds of a confirmed trial) counts once, at the mean of its runs, and the model fits a noise term;
-* each proposal draws one function from the model's posterior (Thompson sampling) and proposes the candidate
-  that adds the most hypervolume to the front under that draw (in-flight trials counted at their drawn values,
-  so a batch spreads out), candidates predicted to break a constraint last. The candidates scored: because the
-  model is a sum of per-slot terms plus terms of the placement alone, the drawn model's exact optimum for each
-  placement and each weighting of the objectives; per-slot mutations of every front member and of Pareto-ranked
-  parents (add, remove or move a layer; change one slot's module, mode or one hyper-parameter); per-slot
-  crossovers; random draws; one-slot edits of the front toward the drawn model's best genes; then mutations of
-  the best scored;
+* each proposal draws one function from the model's posterior (Thompson sampling) and, for three proposals in
+  four, a random weighting of the objectives, and proposes the candidate with the best augmented Chebyshev
+  scalarisation of its drawn values under that weighting (TS-TCH, Paria et al., 2019: Thompson sampling with
+  random Chebyshev scalarisations covers the whole front, its ends included); the fourth proposal takes the
+  candidate that adds the most hypervolume to the front under the draw (in-flight trials counted at their drawn
+  values, so a batch spreads out). Candidates predicted to break a constraint come last. The candidates scored:
+  because the model is a sum of per-slot terms plus terms of the placement alone, the drawn model's exact optimum
+  for each placement and each weighting of the objectives; per-slot mutations of every front member and of
+  Pareto-ranked parents (add, remove or move a layer; change one slot's module, mode or one hyper-parameter);
+  per-slot crossovers; random draws; one-slot edits of the front toward the drawn model's best genes; then
+  mutations of the best scored;
 * a trust region in slots (a Hamming-distance region, as CASMOPOLITAN, Wan et al., 2021, uses for categorical
   spaces): while the study holds fewer distinct results than twice the space's slot×module choices (about two
   results per main effect), only candidates within one slot of a front member are scored. A Thompson draw's
@@ -108,6 +111,15 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     ones) are plain random draws, a hedge that never vanishes; ``trust_growth`` > 0 widens the trust region by one
     slot for every that many results since the front last moved.
 
+    ``scalarized_share`` of the modelled proposals (per trial number, from the seed) rank the pool by the augmented
+    Chebyshev scalarisation of the drawn values under a weighting drawn uniformly from the simplex, the others by
+    the hypervolume they add. The hypervolume gain alone measures an extension of the front to a reference just
+    beyond its ends, so it kept proposals in the front's middle and stalled where the best candidates need 2-3
+    layers or the dearest modules; on the generator family's development seeds (1000-1015, yolov8n and two-module
+    spaces, all 20 cells, one bench run) the median regret ratio to random went from 0.59 (share 0) to 0.31, 0.23
+    and 0.25 at shares 0.5, 0.75 and 1, cells behind random from 4 to 1, 2 and 1: 0.75 was chosen, keeping a
+    quarter of batch-aware hypervolume proposals.
+
     ``reference_margin``: the hypervolume a candidate adds is measured to a reference point that far beyond the
     known front's worst value of each objective, in units of the front's span (0.1, the customary margin). A
     candidate that extends the front by more than that (dearer, with the best mAP) scores as dominated; a wider
@@ -122,14 +134,16 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
                  crossover_prob: float = 0.3, tournament: int = 2, acquisition: str = "thompson",
                  n_directions: int = 8, front_mutations: int = 4, spread: float = 1.0, anneal: float = 0.0,
                  fine_spread: float = 1.0, trust_radius: int = 1, trust_until: int = -1, random_share: float = 0.0,
-                 trust_growth: int = 0, model_front: bool = False, reference_margin: float = 0.1) -> None:
+                 trust_growth: int = 0, model_front: bool = False, reference_margin: float = 0.1,
+                 scalarized_share: float = 0.75) -> None:
         if n_startup_trials < 1 or n_children < 1 or tournament < 1:
             raise ValueError("EvolutionSampler: n_startup_trials, n_children and tournament must be >= 1")
         if trust_radius < 0 or trust_until < -1:
             raise ValueError("EvolutionSampler: trust_radius must be >= 0 (0: no trust region) and trust_until >= -1 "
                              "(-1: twice the space's slot×module choices, 0: always)")
-        if not 0.0 <= random_share <= 1.0 or trust_growth < 0:
-            raise ValueError("EvolutionSampler: random_share must be in [0, 1] and trust_growth >= 0")
+        if not (0.0 <= random_share <= 1.0 and 0.0 <= scalarized_share <= 1.0) or trust_growth < 0:
+            raise ValueError("EvolutionSampler: random_share and scalarized_share must be in [0, 1] and "
+                             "trust_growth >= 0")
         if acquisition not in ACQUISITIONS:
             raise ValueError(f"EvolutionSampler: acquisition must be one of {ACQUISITIONS}, not {acquisition!r}")
         self.space = space
@@ -154,6 +168,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.trust_growth = trust_growth
         self.model_front = model_front
         self.reference_margin = reference_margin
+        self.scalarized_share = scalarized_share
         self.features = Features(space)
         self._hash_cache: dict[tuple, str | None] = {}
         self._proposals: dict[int, dict[str, Any]] = {}  # trial id -> params (also stored on the trial)
@@ -197,11 +212,17 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         if modelled and not hedge:
             thompson = self.acquisition == "thompson" or (self.acquisition == "alternate" and number % 2 == 0)
             scorer = _Scorer(self, study, seen, rng, thompson)
+            pick = np.random.default_rng([self.seed, number, 3])
+            if pick.random() < self.scalarized_share:
+                scorer.weighting = pick.dirichlet(np.ones(len(study.directions)))
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
             pool = self._children(seen, rng) + randoms + scorer.optimal_genomes(self.n_directions, rng)
             if self._trust_region_on(len(seen.parents)):
                 pool = self._near_front(scorer, seen, pool, rng)
             children = self._screen(scorer, seen, pool, rng)
+            if scorer.weighting is not None:
+                weighting = ", ".join(f"{w:.2f}" for w in scorer.weighting)
+                children = [(genome, f"{origin} (ranked under weighting {weighting})") for genome, origin in children]
         label = "random (hedge)" if hedge else "random"
         fallback = ((random_genome(self.space, rng), label) for _ in range(64))  # drawn only when needed
         for genome, origin in itertools.chain(children, fallback):
@@ -247,7 +268,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             # A confirmed trial's seeds count as measurements of its network (the seed mean replaces one run).
             runs = [values, *confirmed.get(t.number, [])] if rung is None else [values]
             for run in runs:
-                losses = np.array([v if d == StudyDirection.MINIMIZE else -v for v, d in zip(run, directions)])
+                losses = _losses(run, directions)
                 measured.setdefault((h or repr(genome_key(genome)), rung), (genome, []))[1].append(losses)
         for (key, rung), (genome, runs) in measured.items():
             losses = np.mean(runs, axis=0)  # a network measured more than once (noise): the mean of its runs
@@ -370,6 +391,11 @@ def _since_front_moved(losses: list[np.ndarray]) -> int:
     return count
 
 
+def _losses(values, directions) -> np.ndarray:
+    """Objective values as losses (every objective minimised)."""
+    return np.array([v if d == StudyDirection.MINIMIZE else -v for v, d in zip(values, directions)])
+
+
 def _trial_params(t: FrozenTrial) -> dict[str, Any] | None:
     """A trial's parameters: its own once suggested, else those queued for it or proposed to it."""
     if "placement" in t.params:
@@ -434,6 +460,7 @@ class _Scorer:
         self.weights = [w[:n_features] for w, _ in draws]  # the top rung: lower rungs' offsets left out
         self.offsets = [b for _, b in draws]
         self.beta = 0.0 if thompson else sampler.beta
+        self.weighting: np.ndarray | None = None  # set: rank by this weighting's Chebyshev scalarisation instead
         self._best_genes: list[dict[str, Gene]] | None = None
         self.front = np.array(seen.front)
         self.reference_margin = sampler.reference_margin
@@ -493,7 +520,10 @@ class _Scorer:
         excess = np.zeros(len(pool))
         for gp in self.constraints:
             excess += np.maximum(gp.predict(x)[0], 0.0)
-        gains = _improvement(self.front, self.believed, predicted, self.reference_margin)
+        if self.weighting is not None:
+            gains = -_chebyshev(self.front, self.believed, predicted, self.weighting)
+        else:
+            gains = _improvement(self.front, self.believed, predicted, self.reference_margin)
         return list(zip(excess.tolist(), gains.tolist()))
 
 
@@ -506,6 +536,15 @@ def _order(score: tuple[float, float]) -> tuple[bool, float, float]:
     """Sort key, best first: predicted feasible, then least constraint excess, then largest gain."""
     excess, gain = score
     return excess > 0, excess, -gain
+
+
+def _chebyshev(front: np.ndarray, believed: np.ndarray, points: np.ndarray, weighting: np.ndarray) -> np.ndarray:
+    """The augmented Chebyshev scalarisation of each point's losses (normalised by the known points' range) under
+    ``weighting``; lower is better. Unlike the hypervolume gain it credits a point beyond the known front's ends."""
+    known = np.vstack([front, believed]) if len(believed) else front
+    low, high = known.min(0), known.max(0)
+    scaled = weighting * (points - low) / np.where(high > low, high - low, 1.0)
+    return scaled.max(1) + 0.05 * scaled.sum(1)
 
 
 def _improvement(front: np.ndarray, believed: np.ndarray, points: np.ndarray, margin: float = 0.1) -> np.ndarray:
