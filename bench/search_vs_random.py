@@ -10,8 +10,9 @@
 ``--family``: the generator family of ``bench/known_answers.py`` (five shapes, each with and without evaluation
 noise; regret scored on the noise-free values) on every ``--bases`` space, then a summary against the targets
 (regret ratio to random per cell and overall, trials to reach random's 50-trial hypervolume), written as JSON.
-Development seeds are 1000-1015; seeds 2000-2019 were the held-out table of 2026-12-07 (docs/benchmarks.md):
-a later choice develops on 1000-1015 (or 2000-2019) and reports held-out seeds 3000-3019 once.
+Development seeds are 1000-1015; seeds 2000-2019 were the held-out table of the trust-region strategy and
+3000-3019 that of the Chebyshev-ranked proposals (``scalarized_share``, 2026-12-07, docs/benchmarks.md): a later
+choice develops on 1000-1015 (or 2000-2019, 3000-3019) and reports fresh held-out seeds (4000-4019) once.
 ``--proposal-cost N``: the seconds one proposal takes at every 25th trial up to N.
 
 ``--objective known``: a known-answer objective over the real search space (the space's own
