@@ -268,7 +268,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
             # A confirmed trial's seeds count as measurements of its network (the seed mean replaces one run).
             runs = [values, *confirmed.get(t.number, [])] if rung is None else [values]
             for run in runs:
-                losses = _losses(run, directions)
+                losses = np.array([v if d == StudyDirection.MINIMIZE else -v for v, d in zip(run, directions)])
                 measured.setdefault((h or repr(genome_key(genome)), rung), (genome, []))[1].append(losses)
         for (key, rung), (genome, runs) in measured.items():
             losses = np.mean(runs, axis=0)  # a network measured more than once (noise): the mean of its runs
@@ -389,11 +389,6 @@ def _since_front_moved(losses: list[np.ndarray]) -> int:
         dominated = bool(np.any((earlier <= points[i]).all(1) & (earlier < points[i]).any(1)))
         count = count + 1 if dominated else 0
     return count
-
-
-def _losses(values, directions) -> np.ndarray:
-    """Objective values as losses (every objective minimised)."""
-    return np.array([v if d == StudyDirection.MINIMIZE else -v for v, d in zip(values, directions)])
 
 
 def _trial_params(t: FrozenTrial) -> dict[str, Any] | None:
