@@ -211,18 +211,18 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         hedge = modelled and np.random.default_rng([self.seed, number, 1]).random() < self.random_share
         if modelled and not hedge:
             thompson = self.acquisition == "thompson" or (self.acquisition == "alternate" and number % 2 == 0)
-            scorer = _Scorer(self, study, seen, rng, thompson)
             pick = np.random.default_rng([self.seed, number, 3])
-            if pick.random() < self.scalarized_share:
-                scorer.weighting = pick.dirichlet(np.ones(len(study.directions)))
+            scalarized = pick.random() < self.scalarized_share
+            weighting = pick.dirichlet(np.ones(len(study.directions))) if scalarized else None
+            scorer = _Scorer(self, study, seen, rng, thompson, weighting)
             randoms = [(g, "random") for g in (random_genome(self.space, rng) for _ in range(self.n_random))]
             pool = self._children(seen, rng) + randoms + scorer.optimal_genomes(self.n_directions, rng)
             if self._trust_region_on(len(seen.parents)):
                 pool = self._near_front(scorer, seen, pool, rng)
             children = self._screen(scorer, seen, pool, rng)
-            if scorer.weighting is not None:
-                weighting = ", ".join(f"{w:.2f}" for w in scorer.weighting)
-                children = [(genome, f"{origin} (ranked under weighting {weighting})") for genome, origin in children]
+            if weighting is not None:
+                named = ", ".join(f"{w:.2f}" for w in weighting)
+                children = [(genome, f"{origin} (ranked under weighting {named})") for genome, origin in children]
         label = "random (hedge)" if hedge else "random"
         fallback = ((random_genome(self.space, rng), label) for _ in range(64))  # drawn only when needed
         for genome, origin in itertools.chain(children, fallback):
@@ -431,7 +431,7 @@ class _Scorer:
     posterior draw (Thompson) or optimistically; values from rungs below the top get one offset per rung."""
 
     def __init__(self, sampler: EvolutionSampler, study: optuna.Study, seen: _Seen, rng: np.random.Generator,
-                 thompson: bool) -> None:
+                 thompson: bool, weighting: np.ndarray | None = None) -> None:
         self.features, self.space = sampler.features, sampler.space
         n_features = len(self.features.index)
         fits = {}
@@ -455,7 +455,7 @@ class _Scorer:
         self.weights = [w[:n_features] for w, _ in draws]  # the top rung: lower rungs' offsets left out
         self.offsets = [b for _, b in draws]
         self.beta = 0.0 if thompson else sampler.beta
-        self.weighting: np.ndarray | None = None  # set: rank by this weighting's Chebyshev scalarisation instead
+        self.weighting = weighting  # given: rank by this weighting's Chebyshev scalarisation, not hypervolume gain
         self._best_genes: list[dict[str, Gene]] | None = None
         self.front = np.array(seen.front)
         self.reference_margin = sampler.reference_margin
@@ -464,8 +464,7 @@ class _Scorer:
         self.believed = np.zeros((0, len(self.objectives)))
         if seen.pending:
             self.believed = self._predict(np.array([self.features(g) for g in seen.pending]), optimistic=False)
-        known = np.vstack([self.front, self.believed]) if len(self.believed) else self.front
-        self.span = np.where(np.ptp(known, 0) > 0, np.ptp(known, 0), 1.0)
+        _, _, self.span = _known_range(self.front, self.believed)
 
     def _predict(self, x: np.ndarray, optimistic: bool = True) -> np.ndarray:
         values = np.column_stack([x @ w + b for w, b in zip(self.weights, self.offsets)])
@@ -533,12 +532,19 @@ def _order(score: tuple[float, float]) -> tuple[bool, float, float]:
     return excess > 0, excess, -gain
 
 
+def _known_range(front: np.ndarray, believed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The known loss vectors (the front and the in-flight trials' believed values), their lowest value per
+    objective and their span (1 where all are equal): the scale every acquisition normalises by."""
+    known = np.vstack([front, believed]) if len(believed) else front
+    low, high = known.min(0), known.max(0)
+    return known, low, np.where(high > low, high - low, 1.0)
+
+
 def _chebyshev(front: np.ndarray, believed: np.ndarray, points: np.ndarray, weighting: np.ndarray) -> np.ndarray:
     """The augmented Chebyshev scalarisation of each point's losses (normalised by the known points' range) under
     ``weighting``; lower is better. Unlike the hypervolume gain it credits a point beyond the known front's ends."""
-    known = np.vstack([front, believed]) if len(believed) else front
-    low, high = known.min(0), known.max(0)
-    scaled = weighting * (points - low) / np.where(high > low, high - low, 1.0)
+    _, low, span = _known_range(front, believed)
+    scaled = weighting * (points - low) / span
     return scaled.max(1) + 0.05 * scaled.sum(1)
 
 
@@ -546,9 +552,7 @@ def _improvement(front: np.ndarray, believed: np.ndarray, points: np.ndarray, ma
     """Hypervolume each point adds to front ∪ believed (normalised losses, the reference ``margin`` spans beyond
     the worst known value); a dominated point scores minus its distance to the front (additive ε), so the ranking
     stays informative when nothing is predicted to improve."""
-    known = np.vstack([front, believed]) if len(believed) else front
-    low, high = known.min(0), known.max(0)
-    span = np.where(high > low, high - low, 1.0)
+    known, low, span = _known_range(front, believed)
     base, reference = (known - low) / span, np.full(known.shape[1], 1.0 + margin)
     scores = np.empty(len(points))
     for j, p in enumerate((points - low) / span):
