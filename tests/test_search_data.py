@@ -121,3 +121,63 @@ def test_shapes_v4_labels_twins_far_apart_and_leaves_singles_unlabelled():
     assert pixels.shape == (128, 128, 3) and boxes
     assert all(n == 2 for n in collections.Counter(c for c, *_ in boxes).values())
     assert get("shapes-v4").classes == ("circle", "square", "triangle", "hexagon")
+
+
+def test_shapes_v5_labels_exactly_the_repeated_outlines():
+    """shapes-v5: a shape is labelled exactly when its outline is drawn twice in the image (at sizes within 10 %, at
+    least 35 % of the image apart); every single has an outline of its own, so only comparing outlines tells them
+    apart. The drawn twins' boxes scale with their sizes: same outline, same orientation."""
+    import collections
+    import math
+
+    import numpy as np
+
+    from search.training import shapes
+
+    rng = np.random.default_rng(0)
+    singles = 0
+    for _ in range(300):
+        layout = shapes.shapes_v5_layout(rng)
+        outlines = collections.Counter(o for o, *_ in layout)
+        assert max(outlines.values()) <= 2
+        for outline, labelled, cx, cy, r in layout:
+            assert labelled == (outlines[outline] == 2), layout
+            if labelled:
+                _, _, x, y, q = next(s for s in layout if s[0] == outline and s[2:4] != (cx, cy))
+                assert math.hypot(cx - x, cy - y) >= shapes._V4_TWIN_GAP * 128
+                assert 0.9 / 1.1 <= q / r <= 1.1 / 0.9
+        singles += sum(not labelled for _, labelled, *_ in layout)
+    assert singles >= 300, "about one unlabelled single an image, or the relation would not matter"
+
+    a, b = shapes.random_outline(np.random.default_rng(1)), shapes.random_outline(np.random.default_rng(2))
+    assert max(math.hypot(*p) for p in a) == 1.0 and a != b
+    pixels, boxes = shapes.shapes_v5_image(np.random.default_rng(3))
+    assert pixels.shape == (128, 128, 3) and len(boxes) % 2 == 0 and boxes
+    widths = sorted((w / h, w) for _, _, _, w, h in boxes)  # twins: one aspect ratio, sizes within 10 %
+    pairs = [widths[i:i + 2] for i in range(0, len(widths), 2)]
+    assert all(math.isclose(p[0][0], p[1][0], rel_tol=1e-2) and p[1][1] / p[0][1] <= 1.1 / 0.9 + 1e-6 for p in pairs)
+    assert shapes.get("shapes-v5").classes == ("matched",)
+
+
+def test_a_builtin_set_drawn_at_another_size(tmp_path, monkeypatch):
+    """``builtin:NAME@SIZE`` draws the registered set at SIZE px under its own name (so its own fingerprint); its
+    objects keep their sizes in px. A bad size is one line naming the rule."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from search.training import shapes
+
+    small = replace(shapes.SETS["shapes-v5"], splits={"train": 3, "val": 2})
+    monkeypatch.setitem(shapes.SETS, "shapes-v5", small)
+    yaml_path = shapes.generate("shapes-v5@256", tmp_path / "big")
+    assert yaml_path.name == "shapes-v5@256.yaml"
+    assert Image.open(tmp_path / "big" / "images" / "train" / "0000.png").size == (256, 256)
+    assert json.loads((tmp_path / "big" / "MANIFEST.json").read_text())["name"] == "shapes-v5@256"
+    sides = [float(w) * 256 for f in (tmp_path / "big" / "labels").rglob("*.txt")
+             for w in (line.split()[3] for line in f.read_text().splitlines())]
+    assert sides and max(sides) <= 40.0 * 1.1  # px, as at 128 px: scaled with the image they would reach 88
+    assert shapes.get("shapes-v3").size == 128 and shapes.get("shapes-v3@640").size == 640
+    for bad in ("shapes-v5@100", "shapes-v5@big", "shapes-v5@2048", "shapes-v9@256"):
+        with pytest.raises(SearchError, match="@SIZE|unknown built-in dataset"):
+            shapes.get(bad)

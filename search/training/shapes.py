@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import yaml
 from ..errors import SearchError, disk_fault
 
 IMGSZ = 128
+MIN_SIZE, MAX_SIZE = 128, 1280  # NAME@SIZE: the largest objects (64 px) need a 128 px image
 DONE = "MANIFEST.json"  # written last: a set without it is incomplete and regenerated
 
 Boxes = list[tuple[int, float, float, float, float]]  # YOLO rows (class, xc, yc, w, h), normalised to [0, 1]
@@ -43,6 +44,7 @@ class ShapesSet:
     splits: dict[str, int]
     seed: int
     draw: Callable[[np.random.Generator, int], tuple[np.ndarray, Boxes]]
+    size: int = IMGSZ  # image side in px; objects keep their sizes in px, so a larger image spreads them further
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +278,68 @@ def shapes_v4_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# shapes-v5: matching. A shape is an object only when its exact outline is repeated elsewhere in the image.
+# ---------------------------------------------------------------------------------------------------------------
+
+_V5_CLASSES = ("matched",)
+_V5_OBJ_PX = (16.0, 40.0)  # circumscribed diameter
+_V5_TWIN_SCALE = (0.9, 1.1)  # a twin's size relative to its first: size alone does not pair them
+_V5_VERTICES = (5, 9)  # an outline has 5-8 vertices, at 45-100 % of its radius
+
+
+def random_outline(rng: np.random.Generator) -> list[tuple[float, float]]:
+    """A random star-shaped outline of unit circumradius (one vertex on the circle), never seen before."""
+    n = int(rng.integers(*_V5_VERTICES))
+    angles = (np.arange(n) + rng.uniform(-0.3, 0.3, n)) * 2 * math.pi / n + rng.uniform(0, 2 * math.pi)
+    radii = rng.uniform(0.45, 1.0, n)
+    radii[int(rng.integers(n))] = 1.0
+    return [(q * math.cos(a), q * math.sin(a)) for q, a in zip(radii, angles)]
+
+
+def shapes_v5_layout(rng: np.random.Generator, size: int = IMGSZ) -> list[tuple[int, bool, float, float, float]]:
+    """What one ``shapes-v5`` image holds: (outline id, labelled, cx, cy, radius) per shape. One or two pairs of
+    twins (one outline drawn twice, far apart, at sizes within 10 %; labelled) and one to three singles, each with
+    an outline of its own (unlabelled). Placed as ``shapes-v4`` places its shapes."""
+    pairs = int(rng.integers(1, 3))
+    wanted = [(k, True) for k in range(pairs) for _ in range(2)]
+    wanted += [(pairs + k, False) for k in range(int(rng.integers(1, 4)))]
+    placed: list[tuple[int, bool, float, float, float]] = []
+    for outline, labelled in wanted:
+        twin = next((p for p in placed if p[0] == outline), None)
+        for _attempt in range(50):
+            if twin is None:
+                r = math.exp(rng.uniform(math.log(_V5_OBJ_PX[0]), math.log(_V5_OBJ_PX[1]))) / 2
+            else:
+                r = twin[4] * rng.uniform(*_V5_TWIN_SCALE)
+            cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+            area = (cx - r, cy - r, cx + r, cy + r)
+            far = twin is None or math.hypot(cx - twin[2], cy - twin[3]) >= _V4_TWIN_GAP * size
+            if far and all(_iou(area, (x - q, y - q, x + q, y + q)) == 0.0 for _, _, x, y, q in placed):
+                placed.append((outline, labelled, cx, cy, r))
+                break
+        else:
+            if labelled and twin is not None:  # no room for the second twin: its first is a single now
+                placed[placed.index(twin)] = (*twin[:1], False, *twin[2:])
+    return placed
+
+
+def shapes_v5_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.ndarray, Boxes]:
+    """One image of ``shapes-v5`` and its YOLO boxes of the twins ``(0, xc, yc, w, h)``, normalised."""
+    background, image, draw = _cluttered_canvas(rng, size)
+    layout = shapes_v5_layout(rng, size)
+    outlines = {outline: random_outline(rng) for outline in sorted({p[0] for p in layout})}
+    boxes: Boxes = []
+    for outline, labelled, cx, cy, r in layout:
+        pts = [(cx + r * x, cy + r * y) for x, y in outlines[outline]]
+        draw.polygon(pts, fill=_contrasting(rng, background[int(cy), int(cx)]))
+        if labelled:
+            x0, y0 = min(p[0] for p in pts), min(p[1] for p in pts)
+            x1, y1 = max(p[0] for p in pts), max(p[1] for p in pts)
+            boxes.append((0, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
+    return _sensor_noise(image, rng, size), boxes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # shared helpers, the registry and generation
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -326,16 +390,25 @@ SETS: dict[str, ShapesSet] = {
     # v4 asks for a relation between distant objects (is there another shape of my kind?): a candidate for the
     # data on which placement matters, until the truth bench (bench/proxy_validity.py --data) has measured it.
     "shapes-v4": ShapesSet("shapes-v4", _V4_CLASSES, {"train": 512, "val": 256}, 20261207, shapes_v4_image),
+    # v5 asks for the same relation without named kinds (is this exact outline repeated elsewhere?): on v4 a network
+    # can count four kinds with four detectors; an outline never seen before has to be compared.
+    "shapes-v5": ShapesSet("shapes-v5", _V5_CLASSES, {"train": 512, "val": 256}, 20261208, shapes_v5_image),
 }
 DEFAULT = "shapes-v3"
 
 
 def get(name: str) -> ShapesSet:
-    """The built-in set called ``name``; a one-line error naming the known ones otherwise."""
-    try:
-        return SETS[name]
-    except KeyError:
-        raise SearchError(f"unknown built-in dataset {name!r}: expected one of {', '.join(SETS)}") from None
+    """The built-in set called ``name``: ``NAME`` as registered, or ``NAME@SIZE`` drawn at ``SIZE`` px (objects
+    keep their sizes in px, twins their gap as a fraction of the image); a one-line error otherwise."""
+    registered, _, size = name.partition("@")
+    if registered not in SETS:
+        raise SearchError(f"unknown built-in dataset {registered!r}: expected one of {', '.join(SETS)}, "
+                          "optionally with @SIZE (e.g. shapes-v5@640)")
+    if not size:
+        return SETS[registered]
+    if not size.isdigit() or not MIN_SIZE <= int(size) <= MAX_SIZE or int(size) % 32:
+        raise SearchError(f"built-in dataset {name!r}: @SIZE must be a multiple of 32 in {MIN_SIZE}-{MAX_SIZE} px")
+    return replace(SETS[registered], name=name, size=int(size))
 
 
 def generate(name: str, root: str | Path) -> Path:
@@ -349,7 +422,7 @@ def generate(name: str, root: str | Path) -> Path:
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for i in range(count):
-            pixels, boxes = spec.draw(rng, IMGSZ)
+            pixels, boxes = spec.draw(rng, spec.size)
             Image.fromarray(pixels).save(root / "images" / split / f"{i:04d}.png")
             text = "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in boxes)
             (root / "labels" / split / f"{i:04d}.txt").write_text(text)
