@@ -2,6 +2,8 @@
 
     python bench/proxy_validity.py [--n 8] [--seed 0] [--recipes faithful] [--workers 2] [--device cpu]
                                    [--data builtin:shapes-v4]   # another data set: its own results file
+                                   [--only 0,5]                 # only these networks (0 = the base)
+    python bench/proxy_validity.py --data builtin:shapes-v5@640 --imgsz 640 --device 0   # larger images, a GPU
     python bench/proxy_validity.py --report          # the table from the results file, training nothing
 
 Samples ``--n`` architectures from the default yolov8n space (at least 5 insert-only) and adds the base. Each is
@@ -16,13 +18,17 @@ all networks and over the insert-only ones.
 
 Hours on a 2-core CPU: every finished training is appended to ``--results`` (JSON lines with machine, versions and
 date) and skipped when the bench runs again, so a measurement can span sessions; the file is small enough to commit.
-The base is trained once (or taken from ``runs/.cache/base-weights``, shared with the default search).
+The base is trained once (or taken from ``runs/.cache/base-weights``, shared with the default search). Each row
+records the digest of the base weights it started from, and a rerun from other weights is refused: a base trained
+again is not bit-identical (shapes-v4: mAP50-95 0.5295 in one session, 0.5129 in another, same seed), so keep
+``runs/`` (or its ``.cache``) between the sessions of one measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import multiprocessing
 import os
@@ -76,10 +82,16 @@ def sample_architectures(n: int, seed: int) -> list:
     return [make_candidate(base)] + sorted(picked, key=drawn.index)
 
 
-def base_weights(data, out: Path, device: str):
+def settings(imgsz: int) -> StudySettings:
+    """The default study's settings at ``imgsz`` px (the base's training, the truth's and the proxies')."""
+    s = StudySettings()
+    return replace(s, proxy=replace(s.proxy, imgsz=imgsz))
+
+
+def base_weights(data, out: Path, device: str, imgsz: int):
     """The default search's base weights: from the shared cache under runs/ when a search (or this bench) trained
     them already, else trained now and cached."""
-    s = StudySettings()
+    s = settings(imgsz)
     schedule = replace(s.proxy, batch=safe_batch(data.train_used, s.proxy.batch))
     job = base_training_job(s.weights, load_base(s.base), str(data.yaml), schedule, out, os.cpu_count() or 1, device)
     cache, key = BaseCache(REPO / "runs" / ".cache" / "base-weights"), base_cache_key(job, data.fingerprint)
@@ -121,7 +133,7 @@ def plan(archs, data, weights, args, out: Path, rows: list[dict]) -> list[tuple[
     seeds for the base, the first two architectures and, once every first seed is in ``rows``, the
     ``--confirm-best`` best others by it (an apparent winner is trained again before it counts); the proxy under
     the first recipe, then the other recipes."""
-    s = StudySettings()
+    s = settings(args.imgsz)
     batch = safe_batch(data.train_used, s.proxy.batch)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     names = data_names(data.yaml)
@@ -144,10 +156,11 @@ def plan(archs, data, weights, args, out: Path, rows: list[dict]) -> list[tuple[
         return key, {"kind": "proxy", "arch": c.hash, "recipe": recipe, "rungs": list(s.fidelity.rungs),
                      "job": job.__dict__}
 
-    first = [truth(i, 0) for i in range(len(archs))]
-    proxies = [[proxy(i, r) for i in range(len(archs))] for r in args.recipes]
+    chosen = args.only if args.only is not None else range(len(archs))
+    first = [truth(i, 0) for i in chosen]
+    proxies = [[proxy(i, r) for i in chosen] for r in args.recipes]
     return first + [truth(i, seed) for seed in range(1, args.truth_seeds)
-                    for i in again(archs, rows, args.confirm_best)] + sum(proxies, [])
+                    for i in again(archs, rows, args.confirm_best) if i in chosen] + sum(proxies, [])
 
 
 def again(archs, rows: list[dict], best: int) -> list[int]:
@@ -172,14 +185,20 @@ def run(args) -> None:
         raise SystemExit(f"{args.results} holds results on {other['data']} (fingerprint {other['data_fingerprint']}), "
                          f"not {data.identity}: give another --results")
     t0 = time.time()
-    weights = base_weights(data, out, args.device)
+    weights = base_weights(data, out, args.device, args.imgsz)
 
     def todo() -> list[tuple[str, dict]]:  # planned again after each result: the winners' seeds need the first ones
         done = {r["key"] for r in rows}
         return [(k, spec) for k, spec in plan(archs, data, weights, args, out, rows) if k not in done]
 
     print(f"{len(archs)} networks; {len(rows)} trainings already in {args.results}, {len(todo())} to run", flush=True)
-    stamp = {"machine": machine(), "versions": versions(), "data": data.identity, "data_fingerprint": data.fingerprint}
+    base = file_digest(weights.state_path)
+    stale = next((r for r in rows if r.get("base_weights") != base), None)
+    if stale is not None:  # every training starts from the base weights: rows from other weights do not compare
+        raise SystemExit(f"{args.results} was measured from base weights {stale.get('base_weights', '(unrecorded)')}, "
+                         f"not these ({base}, {weights.state_path}): restore those weights or give another --results")
+    stamp = {"machine": machine(), "versions": versions(), "data": data.identity, "data_fingerprint": data.fingerprint,
+             "base_weights": base}
     tasks = {"truth": truth_task, "proxy": proxy_task}
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         running: dict = {}
@@ -257,6 +276,12 @@ def report(archs, rows: list[dict]) -> None:
             print(f"  {recipe:<10} {label:<11} n={len(both)}  " + "   ".join(cells))
 
 
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: the base weights every training of the bench starts from
+    (a base trained again, on another machine or thread count, is not bit-identical)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def machine() -> dict:
     return {"node": platform.node(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -274,7 +299,12 @@ def main() -> None:
     p.add_argument("--recipes", type=lambda t: t.split(","), default=list(RECIPES),
                    help=f"proxy recipes to compare, the first also the earliest [{','.join(RECIPES)}]")
     p.add_argument("--workers", type=int, default=2, help="trainings at once [2]")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", type=lambda t: [int(i) for i in t.split(",")],
+                   help="train only these networks, by their index in the table (0 = the base), e.g. 0,5 [all]")
+    p.add_argument("--device", default="cpu", help="Ultralytics device string, e.g. 0 for the first GPU [cpu]")
+    p.add_argument("--imgsz", type=int, default=StudySettings().proxy.imgsz,
+                   help="image size of every training, the base's included; give a built-in set drawn at it "
+                        "(--data builtin:shapes-v5@640 --imgsz 640) [the search's default]")
     p.add_argument("--data", help="an Ultralytics dataset YAML or builtin:NAME [the default built-in set]")
     p.add_argument("--results", help="JSON lines file [bench/results/proxy-validity.jsonl; with --data builtin:NAME "
                                      "proxy-validity-NAME.jsonl]")
