@@ -239,21 +239,33 @@ def shapes_v4_layout(rng: np.random.Generator, size: int = IMGSZ) -> list[tuple[
     singles = int(rng.integers(1, min(2, len(_V4_CLASSES) - pairs) + 1))
     wanted = [(int(k), True) for k in kinds[:pairs] for _ in range(2)]
     wanted += [(int(k), False) for k in kinds[pairs:pairs + singles]]
+    return _place_twins(rng, size, wanted, lambda twin: _log_uniform(rng, _V4_OBJ_PX) / 2)
+
+
+def _place_twins(rng: np.random.Generator, size: int, wanted: list[tuple[int, bool]],
+                 radius: Callable[[tuple | None], float]) -> list[tuple[int, bool, float, float, float]]:
+    """Place ``wanted`` (key, labelled) shapes without overlap, a shape whose key is already placed (its twin) at
+    least ``_V4_TWIN_GAP`` of the image from it; ``radius(twin or None)`` draws each try's radius. A twin that
+    finds no room in 50 tries leaves its first a single. (key, labelled, cx, cy, radius) per placed shape."""
     placed: list[tuple[int, bool, float, float, float]] = []
-    for kind, labelled in wanted:
-        twin = next((p for p in placed if p[0] == kind), None)
+    for key, labelled in wanted:
+        twin = next((p for p in placed if p[0] == key), None)
         for _attempt in range(50):
-            r = math.exp(rng.uniform(math.log(_V4_OBJ_PX[0]), math.log(_V4_OBJ_PX[1]))) / 2
+            r = radius(twin)
             cx, cy = rng.uniform(r + 1, size - r - 1, 2)
             area = (cx - r, cy - r, cx + r, cy + r)
             far = twin is None or math.hypot(cx - twin[2], cy - twin[3]) >= _V4_TWIN_GAP * size
             if far and all(_iou(area, (x - q, y - q, x + q, y + q)) == 0.0 for _, _, x, y, q in placed):
-                placed.append((kind, labelled, cx, cy, r))
+                placed.append((key, labelled, cx, cy, r))
                 break
         else:
             if labelled and twin is not None:  # no room for the second twin: its first is a single now
                 placed[placed.index(twin)] = (*twin[:1], False, *twin[2:])
     return placed
+
+
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1])))
 
 
 def shapes_v4_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.ndarray, Boxes]:
@@ -303,24 +315,8 @@ def shapes_v5_layout(rng: np.random.Generator, size: int = IMGSZ) -> list[tuple[
     pairs = int(rng.integers(1, 3))
     wanted = [(k, True) for k in range(pairs) for _ in range(2)]
     wanted += [(pairs + k, False) for k in range(int(rng.integers(1, 4)))]
-    placed: list[tuple[int, bool, float, float, float]] = []
-    for outline, labelled in wanted:
-        twin = next((p for p in placed if p[0] == outline), None)
-        for _attempt in range(50):
-            if twin is None:
-                r = math.exp(rng.uniform(math.log(_V5_OBJ_PX[0]), math.log(_V5_OBJ_PX[1]))) / 2
-            else:
-                r = twin[4] * rng.uniform(*_V5_TWIN_SCALE)
-            cx, cy = rng.uniform(r + 1, size - r - 1, 2)
-            area = (cx - r, cy - r, cx + r, cy + r)
-            far = twin is None or math.hypot(cx - twin[2], cy - twin[3]) >= _V4_TWIN_GAP * size
-            if far and all(_iou(area, (x - q, y - q, x + q, y + q)) == 0.0 for _, _, x, y, q in placed):
-                placed.append((outline, labelled, cx, cy, r))
-                break
-        else:
-            if labelled and twin is not None:  # no room for the second twin: its first is a single now
-                placed[placed.index(twin)] = (*twin[:1], False, *twin[2:])
-    return placed
+    return _place_twins(rng, size, wanted, lambda twin: _log_uniform(rng, _V5_OBJ_PX) / 2 if twin is None
+                        else twin[4] * rng.uniform(*_V5_TWIN_SCALE))
 
 
 def shapes_v5_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.ndarray, Boxes]:
