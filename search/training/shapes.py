@@ -86,11 +86,9 @@ def shapes_v2_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
             angles = [turn + k * 2 * math.pi / 3 for k in range(3)]
             pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
             draw.polygon(pts, fill=colour)
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            box = (min(xs), min(ys), max(xs), max(ys))
+            box = _bounds(pts)
         taken.append(box)
-        x0, y0, x1, y1 = box
-        boxes.append((cls, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
+        boxes.append(_yolo_row(cls, box, size))
     return _sensor_noise(image, rng, size), boxes
 
 
@@ -163,8 +161,7 @@ def shapes_v3_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
         if pts is not None:
             pts = [(cx + x, cy + y) for x, y in pts]
             draw.polygon(pts, fill=colour)
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            box = (min(xs), min(ys), max(xs), max(ys))
+            box = _bounds(pts)
         else:
             box = (cx - r, cy - r, cx + r, cy + r)
             if cls == "ring":  # outlined: the stroke is a quarter of the radius, at least 2 px
@@ -174,9 +171,7 @@ def shapes_v3_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
                     _frame(draw, rng, area, background[int(cy), int(cx)])
                 draw.ellipse(box, fill=colour)
         taken.append(area)
-        x0, y0, x1, y1 = box
-        boxes.append((_V3_CLASSES.index(cls), (x0 + x1) / 2 / size, (y0 + y1) / 2 / size,
-                      (x1 - x0) / size, (y1 - y0) / size))
+        boxes.append(_yolo_row(_V3_CLASSES.index(cls), box, size))
     # Empty frames (a frame alone is no object; placed like objects, so no frame encloses a labelled shape, which
     # would make a circle look framed) and clutter over the objects: lines partly occlude shapes.
     for _ in range(int(rng.integers(0, 2))):
@@ -282,10 +277,9 @@ def shapes_v4_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
         else:
             pts = [(cx + x, cy + y) for x, y in pts]
             draw.polygon(pts, fill=colour)
-            box = (min(p[0] for p in pts), min(p[1] for p in pts), max(p[0] for p in pts), max(p[1] for p in pts))
+            box = _bounds(pts)
         if labelled:
-            x0, y0, x1, y1 = box
-            boxes.append((kind, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
+            boxes.append(_yolo_row(kind, box, size))
     return _sensor_noise(image, rng, size), boxes
 
 
@@ -329,9 +323,7 @@ def shapes_v5_image(rng: np.random.Generator, size: int = IMGSZ) -> tuple[np.nda
         pts = [(cx + r * x, cy + r * y) for x, y in outlines[outline]]
         draw.polygon(pts, fill=_contrasting(rng, background[int(cy), int(cx)]))
         if labelled:
-            x0, y0 = min(p[0] for p in pts), min(p[1] for p in pts)
-            x1, y1 = max(p[0] for p in pts), max(p[1] for p in pts)
-            boxes.append((0, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
+            boxes.append(_yolo_row(0, _bounds(pts), size))
     return _sensor_noise(image, rng, size), boxes
 
 
@@ -353,6 +345,18 @@ def _contrasting(rng: np.random.Generator, near: np.ndarray) -> tuple[int, int, 
         if np.abs(colour - near).sum() > 150:
             break
     return tuple(int(v) for v in colour)
+
+
+def _bounds(pts: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1) around a polygon's vertices."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _yolo_row(cls: int, box: tuple, size: int) -> tuple[int, float, float, float, float]:
+    """A label row (class, xc, yc, w, h) of the box (x0, y0, x1, y1), normalised by the image side."""
+    x0, y0, x1, y1 = box
+    return cls, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size
 
 
 def _iou(a: tuple, b: tuple) -> float:
