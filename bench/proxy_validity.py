@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import multiprocessing
 import os
@@ -53,8 +52,8 @@ from search.settings import FINETUNE_TRAIN_ARGS, StudySettings  # noqa: E402
 from search.storage.study import versions  # noqa: E402
 from search.training.data import check_data, data_names, safe_batch  # noqa: E402
 from search.training.proxy import TrainJob, run_training  # noqa: E402
-from search.training.weights import (BaseCache, base_cache_key, base_training_job, store_base_weights,  # noqa: E402
-                                     stored_base_weights)
+from search.training.weights import (BaseCache, base_cache_key, base_training_job, file_sha256,  # noqa: E402
+                                     store_base_weights, stored_base_weights)
 from space import build_space, load_base, make_candidate, to_yaml  # noqa: E402
 from space.sample import sample_candidates  # noqa: E402
 
@@ -192,7 +191,7 @@ def run(args) -> None:
         return [(k, spec) for k, spec in plan(archs, data, weights, args, out, rows) if k not in done]
 
     print(f"{len(archs)} networks; {len(rows)} trainings already in {args.results}, {len(todo())} to run", flush=True)
-    base = file_digest(weights.state_path)
+    base = file_sha256(Path(weights.state_path))[:16]  # as a study records --weights PATH
     stale = next((r for r in rows if r.get("base_weights") != base), None)
     if stale is not None:  # every training starts from the base weights: rows from other weights do not compare
         raise SystemExit(f"{args.results} was measured from base weights {stale.get('base_weights', '(unrecorded)')}, "
@@ -274,12 +273,6 @@ def report(archs, rows: list[dict]) -> None:
                 x = [proxies[c.hash][rung] or 0.0 for c in both]
                 cells.append(f"rung {rung}: tau {kendall_tau_b(x, y):+.2f} rho {spearman_rho(x, y):+.2f}")
             print(f"  {recipe:<10} {label:<11} n={len(both)}  " + "   ".join(cells))
-
-
-def file_digest(path: str | Path) -> str:
-    """The first 16 hex digits of a file's SHA-256: the base weights every training of the bench starts from
-    (a base trained again, on another machine or thread count, is not bit-identical)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def machine() -> dict:

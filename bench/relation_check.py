@@ -56,7 +56,9 @@ def val_layouts(name: str) -> list[list[tuple[int, bool, float, float, float]]]:
 
 def found_rates(weights: str, name: str, layouts: list, conf: float) -> tuple[float, float, int, int]:
     """(twins found, singles found, twins, singles) by ``weights`` on the val images of the cached set ``name``."""
+    import torch
     from ultralytics import YOLO
+    from ultralytics.utils.metrics import box_iou
 
     spec = shapes.get(name)
     images = REPO / "runs" / ".data" / name / "images" / "val"
@@ -68,19 +70,13 @@ def found_rates(weights: str, name: str, layouts: list, conf: float) -> tuple[fl
         if len(labels) != sum(labelled for _, labelled, *_ in layout):
             raise SystemExit(f"the replayed layout of val image {i} does not match its labels: regenerate {name}")
         boxes = model.predict(str(images / f"{i:04d}.png"), imgsz=spec.size, conf=conf, device="cpu",
-                              verbose=False)[0].boxes.xyxy.numpy()
-        for _, labelled, cx, cy, r in layout:
-            square = (cx - r, cy - r, cx + r, cy + r)
-            found[labelled] += any(_iou(square, box) >= MATCH_IOU for box in boxes)
+                              verbose=False)[0].boxes.xyxy
+        squares = torch.tensor([(cx - r, cy - r, cx + r, cy + r) for _, _, cx, cy, r in layout])
+        hits = (box_iou(squares, boxes) >= MATCH_IOU).any(dim=1).tolist()
+        for (_, labelled, *_), hit in zip(layout, hits):
+            found[labelled] += hit
             total[labelled] += 1
     return found[True] / total[True], found[False] / total[False], total[True], total[False]
-
-
-def _iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ class WeightsPlan:
         path = Path(value).expanduser()
         if not path.is_file():
             raise SearchError(f"--weights {value}: no such checkpoint (give a .pt file, 'auto' or 'none')")
-        return cls("path", str(path.resolve()), base_epochs, train_args, _sha256(path)[:16])
+        return cls("path", str(path.resolve()), base_epochs, train_args, file_sha256(path)[:16])
 
     def as_dict(self) -> dict[str, Any]:
         """As recorded in the study's settings (what makes two studies' inherited starts equal)."""
@@ -156,7 +156,7 @@ class BaseCache:
             return None
         try:
             info = json.loads(info_path.read_text())
-            sound = info.get("sha256") in (None, _sha256(state))  # entries from before hashes: trusted as before
+            sound = info.get("sha256") in (None, file_sha256(state))  # entries from before hashes: trusted as before
         except (OSError, ValueError):
             info, sound = {}, False
         if sound:
@@ -169,7 +169,7 @@ class BaseCache:
 
     def put(self, key: str, state_path: str | Path, info: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        info = {**info, "sha256": _sha256(Path(state_path))}
+        info = {**info, "sha256": file_sha256(Path(state_path))}
         write_atomically(self.root / f"{key}.pt", lambda tmp: shutil.copyfile(state_path, tmp))
         write_atomically(self.root / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(info, default=str)))
 
@@ -264,7 +264,8 @@ def _with_nc(base: Base, nc: int) -> Base:
     return replace(base, yaml={**base.yaml, "nc": nc})
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 1 MiB chunks: what identifies a checkpoint or state dict."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
